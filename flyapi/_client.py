@@ -1,0 +1,422 @@
+"""The Machines API client."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from flyapi._errors import (
+    FlyAPIError,
+    FlyNotFound,
+    FlyTransportError,
+    error_from_response,
+)
+from flyapi._models import App, IPAssignment, Lease, Machine
+from flyapi._ratelimit import RateLimiter
+
+logger = logging.getLogger("flyapi")
+
+TokenSource = Callable[[], Awaitable[str]] | str
+IPType = Literal["v4", "v6", "shared_v4", "private_v6"]
+WaitState = Literal["started", "stopped", "destroyed", "suspended"]
+
+DEFAULT_USER_AGENT = "turbodeploy-flyapi/0.1"
+LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
+# The server caps a wait at 60 s and rejects anything below a second.
+_WAIT_MIN_SECONDS = 1
+_WAIT_MAX_SECONDS = 60
+# A pooled keep-alive connection the server has closed fails the next request without it
+# ever reaching the server; for a GET one immediate second attempt is always safe.
+_GET_ATTEMPTS_ON_DROP = 2
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError)
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+class FlyClient:
+    """An async client of the Fly Machines API, one connection pool per instance.
+
+    `token` is either the token itself or an async callable returning it; the callable is
+    awaited before every request, so a rotated token is picked up without a new client.
+    The token only ever travels in the `Authorization` header: it is not part of any
+    exception, repr or log line.
+
+    The client does not retry (callers own their retry policy), with one exception: a GET
+    whose connection was dropped before any response is sent once more, immediately.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: TokenSource,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        rate_limiter: RateLimiter | None = None,
+        user_agent: str = DEFAULT_USER_AGENT,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._limiter = rate_limiter
+        self._http = httpx.AsyncClient(
+            base_url=self._base_url,
+            transport=transport,
+            timeout=timeout,
+            headers={"User-Agent": user_agent, "Accept": "application/json"},
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"FlyClient(base_url={self._base_url!r})"
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------------------ apps
+
+    async def get_app(self, app: str) -> App | None:
+        """The app, or None when it does not exist. Any other failure raises."""
+        try:
+            response = await self._request("GET", f"/apps/{_seg(app)}")
+        except FlyNotFound:
+            return None
+        return self._model(App, response)
+
+    async def create_app(self, name: str, org_slug: str, *, network: str | None = None) -> App:
+        body: dict[str, Any] = {"app_name": name, "org_slug": org_slug}
+        if network:
+            body["network"] = network
+        response = await self._request("POST", "/apps", json=body)
+        # The spec documents an empty 201; newer servers return the app.
+        data = self._json_or_none(response)
+        if isinstance(data, dict) and data.get("name"):
+            return self._validate(App, data, response)
+        return App(name=name, organization={"slug": org_slug})  # type: ignore[arg-type]
+
+    async def delete_app(self, app: str) -> None:
+        await self._request("DELETE", f"/apps/{_seg(app)}")
+
+    async def list_ip_assignments(self, app: str) -> list[IPAssignment]:
+        response = await self._request("GET", f"/apps/{_seg(app)}/ip_assignments")
+        data = self._json(response)
+        ips = data.get("ips") if isinstance(data, dict) else data
+        return [self._validate(IPAssignment, ip, response) for ip in ips or []]
+
+    async def assign_ip(
+        self,
+        app: str,
+        type: IPType,
+        *,
+        region: str | None = None,
+        org_slug: str | None = None,
+        network: str | None = None,
+        service_name: str | None = None,
+    ) -> IPAssignment:
+        body: dict[str, Any] = {"type": type}
+        for key, value in (
+            ("region", region),
+            ("org_slug", org_slug),
+            ("network", network),
+            ("service_name", service_name),
+        ):
+            if value is not None:
+                body[key] = value
+        response = await self._request("POST", f"/apps/{_seg(app)}/ip_assignments", json=body)
+        return self._model(IPAssignment, response)
+
+    # -------------------------------------------------------------------------- machines
+
+    async def list_machines(
+        self, app: str, *, include_deleted: bool = False, region: str | None = None
+    ) -> list[Machine]:
+        params: dict[str, str] = {}
+        if include_deleted:
+            params["include_deleted"] = "true"
+        if region:
+            params["region"] = region
+        response = await self._request("GET", f"/apps/{_seg(app)}/machines", params=params)
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise self._unexpected(response, "expected a list of machines")
+        return [self._validate(Machine, m, response) for m in data]
+
+    async def get_machine(self, app: str, machine_id: str) -> Machine:
+        response = await self._request("GET", self._machine_path(app, machine_id))
+        return self._model(Machine, response)
+
+    async def create_machine(
+        self,
+        app: str,
+        config: Mapping[str, Any],
+        region: str,
+        *,
+        lease_ttl: int | None = None,
+        skip_launch: bool = False,
+        name: str | None = None,
+    ) -> Machine:
+        """Create (and, unless `skip_launch`, start) a machine.
+
+        Not idempotent: after a 408, a 5xx or a transport error the machine may exist.
+        With `lease_ttl` the machine comes back leased and `Machine.nonce` holds the nonce.
+        """
+        body: dict[str, Any] = {"config": dict(config), "region": region}
+        if lease_ttl is not None:
+            body["lease_ttl"] = int(lease_ttl)
+        if skip_launch:
+            body["skip_launch"] = True
+        if name:
+            body["name"] = name
+        response = await self._request("POST", f"/apps/{_seg(app)}/machines", json=body)
+        return self._model(Machine, response)
+
+    async def update_machine(
+        self,
+        app: str,
+        machine_id: str,
+        config: Mapping[str, Any],
+        region: str | None,
+        *,
+        nonce: str | None,
+        skip_launch: bool = False,
+    ) -> Machine:
+        """Replace the machine's config whole; the result carries the new `instance_id`."""
+        body: dict[str, Any] = {"config": dict(config)}
+        if region:
+            body["region"] = region
+        if skip_launch:
+            body["skip_launch"] = True
+        response = await self._request(
+            "POST", self._machine_path(app, machine_id), json=body, nonce=nonce
+        )
+        return self._model(Machine, response)
+
+    async def start_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> None:
+        await self._request("POST", self._machine_path(app, machine_id, "start"), nonce=nonce)
+
+    async def stop_machine(
+        self,
+        app: str,
+        machine_id: str,
+        *,
+        signal: str | None = None,
+        stop_timeout: str | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        """Stop the machine: `signal` (default SIGINT), then SIGKILL after `stop_timeout`
+        (a Go duration such as "30s")."""
+        body = {k: v for k, v in (("signal", signal), ("timeout", stop_timeout)) if v is not None}
+        await self._request(
+            "POST", self._machine_path(app, machine_id, "stop"), json=body or None, nonce=nonce
+        )
+
+    async def delete_machine(
+        self, app: str, machine_id: str, *, force: bool = False, nonce: str | None = None
+    ) -> None:
+        params = {"force": "true"} if force else None
+        await self._request(
+            "DELETE", self._machine_path(app, machine_id), params=params, nonce=nonce
+        )
+
+    async def wait_machine(
+        self,
+        app: str,
+        machine_id: str,
+        state: WaitState,
+        *,
+        instance_id: str | None = None,
+        timeout: float = 60,  # noqa: ASYNC109 - the server-side wait, sent to the API
+    ) -> bool:
+        """Block server-side until the machine is in `state`: True, or False on timeout.
+
+        `timeout` is clamped to the 1..60 s the server allows; loop for longer waits.
+        """
+        seconds = min(max(math.ceil(timeout), _WAIT_MIN_SECONDS), _WAIT_MAX_SECONDS)
+        params = {"state": state, "timeout": str(seconds)}
+        if instance_id:
+            params["instance_id"] = instance_id
+        try:
+            await self._request(
+                "GET",
+                self._machine_path(app, machine_id, "wait"),
+                params=params,
+                read_timeout=self._timeout + seconds,
+            )
+        except FlyAPIError as exc:
+            if exc.status_code == 408:
+                return False
+            raise
+        return True
+
+    async def cordon_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> None:
+        await self._request("POST", self._machine_path(app, machine_id, "cordon"), nonce=nonce)
+
+    async def uncordon_machine(
+        self, app: str, machine_id: str, *, nonce: str | None = None
+    ) -> None:
+        await self._request("POST", self._machine_path(app, machine_id, "uncordon"), nonce=nonce)
+
+    async def set_metadata(
+        self, app: str, machine_id: str, key: str, value: str, *, nonce: str | None = None
+    ) -> None:
+        await self._request(
+            "POST",
+            self._machine_path(app, machine_id, "metadata", key),
+            json={"value": value},
+            nonce=nonce,
+        )
+
+    # ---------------------------------------------------------------------------- leases
+
+    async def acquire_lease(
+        self,
+        app: str,
+        machine_id: str,
+        ttl: int,
+        *,
+        nonce: str | None = None,
+        description: str | None = None,
+    ) -> Lease:
+        """Take the machine's lease for `ttl` seconds, or extend ours when `nonce` is given.
+
+        A lease held by someone else is a 409 (`FlyRetryableError`).
+        """
+        body: dict[str, Any] = {"ttl": int(ttl)}
+        if description:
+            body["description"] = description
+        response = await self._request(
+            "POST", self._machine_path(app, machine_id, "lease"), json=body, nonce=nonce
+        )
+        data = self._json(response)
+        # The spec documents a bare Lease; the live API wraps it as {"status", "data"}.
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            data = data["data"]
+        return self._validate(Lease, data, response)
+
+    async def release_lease(self, app: str, machine_id: str, nonce: str) -> None:
+        """Release our lease; a lease (or machine) that is already gone is not an error."""
+        with contextlib.suppress(FlyNotFound):
+            await self._request("DELETE", self._machine_path(app, machine_id, "lease"), nonce=nonce)
+
+    # --------------------------------------------------------------------------- private
+
+    @staticmethod
+    def _machine_path(app: str, machine_id: str, *rest: str) -> str:
+        path = f"/apps/{_seg(app)}/machines/{_seg(machine_id)}"
+        for part in rest:
+            path += f"/{_seg(part)}"
+        return path
+
+    async def _token_value(self) -> str:
+        if isinstance(self._token, str):
+            return self._token
+        return await self._token()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        nonce: str | None = None,
+        read_timeout: float | None = None,
+    ) -> httpx.Response:
+        token = await self._token_value()
+        headers = {"Authorization": f"Bearer {token}"}
+        if nonce:
+            headers[LEASE_NONCE_HEADER] = nonce
+        attempts = _GET_ATTEMPTS_ON_DROP if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    params=params,
+                    json=json,
+                    headers=headers,
+                    timeout=(
+                        read_timeout if read_timeout is not None else httpx.USE_CLIENT_DEFAULT
+                    ),
+                )
+            except httpx.TransportError as exc:
+                if isinstance(exc, _DROPPED) and attempt < attempts:
+                    logger.debug("%s %s: connection dropped, sending once more", method, path)
+                    continue
+                # Not chained: the httpx exception holds the request, headers included.
+                raise FlyTransportError(
+                    f"{method} {path}: {type(exc).__name__}: {exc or 'no response'}",
+                    method=method,
+                    path=path,
+                ) from None
+            break
+        if response.is_success:
+            logger.debug("%s %s -> %d", method, path, response.status_code)
+            return response
+        error = error_from_response(response, method=method, path=path, secret=token)
+        logger.debug("%s %s -> %s", method, path, error)
+        raise error
+
+    @staticmethod
+    def _unexpected(response: httpx.Response, why: str) -> FlyAPIError:
+        request = response.request
+        return FlyAPIError(
+            response.status_code,
+            f"unexpected response from {request.method} {request.url.path}: {why}",
+            response.headers.get("fly-request-id"),
+            method=request.method,
+            path=request.url.path,
+        )
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise self._unexpected(response, "body is not JSON") from None
+
+    @staticmethod
+    def _json_or_none(response: httpx.Response) -> Any:
+        try:
+            return response.json() if response.content else None
+        except ValueError:
+            return None
+
+    def _validate(self, model: type[_M], data: Any, response: httpx.Response) -> _M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise self._unexpected(
+                response, f"not a {model.__name__}: {exc.error_count()} invalid field(s)"
+            ) from None
+
+    def _model(self, model: type[_M], response: httpx.Response) -> _M:
+        return self._validate(model, self._json(response), response)

@@ -1,0 +1,97 @@
+"""Response models. Liberal on purpose: unknown fields are kept, missing ones default,
+because the live API grows fields faster than its published spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# States after which a machine is gone (or about to be) and must not be touched.
+GONE_STATES = frozenset({"destroyed", "destroying", "replaced", "migrated"})
+
+
+class _Liberal(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Organization(_Liberal):
+    slug: str | None = None
+    name: str | None = None
+
+
+class App(_Liberal):
+    name: str
+    id: str | None = None
+    status: str | None = None
+    organization: Organization | None = None
+
+    @property
+    def org_slug(self) -> str | None:
+        return self.organization.slug if self.organization else None
+
+
+class CheckStatus(_Liberal):
+    name: str | None = None
+    status: str | None = None  # "passing" | "warning" | "critical"
+    output: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def passing(self) -> bool:
+        return self.status == "passing"
+
+
+class Machine(_Liberal):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    region: str | None = None
+    instance_id: str | None = None
+    private_ip: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    checks: list[CheckStatus] = Field(default_factory=list)
+    # Only present on a create that asked for a lease.
+    nonce: str | None = None
+
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _checks(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _config(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        value = self.config.get("metadata")
+        return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def image(self) -> str | None:
+        value = self.config.get("image")
+        return value if isinstance(value, str) else None
+
+    @property
+    def gone(self) -> bool:
+        return self.state in GONE_STATES
+
+
+class Lease(_Liberal):
+    nonce: str
+    expires_at: int | None = None
+    owner: str | None = None
+    description: str | None = None
+    version: str | None = None
+
+
+class IPAssignment(_Liberal):
+    ip: str
+    region: str | None = None
+    service_name: str | None = None
+    shared: bool | None = None
+    created_at: str | None = None

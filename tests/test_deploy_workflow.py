@@ -1,0 +1,303 @@
+"""The whole deploy, end to end: real Temporal, PostgreSQL, SSM (moto), git and the Fly
+emulator, with the worker composed exactly as `python worker.py` composes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from temporalio.client import Client, WorkflowFailureError
+
+from turbodeploy.client import DeployError, start_deploy
+from turbodeploy.models import DeployRequest, DeployStatus, DeployTimings
+from turbodeploy.settings import Settings
+from turbodeploy.stack import publish_example
+from worker import create_worker
+
+FAST = DeployTimings(
+    health_deadline=timedelta(seconds=3),
+    health_poll_initial=timedelta(milliseconds=20),
+    health_poll_max=timedelta(milliseconds=100),
+    health_request_timeout=timedelta(seconds=2),
+    machine_wait_timeout=timedelta(seconds=3),
+    machine_poll_interval=timedelta(milliseconds=20),
+    app_visible_timeout=timedelta(seconds=2),
+    app_visible_poll=timedelta(milliseconds=20),
+    lease_ttl=timedelta(seconds=30),
+)
+IMAGE = "registry.fly.io/turbobackend-test:deployment-1"
+
+
+@pytest.fixture
+def settings(
+    postgres_url: str, ssm_endpoint: str, flysim: Any, task_queue: str, tmp_path: Path
+) -> Settings:
+    return Settings(
+        task_queue=task_queue,
+        database_url=postgres_url,
+        db_schema=f"t_{uuid.uuid4().hex[:8]}",
+        aws_endpoint_url=ssm_endpoint,
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+        work_dir=str(tmp_path / "work"),
+    )
+
+
+@pytest_asyncio.fixture
+async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with create_worker(temporal_client, settings) as w:
+        task = asyncio.create_task(w.run())
+        yield
+        await w.shutdown()
+        await task
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> str:
+    return publish_example("nitro-hello", tmp_path / "repos")
+
+
+@pytest.fixture
+def make_request(project_id: str, repo: str) -> Callable[..., DeployRequest]:
+    def make(**overrides: Any) -> DeployRequest:
+        fields: dict[str, Any] = {
+            "project_id": project_id,
+            "repo_url": repo,
+            "image": IMAGE,
+            "timings": FAST,
+        }
+        fields.update(overrides)
+        return DeployRequest.model_validate(fields)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _calm_emulator(flysim: Any) -> None:
+    flysim.config.faults.error_rate = 0.0
+    flysim.config.faults.rate_limit_rate = 0.0
+    flysim.config.faults.drop_rate = 0.0
+    flysim.config.faults.latency_spike_rate = 0.0
+    flysim.config.unhealthy_images.clear()
+
+
+async def rows(settings: Settings, project_id: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetch(
+            f'SELECT * FROM "{settings.db_schema}".project_deployments '  # noqa: S608
+            "WHERE project_id = $1 ORDER BY deployed_at",
+            project_id,
+        )
+    finally:
+        await conn.close()
+
+
+def app_machines(flysim: Any, app: str) -> list[dict[str, Any]]:
+    state = flysim.snapshot() if hasattr(flysim, "snapshot") else None
+    assert state is not None, "emulator exposes snapshot()"
+    return [m for m in state["machines"] if m["app"] == app and m["state"] != "destroyed"]
+
+
+def fly_toml_commits(repo: str, branch: str = "main") -> list[str]:
+    out = subprocess.run(
+        ["git", "--git-dir", repo, "log", "--format=%H", branch, "--", "fly.toml"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()
+
+
+async def test_first_deploy_then_redeploy(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    repo: str,
+) -> None:
+    request = make_request(machine_count=2)
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    result = await handle.result()
+
+    assert result.status is DeployStatus.DEPLOYED
+    assert result.app_name == f"turbobackend-{request.project_id}"
+    assert result.url == settings.app_url(result.app_name)
+    assert len(result.machine_ids) == 2
+    assert len(fly_toml_commits(repo)) == 1
+    machines = app_machines(flysim, result.app_name)
+    assert sorted(m["id"] for m in machines) == sorted(result.machine_ids)
+    [row] = await rows(settings, request.project_id)
+    assert row["status"] == "deployed"
+    assert row["url"] == result.url
+    assert row["commit_sha"] == result.commit_sha
+    assert row["platform"] == "flyio"
+    assert row["last_updated"] >= row["deployed_at"] > 0
+
+    # A second deploy of the same project updates the same machines in place.
+    second = make_request(image=IMAGE.replace("deployment-1", "deployment-2"))
+    handle = await start_deploy(temporal_client, second, task_queue=settings.task_queue)
+    result2 = await handle.result()
+    assert result2.status is DeployStatus.DEPLOYED
+    assert sorted(result2.machine_ids) == sorted(result.machine_ids)
+    machines = app_machines(flysim, result.app_name)
+    assert {m["config"]["image"] for m in machines} == {second.image}
+    assert all(m.get("lease") in (None, {}) for m in machines), "no lease left held"
+    # The rendered fly.toml did not change, so nothing new was committed.
+    assert len(fly_toml_commits(repo)) == 1
+    assert [r["status"] for r in await rows(settings, request.project_id)] == [
+        "deployed",
+        "deployed",
+    ]
+    apps = [a for a in flysim.snapshot()["apps"] if a["name"] == result.app_name]
+    assert len(apps) == 1
+
+
+async def test_repository_with_its_own_fly_toml(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    repo: str,
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
+    (work / "fly.toml").write_text(
+        'app = "whatever"\nkill_signal = "SIGINT"\n\n[deploy]\nrelease_command = "npm run migrate"\n'
+        "\n[experimental]\nauto_stop_machines = true\n"
+    )
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "own fly.toml"], cwd=work, check=True)
+    subprocess.run(["git", "push", "-q"], cwd=work, check=True)
+
+    request = make_request()
+    result = await (await start_deploy(temporal_client, request, task_queue=settings.task_queue)).result()
+    assert result.status is DeployStatus.DEPLOYED
+    committed = subprocess.run(
+        ["git", "--git-dir", repo, "show", f"{result.commit_sha}:fly.toml"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert 'release_command = "npm run migrate"' in committed
+    assert 'kill_signal = "SIGINT"' in committed
+    assert "[experimental]" not in committed
+    assert f'app = "{request.app_name}"' in committed
+
+
+async def test_fly_5xx_and_429_are_retried_to_success(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    flysim.config.faults.seed = 7
+    flysim.config.faults.error_rate = 0.3
+    flysim.config.faults.rate_limit_rate = 0.15
+    flysim.config.faults.retry_after = 1
+    before = dict(flysim.stats.by_status)
+    request = make_request()
+    result = await (await start_deploy(temporal_client, request, task_queue=settings.task_queue)).result()
+    assert result.status is DeployStatus.DEPLOYED
+    after = flysim.stats.by_status
+    injected = sum(after.get(c, 0) - before.get(c, 0) for c in (429, 500, 502, 503))
+    assert injected > 0, "faults were injected"
+    [row] = await rows(settings, request.project_id)
+    assert row["status"] == "deployed"
+
+
+async def test_fly_422_fails_fast_with_failed_row(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    # Another organisation owns the app name: the create answers 422 "name taken".
+    request = make_request()
+    flysim.add_app(request.app_name, org_slug="someone-else")
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    assert "DeployFailed" in repr(info.value.cause) or "failed" in str(info.value.cause)
+    [row] = await rows(settings, request.project_id)
+    assert row["status"] == "failed"
+    assert row["error"]
+    history = await handle.fetch_history()
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+    # Exactly one attempt per activity: nothing was retried.
+    assert attempts and max(attempts) == 1
+
+
+async def test_health_never_ok_records_failure_with_reason(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    bad_image = "registry.fly.io/turbobackend-test:broken"
+    flysim.config.unhealthy_images.add(bad_image)
+    request = make_request(image=bad_image)
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    [row] = await rows(settings, request.project_id)
+    assert row["status"] == "failed"
+    assert "health" in row["error"].lower() or "check" in row["error"].lower()
+
+
+async def test_invalid_input_is_rejected_before_any_side_effect(
+    temporal_client: Client, settings: Settings, flysim: Any, repo: str
+) -> None:
+    calls_before = flysim.stats.total
+    with pytest.raises(ValueError, match="project id"):
+        DeployRequest(project_id="Bad_Project", repo_url=repo, image=IMAGE)
+    with pytest.raises(ValueError, match="shell metacharacters"):
+        DeployRequest(project_id="ok", repo_url="https://x.test/a;rm -rf /", image=IMAGE)
+    with pytest.raises(ValueError, match="region"):
+        DeployRequest(project_id="ok", repo_url=repo, image=IMAGE, region="mars")
+    with pytest.raises(DeployError, match="image"):
+        await start_deploy(
+            temporal_client,
+            DeployRequest(project_id="no-image", repo_url=repo),
+            task_queue=settings.task_queue,
+        )
+    assert flysim.stats.total == calls_before
+    listed = [w async for w in temporal_client.list_workflows("WorkflowId = 'deploy-no-image'")]
+    assert listed == []
+
+
+async def test_token_is_absent_from_history(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    fly_token: str,
+) -> None:
+    request = make_request()
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    await handle.result()
+    history = await handle.fetch_history()
+    exported = json.dumps(history.to_json_dict())
+    assert request.project_id in exported  # the export is real and readable
+    secret_part = fly_token.split("fm2_", 1)[1]
+    assert secret_part not in exported
+    assert secret_part[:24] not in exported

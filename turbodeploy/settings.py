@@ -18,7 +18,7 @@ _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 def validate_schema_name(value: str) -> str:
     """A PostgreSQL schema name is an identifier: accept a strict subset, never raw input."""
-    if not _SCHEMA_RE.match(value):
+    if not _SCHEMA_RE.fullmatch(value):
         raise ValueError(
             f"schema name {value!r} is invalid: use lower-case letters, digits and '_', "
             "starting with a letter or '_', at most 63 characters"

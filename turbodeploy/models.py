@@ -445,6 +445,7 @@ class DeploymentRow(_Model):
     image: str | None = None
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
+    finished_at: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

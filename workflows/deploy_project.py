@@ -44,7 +44,7 @@ FLY_APP = SearchAttributeKey.for_keyword("FlyApp")
 DEPLOY_STATUS = SearchAttributeKey.for_keyword("DeployStatus")
 
 # The steps a person sees in the progress query, in order.
-STEPS = [s for s in DeployStep if s is not DeployStep.DONE]
+STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE]
 
 
 @workflow.defn(name="DeployProjectWorkflow")

@@ -1,0 +1,285 @@
+"""Step 2: the Fly API token and org, from AWS SSM Parameter Store.
+
+The token is a SecureString read with decryption inside the worker only. It is held in
+memory for `token_cache_seconds`, handed to the Fly HTTP client, and never returned by an
+activity, logged, or put into an exception. The activity proves it exists and reports its
+SSM version, so a run's history shows which token it used without showing the token.
+
+botocore retries once with short timeouts: the activity's retry policy does the waiting, so
+a worker never sits in a long botocore backoff that Temporal cannot see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from turbodeploy.models import CredentialsResult
+from turbodeploy.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+    from mypy_boto3_ssm.type_defs import ParameterTypeDef
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS_MISSING = "CredentialsMissing"
+CREDENTIALS_INVALID = "CredentialsInvalid"
+CREDENTIALS_ACCESS_DENIED = "CredentialsAccessDenied"
+SECRETS_UNAVAILABLE = "SecretsUnavailable"
+
+_CONNECT_TIMEOUT_SECONDS = 3.0
+_READ_TIMEOUT_SECONDS = 5.0
+_BOTOCORE_ATTEMPTS = 2
+# Errors no retry can fix: the worker's IAM role or the KMS key policy must change first.
+_DENIED_CODES = frozenset(
+    {"AccessDeniedException", "AccessDenied", "InvalidKeyId", "KMSAccessDeniedException"}
+)
+_ORG_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+T = TypeVar("T")
+
+
+def build_ssm_client(settings: Settings) -> SSMClient:
+    """An SSM client for the configured region and endpoint, with short timeouts."""
+    _hide_response_bodies()
+    config = Config(
+        connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=_READ_TIMEOUT_SECONDS,
+        retries={"mode": "standard", "total_max_attempts": _BOTOCORE_ATTEMPTS},
+    )
+    # A session of its own: the default session is not safe to share between threads.
+    return boto3.session.Session().client(
+        "ssm",
+        region_name=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        config=config,
+    )
+
+
+class _ResponseBodyFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Response body")
+
+
+def _hide_response_bodies() -> None:
+    """botocore logs whole response bodies at DEBUG, decrypted parameter values included."""
+    parsers = logging.getLogger("botocore.parsers")
+    if not any(isinstance(f, _ResponseBodyFilter) for f in parsers.filters):
+        parsers.addFilter(_ResponseBodyFilter())
+
+
+class _Secret:
+    """A string that does not show itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class _Token:
+    secret: _Secret
+    version: int
+
+
+class _Cached(Generic[T]):
+    """One value, kept for `ttl` seconds, loaded by a single in-flight call.
+
+    Callers arriving during a load share its outcome, a failure included: with SSM down, a
+    burst of activities makes one slow request, not one after the other.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._value: T | None = None
+        self._expires_at = 0.0
+        self._loading: asyncio.Task[T] | None = None
+
+    async def get(self, load: Callable[[], Awaitable[T]]) -> T:
+        if self._value is not None and time.monotonic() < self._expires_at:
+            return self._value
+        if self._loading is None:
+            self._loading = asyncio.create_task(self._load(load))
+            # Retrieve the outcome even if every caller was cancelled meanwhile.
+            self._loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+        # One caller's cancellation must not cancel the load the others wait for.
+        return await asyncio.shield(self._loading)
+
+    def clear(self) -> None:
+        # A load already in flight may predate the change: later callers start their own.
+        self._loading = None
+        self._value = None
+
+    async def _load(self, load: Callable[[], Awaitable[T]]) -> T:
+        task = asyncio.current_task()
+        try:
+            value = await load()
+        finally:
+            stale = self._loading is not task
+            if not stale:
+                self._loading = None
+        if not stale:
+            self._value = value
+            self._expires_at = time.monotonic() + self._ttl
+        return value
+
+    def __repr__(self) -> str:
+        return f"_Cached(value={self._value!r})"
+
+
+class CredentialStore:
+    """The Fly credentials of one worker, shared by all its activities."""
+
+    def __init__(self, settings: Settings, *, ssm_client: SSMClient | None = None) -> None:
+        _hide_response_bodies()
+        self._settings = settings
+        self._ssm = ssm_client if ssm_client is not None else build_ssm_client(settings)
+        self._token: _Cached[_Token] = _Cached(settings.token_cache_seconds)
+        self._org: _Cached[str] = _Cached(settings.token_cache_seconds)
+
+    @property
+    def token_parameter(self) -> str:
+        return self._settings.fly_token_parameter
+
+    async def fly_token(self) -> str:
+        token = await self._token.get(self._load_token)
+        return token.secret.reveal()
+
+    async def token_version(self) -> int:
+        token = await self._token.get(self._load_token)
+        return token.version
+
+    async def org_slug(self) -> str:
+        return await self._org.get(self._load_org)
+
+    def invalidate(self) -> None:
+        """Forget what was read, e.g. after Fly answered 401, so a rotated token is used."""
+        self._token.clear()
+        self._org.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"CredentialStore(token_parameter={self._settings.fly_token_parameter!r}, "
+            f"org_parameter={self._settings.fly_org_parameter!r})"
+        )
+
+    async def _load_token(self) -> _Token:
+        name = self._settings.fly_token_parameter
+        parameter = await self._get_parameter(name)
+        if parameter is None:
+            raise ApplicationError(
+                f"the Fly API token parameter {name} does not exist in SSM "
+                f"(region {self._settings.aws_region})",
+                type=CREDENTIALS_MISSING,
+                non_retryable=True,
+            )
+        # A trailing newline (a token pasted from a file) would break the HTTP header.
+        value = parameter.get("Value", "").strip()
+        if not value:
+            raise ApplicationError(
+                f"the Fly API token parameter {name} is empty",
+                type=CREDENTIALS_MISSING,
+                non_retryable=True,
+            )
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ApplicationError(
+                f"the Fly API token parameter {name} holds control characters",
+                type=CREDENTIALS_INVALID,
+                non_retryable=True,
+            )
+        kind = parameter.get("Type")
+        if kind != "SecureString":
+            log.warning(
+                "the Fly API token parameter %s is a %s, not a SecureString: it is stored "
+                "unencrypted",
+                name,
+                kind,
+            )
+        version = parameter.get("Version", 0)
+        log.debug("read the Fly API token from %s (version %d)", name, version)
+        return _Token(_Secret(value), version)
+
+    async def _load_org(self) -> str:
+        name = self._settings.fly_org_parameter
+        parameter = await self._get_parameter(name)
+        slug = (parameter or {}).get("Value", "").strip()
+        if not slug:
+            log.info(
+                "no Fly org in SSM parameter %s; using %s", name, self._settings.fly_default_org
+            )
+            return self._settings.fly_default_org
+        if not _ORG_SLUG_RE.match(slug):
+            raise ApplicationError(
+                f"SSM parameter {name} holds {slug[:80]!r}, which is not a Fly org slug",
+                type=CREDENTIALS_INVALID,
+                non_retryable=True,
+            )
+        return slug
+
+    async def _get_parameter(self, name: str) -> ParameterTypeDef | None:
+        """The parameter, decrypted, or None when it does not exist."""
+        try:
+            response = await asyncio.to_thread(
+                self._ssm.get_parameter, Name=name, WithDecryption=True
+            )
+        except ClientError as err:
+            error = err.response.get("Error", {})
+            code = error.get("Code", "")
+            if code == "ParameterNotFound":
+                return None
+            message = f"SSM GetParameter {name} failed: {code}: {error.get('Message', '')}"
+            if code in _DENIED_CODES:
+                raise ApplicationError(
+                    message, type=CREDENTIALS_ACCESS_DENIED, non_retryable=True
+                ) from err
+            # Throttling, 5xx, and expired AWS credentials that the provider will refresh.
+            raise ApplicationError(message, type=SECRETS_UNAVAILABLE) from err
+        except BotoCoreError as err:
+            raise ApplicationError(
+                f"SSM is unreachable reading {name}: {err}", type=SECRETS_UNAVAILABLE
+            ) from err
+        return response["Parameter"]
+
+
+class CredentialActivities:
+    def __init__(self, store: CredentialStore) -> None:
+        self._store = store
+
+    @activity.defn(name="resolve_credentials")
+    async def resolve_credentials(self) -> CredentialsResult:
+        """Prove the token can be read; report its org and version, never the token."""
+        version = await self._store.token_version()
+        org = await self._store.org_slug()
+        activity.logger.info(
+            "Fly API token available from %s (version %d), org %s",
+            self._store.token_parameter,
+            version,
+            org,
+        )
+        return CredentialsResult(
+            org_slug=org, token_parameter=self._store.token_parameter, token_version=version
+        )

@@ -1,0 +1,357 @@
+"""Deployment records against a real PostgreSQL, each test in a schema of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.deployments import DeploymentActivities
+from turbodeploy import embedded
+from turbodeploy.db import (
+    MAX_ERROR_CHARS,
+    DeploymentConflict,
+    DeploymentNotFound,
+    DeploymentStore,
+    create_pool,
+)
+from turbodeploy.models import DeploymentRow, DeployStatus, RecordResultInput, RecordStartInput
+from turbodeploy.settings import Settings
+
+MIGRATIONS = ["0001_project_deployments.sql"]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pool(postgres_url: str) -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
+    pool = await create_pool(postgres_url, 1, 5)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture
+async def schema(pool: asyncpg.Pool[asyncpg.Record]) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    await pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest_asyncio.fixture
+async def store(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> DeploymentStore:
+    store = DeploymentStore(pool, schema)
+    await store.migrate()
+    return store
+
+
+@pytest_asyncio.fixture
+async def dead_pool() -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
+    """A pool aimed at a port where nothing listens; it connects only when used."""
+    url = f"postgresql://turbodeploy@127.0.0.1:{embedded.free_port()}/turbodeploy"
+    pool = await create_pool(url, 0, 2, connect_timeout=2)
+    yield pool
+    await pool.close()
+
+
+def _deployment_id() -> str:
+    return f"d-{uuid.uuid4().hex[:16]}"
+
+
+async def _start(
+    store: DeploymentStore, project_id: str, deployment_id: str, run: str = "r1"
+) -> DeploymentRow:
+    return await store.record_started(
+        deployment_id=deployment_id,
+        project_id=project_id,
+        app_name=f"turbobackend-{project_id}",
+        url=f"https://turbobackend-{project_id}.fly.dev",
+        workflow_id=f"deploy-{project_id}",
+        run_id=run,
+        repo_url="https://github.com/acme/app.git",
+        branch="main",
+    )
+
+
+async def _xmin(pool: asyncpg.Pool[asyncpg.Record], schema: str, deployment_id: str) -> int:
+    """The row version: it changes on every write to the row, even one changing nothing."""
+    value = await pool.fetchval(
+        f'SELECT xmin::text::bigint FROM "{schema}".project_deployments WHERE deployment_id = $1',
+        deployment_id,
+    )
+    assert value is not None
+    return int(value)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, schema: str) -> None:
+    pool_a = await create_pool(postgres_url, 1, 2)
+    pool_b = await create_pool(postgres_url, 1, 2)
+    try:
+        first = await asyncio.gather(
+            DeploymentStore(pool_a, schema).migrate(), DeploymentStore(pool_b, schema).migrate()
+        )
+        assert sorted(first, key=len) == [[], MIGRATIONS]
+        assert await DeploymentStore(pool_a, schema).migrate() == []
+        versions = await pool_a.fetch(f'SELECT version, name FROM "{schema}".schema_migrations')
+        assert [(r["version"], r["name"]) for r in versions] == [(1, MIGRATIONS[0])]
+
+        index = await pool_a.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
+            schema,
+            "project_deployments",
+        )
+        assert index is not None  # the primary key's index at least
+        indexes = [
+            r["indexdef"]
+            for r in await pool_a.fetch(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = $1", schema
+            )
+        ]
+        assert any("(project_id, deployed_at DESC" in d for d in indexes), indexes
+        with pytest.raises(asyncpg.CheckViolationError):
+            await pool_a.execute(
+                f'INSERT INTO "{schema}".project_deployments (deployment_id, project_id,'
+                " platform, app_name, url, status, deployed_at, last_updated)"
+                " VALUES ('d1', 'p1', 'flyio', 'a', 'u', 'exploded', 0, 0)"
+            )
+    finally:
+        await pool_a.close()
+        await pool_b.close()
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Public", "bad-name", "1abc", 'x"; DROP TABLE t; --', "a" * 64, "sch ema"]
+)
+async def test_invalid_schema_name_is_rejected_before_connecting(
+    dead_pool: asyncpg.Pool[asyncpg.Record], name: str
+) -> None:
+    with pytest.raises(ValueError, match="schema name"):
+        DeploymentStore(dead_pool, name)
+
+
+async def test_a_valid_schema_name_only_connects_when_used(
+    dead_pool: asyncpg.Pool[asyncpg.Record],
+) -> None:
+    store = DeploymentStore(dead_pool, "turbobackend")
+    with pytest.raises(OSError):
+        await store.migrate()
+
+
+# ------------------------------------------------------------------------------- writes
+
+
+async def test_record_started_twice_keeps_one_row(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    deployment_id = _deployment_id()
+    first = await _start(store, project_id, deployment_id, run="run-1")
+    second = await _start(store, project_id, deployment_id, run="run-2")
+
+    count = await pool.fetchval(f'SELECT count(*) FROM "{schema}".project_deployments')
+    assert count == 1
+    assert first.status is second.status is DeployStatus.DEPLOYING
+    assert second.deployed_at == first.deployed_at
+    assert second.run_id == "run-2"  # the row follows the run that is deploying now
+    assert first.platform == "flyio"
+    assert first.deployed_at > 1_600_000_000  # epoch seconds, not milliseconds
+    assert first.deployed_at < 10_000_000_000
+
+
+async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    deployment_id = _deployment_id()
+    await _start(store, project_id, deployment_id)
+    image = "registry.fly.io/app:deployment-1"
+
+    done = await store.record_result(
+        deployment_id, DeployStatus.DEPLOYED, "abc123", image, ["m1", "m2"], None
+    )
+    assert done.status is DeployStatus.DEPLOYED
+    assert (done.commit_sha, done.image, done.machine_ids) == ("abc123", image, ["m1", "m2"])
+    finished_at = await pool.fetchval(
+        f'SELECT finished_at FROM "{schema}".project_deployments WHERE deployment_id = $1',
+        deployment_id,
+    )
+    assert finished_at is not None and finished_at >= done.deployed_at
+    assert await store.get(deployment_id) == done
+
+    version = await _xmin(pool, schema, deployment_id)
+    again = await store.record_result(
+        deployment_id, DeployStatus.DEPLOYED, "abc123", image, ["m1", "m2"], None
+    )
+    assert again == done
+    assert await _xmin(pool, schema, deployment_id) == version
+
+
+async def test_a_final_status_never_changes(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    deployment_id = _deployment_id()
+    await _start(store, project_id, deployment_id)
+    await store.record_result(deployment_id, DeployStatus.FAILED, error="machine crashed")
+    version = await _xmin(pool, schema, deployment_id)
+
+    with pytest.raises(DeploymentConflict, match="already failed"):
+        await store.record_result(deployment_id, DeployStatus.DEPLOYED)
+    with pytest.raises(DeploymentConflict):
+        await store.record_result(deployment_id, DeployStatus.DEPLOYING)
+    # A start retried after the result (a late attempt) must not resurrect the deployment.
+    late = await _start(store, project_id, deployment_id, run="late-run")
+
+    assert late.status is DeployStatus.FAILED
+    assert late.run_id == "r1"
+    assert late.error == "machine crashed"
+    assert await _xmin(pool, schema, deployment_id) == version
+
+
+async def test_record_result_of_an_unknown_deployment_fails(store: DeploymentStore) -> None:
+    with pytest.raises(DeploymentNotFound):
+        await store.record_result("d-missing", DeployStatus.DEPLOYED)
+
+
+async def test_a_deployment_id_belongs_to_one_project(
+    store: DeploymentStore, project_id: str
+) -> None:
+    deployment_id = _deployment_id()
+    await _start(store, project_id, deployment_id)
+    with pytest.raises(DeploymentConflict, match=f"belongs to project {project_id}"):
+        await _start(store, "other-project", deployment_id)
+
+
+async def test_stored_errors_are_bounded_and_hold_no_token(
+    store: DeploymentStore, project_id: str, fly_token: str
+) -> None:
+    deployment_id = _deployment_id()
+    await _start(store, project_id, deployment_id)
+    error = f"POST /v1/apps failed with Authorization: {fly_token}\x00 " + "x" * 10_000
+    row = await store.record_result(deployment_id, DeployStatus.FAILED, error=error)
+
+    assert row.error is not None
+    assert len(row.error) <= MAX_ERROR_CHARS
+    assert row.error.startswith("POST /v1/apps failed with Authorization: [redacted]")
+    assert fly_token.split()[-1][:12] not in row.error
+    assert "characters cut]" in row.error
+
+
+async def test_history_is_newest_first(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    ids = [_deployment_id() for _ in range(4)]
+    for deployment_id in ids:
+        await _start(store, project_id, deployment_id)
+    await _start(store, f"{project_id}-other", _deployment_id())
+    # The first deployment is dated later than the rest; the others share one second.
+    await pool.execute(
+        f'UPDATE "{schema}".project_deployments SET deployed_at = deployed_at + 100'
+        " WHERE deployment_id = $1",
+        ids[0],
+    )
+    await pool.execute(
+        f'UPDATE "{schema}".project_deployments SET deployed_at = $2 WHERE deployment_id = ANY($1)',
+        ids[1:],
+        1_700_000_000,
+    )
+
+    history = await store.history(project_id, limit=10)
+    assert [r.deployment_id for r in history] == [ids[0], ids[3], ids[2], ids[1]]
+    assert [r.deployment_id for r in await store.history(project_id, limit=2)] == [ids[0], ids[3]]
+    latest = await store.latest(project_id)
+    assert latest is not None and latest.deployment_id == ids[0]
+    assert await store.latest("nobody") is None
+    with pytest.raises(ValueError):
+        await store.history(project_id, limit=0)
+
+
+# --------------------------------------------------------------------------- activities
+
+
+async def test_activities_record_a_deploy(store: DeploymentStore, project_id: str) -> None:
+    settings = Settings(app_url_template="https://{app}.apps.example.test")
+    activities = DeploymentActivities(store, settings)
+    env = ActivityEnvironment()
+    deployment_id = _deployment_id()
+    start = RecordStartInput(
+        deployment_id=deployment_id,
+        project_id=project_id,
+        app_name=f"turbobackend-{project_id}",
+        workflow_id=f"deploy-{project_id}",
+        run_id="run-1",
+        repo_url="https://github.com/acme/app.git",
+        branch="main",
+        image="registry.fly.io/app:1",
+    )
+
+    started = await env.run(activities.record_started, start)
+    retried = await env.run(activities.record_started, start)
+    assert started.url == f"https://turbobackend-{project_id}.apps.example.test"
+    assert retried == started
+
+    result = RecordResultInput(
+        deployment_id=deployment_id, status=DeployStatus.DEPLOYED, machine_ids=["m1"]
+    )
+    await env.run(activities.record_result, result)
+    await env.run(activities.record_result, result)  # a retried attempt
+    row = await store.get(deployment_id)
+    assert row is not None
+    assert (row.status, row.machine_ids, row.image) == (
+        DeployStatus.DEPLOYED,
+        ["m1"],
+        "registry.fly.io/app:1",
+    )
+
+    with pytest.raises(ApplicationError) as conflict:
+        await env.run(
+            activities.record_result,
+            RecordResultInput(deployment_id=deployment_id, status=DeployStatus.FAILED),
+        )
+    assert (conflict.value.type, conflict.value.non_retryable) == ("DeploymentConflict", True)
+
+    with pytest.raises(ApplicationError) as missing:
+        await env.run(
+            activities.record_result,
+            RecordResultInput(deployment_id="d-nowhere", status=DeployStatus.FAILED),
+        )
+    assert (missing.value.type, missing.value.non_retryable) == ("DeploymentNotFound", True)
+
+    with pytest.raises(ApplicationError) as invalid:
+        await env.run(
+            activities.record_started,
+            start.model_copy(update={"deployment_id": _deployment_id(), "project_id": ""}),
+        )
+    assert (invalid.value.type, invalid.value.non_retryable) == ("DeploymentRecordInvalid", True)
+
+
+async def test_a_database_outage_is_retryable(
+    dead_pool: asyncpg.Pool[asyncpg.Record], project_id: str
+) -> None:
+    activities = DeploymentActivities(DeploymentStore(dead_pool, "turbobackend"), Settings())
+    env = ActivityEnvironment()
+
+    with pytest.raises(ApplicationError) as started:
+        await env.run(
+            activities.record_started,
+            RecordStartInput(
+                deployment_id=_deployment_id(),
+                project_id=project_id,
+                app_name=f"turbobackend-{project_id}",
+                workflow_id=f"deploy-{project_id}",
+                run_id="run-1",
+                repo_url="https://github.com/acme/app.git",
+                branch="main",
+            ),
+        )
+    assert (started.value.type, started.value.non_retryable) == ("DatabaseUnavailable", False)
+
+    with pytest.raises(ApplicationError) as result:
+        await env.run(
+            activities.record_result,
+            RecordResultInput(deployment_id="d-1", status=DeployStatus.DEPLOYED),
+        )
+    assert (result.value.type, result.value.non_retryable) == ("DatabaseUnavailable", False)

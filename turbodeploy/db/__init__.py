@@ -1,0 +1,21 @@
+"""PostgreSQL records of deployments, in the schema named by `Settings.db_schema`."""
+
+from turbodeploy.db.store import (
+    MAX_ERROR_CHARS,
+    PLATFORM,
+    DeploymentConflict,
+    DeploymentNotFound,
+    DeploymentRecordError,
+    DeploymentStore,
+    create_pool,
+)
+
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "PLATFORM",
+    "DeploymentConflict",
+    "DeploymentNotFound",
+    "DeploymentRecordError",
+    "DeploymentStore",
+    "create_pool",
+]

@@ -1,0 +1,272 @@
+"""The `project_deployments` table: one row per deployment, written by the deploy activities.
+
+Every write is safe to repeat, because Temporal retries activities: a repeated start never
+adds a row and never moves a finished deployment back to `deploying`, and a repeated result
+is a no-op. Timestamps are epoch seconds from the database clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from turbodeploy.db.queries import Queries
+from turbodeploy.models import DeploymentRow, DeployStatus
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "flyio"
+MAX_ERROR_CHARS = 2000
+MAX_HISTORY = 1000
+
+_MIGRATION_NAME_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Fly tokens (macaroons `fm1r_`/`fm2_…`, OAuth `fo1_…`) and bearer credentials: an error
+# text quoted from a failed request must not carry them into the table.
+_CREDENTIAL_RE = re.compile(
+    r"(?:FlyV1\s+)?\b(?:fm\d[a-z]?|fo\d)_[A-Za-z0-9_+/=,.-]+|(?i:bearer)\s+[A-Za-z0-9_+/=,.~-]{16,}"
+)
+
+
+class DeploymentRecordError(Exception):
+    """A write the records refuse; repeating it cannot succeed."""
+
+
+class DeploymentNotFound(DeploymentRecordError, LookupError):
+    pass
+
+
+class DeploymentConflict(DeploymentRecordError):
+    pass
+
+
+async def create_pool(
+    url: str,
+    min_size: int = 1,
+    max_size: int = 10,
+    *,
+    connect_timeout: float = 10.0,
+    command_timeout: float = 30.0,
+) -> asyncpg.Pool[asyncpg.Record]:
+    """A connection pool; `min_size=0` opens no connection until the first query."""
+    return await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=connect_timeout,
+        command_timeout=command_timeout,
+        server_settings={"application_name": "turbodeploy"},
+    )
+
+
+@dataclass(frozen=True)
+class _Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@functools.cache
+def _migrations() -> tuple[_Migration, ...]:
+    folder = resources.files("turbodeploy.db").joinpath("migrations")
+    found: dict[int, _Migration] = {}
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _MIGRATION_NAME_RE.match(entry.name)
+        if not match:
+            raise RuntimeError(f"migration {entry.name!r} is not named NNNN_lower_case.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise RuntimeError(f"migrations {found[version].name} and {entry.name} share a number")
+        found[version] = _Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+    return tuple(found[v] for v in sorted(found))
+
+
+def _lock_key(schema: str) -> int:
+    # One lock per schema, so services sharing a database do not wait on each other.
+    digest = hashlib.blake2b(f"turbodeploy.migrate:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def clean_error(error: str | None) -> str | None:
+    """An error text fit for the table: no credentials, no NUL bytes, bounded length."""
+    if error is None:
+        return None
+    text = _CREDENTIAL_RE.sub("[redacted]", error).replace("\x00", "\ufffd")
+    if len(text) > MAX_ERROR_CHARS:
+        keep = MAX_ERROR_CHARS - 40  # room for the note below
+        text = f"{text[:keep]}… [{len(text) - keep} characters cut]"
+    return text
+
+
+class DeploymentStore:
+    def __init__(
+        self, pool: asyncpg.Pool[Any], schema: str, *, acquire_timeout: float = 10.0
+    ) -> None:
+        self._sql = Queries.for_schema(schema)  # rejects an invalid name before any I/O
+        self._schema = schema
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations this schema lacks, in order; returns the names applied.
+
+        One transaction under an advisory lock: workers starting together apply each
+        migration once, and a failing migration leaves nothing half done.
+        """
+        q = self._sql
+        applied_now: list[str] = []
+        async with (
+            self._pool.acquire(timeout=self._acquire_timeout) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+            # CREATE SCHEMA checks the privilege even when the schema exists; a role that
+            # may only use an existing schema must still be able to start.
+            if not await conn.fetchval(q.schema_exists, self._schema):
+                await conn.execute(q.create_schema)
+            await conn.execute(q.create_migrations)
+            applied = {
+                r["version"]: (r["name"], r["checksum"])
+                for r in await conn.fetch(q.applied_migrations)
+            }
+            # Migration files name no schema: they create their objects in this one.
+            await conn.execute(q.set_search_path)
+            for migration in _migrations():
+                if migration.version in applied:
+                    name, checksum = applied[migration.version]
+                    if checksum != migration.checksum:
+                        log.warning(
+                            "migration %s was changed after it was applied to schema %s "
+                            "(as %s); the change is not applied",
+                            migration.name,
+                            self._schema,
+                            name,
+                        )
+                    continue
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    q.insert_migration, migration.version, migration.name, migration.checksum
+                )
+                applied_now.append(migration.name)
+        if applied_now:
+            log.info("schema %s: applied migrations %s", self._schema, ", ".join(applied_now))
+        return applied_now
+
+    async def record_started(
+        self,
+        *,
+        deployment_id: str,
+        project_id: str,
+        app_name: str,
+        url: str,
+        workflow_id: str | None = None,
+        run_id: str | None = None,
+        repo_url: str | None = None,
+        branch: str | None = None,
+        image: str | None = None,
+    ) -> DeploymentRow:
+        """Insert the row as `deploying`, or return the existing one.
+
+        A repeat while still deploying points the row at the current run; a repeat after the
+        deployment finished changes nothing, so a late retry cannot undo a result.
+        """
+        row = await self._fetchrow(
+            self._sql.record_started,
+            deployment_id,
+            project_id,
+            PLATFORM,
+            app_name,
+            url,
+            workflow_id,
+            run_id,
+            repo_url,
+            branch,
+            image,
+        )
+        if row is not None:
+            return row
+        existing = await self.get(deployment_id)
+        if existing is None:  # deleted between the two statements
+            raise DeploymentNotFound(f"deployment {deployment_id} vanished while recording it")
+        if existing.project_id != project_id:
+            raise DeploymentConflict(
+                f"deployment id {deployment_id} already belongs to project {existing.project_id}"
+            )
+        return existing
+
+    async def record_result(
+        self,
+        deployment_id: str,
+        status: DeployStatus,
+        commit_sha: str | None = None,
+        image: str | None = None,
+        machine_ids: Sequence[str] = (),
+        error: str | None = None,
+    ) -> DeploymentRow:
+        """Move a `deploying` row to `status`; repeating a recorded result is a no-op.
+
+        Raises DeploymentNotFound for an unknown id and DeploymentConflict when the row
+        already holds a different final status.
+        """
+        status = DeployStatus(status)
+        row = await self._fetchrow(
+            self._sql.record_result,
+            deployment_id,
+            status.value,
+            commit_sha,
+            image,
+            list(machine_ids),
+            clean_error(error),
+        )
+        if row is not None:
+            return row
+        existing = await self.get(deployment_id)
+        if existing is None:
+            raise DeploymentNotFound(f"deployment {deployment_id} has no record")
+        if existing.status is not status:
+            raise DeploymentConflict(
+                f"deployment {deployment_id} is already {existing.status}; "
+                f"it cannot become {status}"
+            )
+        return existing
+
+    async def get(self, deployment_id: str) -> DeploymentRow | None:
+        return await self._fetchrow(self._sql.get, deployment_id)
+
+    async def latest(self, project_id: str) -> DeploymentRow | None:
+        rows = await self.history(project_id, limit=1)
+        return rows[0] if rows else None
+
+    async def history(self, project_id: str, limit: int = 20) -> list[DeploymentRow]:
+        """The project's deployments, newest first."""
+        if not 1 <= limit <= MAX_HISTORY:
+            raise ValueError(f"limit must be between 1 and {MAX_HISTORY}")
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            records = await conn.fetch(self._sql.history, project_id, limit)
+        return [_to_row(r) for r in records]
+
+    async def _fetchrow(self, sql: str, *args: Any) -> DeploymentRow | None:
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            record = await conn.fetchrow(sql, *args)
+        return None if record is None else _to_row(record)
+
+
+def _to_row(record: asyncpg.Record) -> DeploymentRow:
+    return DeploymentRow.model_validate(dict(record))

@@ -73,9 +73,7 @@ class SimConfig(BaseModel):
         timing = self.timing.model_copy(update={})
         faults = self.faults.model_copy(update={})
         merged = {
-            "timing": SimTiming.model_validate(
-                {**timing.model_dump(), **patch.get("timing", {})}
-            ),
+            "timing": SimTiming.model_validate({**timing.model_dump(), **patch.get("timing", {})}),
             "faults": Faults.model_validate({**faults.model_dump(), **patch.get("faults", {})}),
             "unhealthy_images": set(patch.get("unhealthy_images", self.unhealthy_images)),
             "tokens": dict(patch.get("tokens", self.tokens)),

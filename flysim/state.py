@@ -336,6 +336,5 @@ class World:
 
     @staticmethod
     def machine_name() -> str:
-        return (
-            f"{secrets.choice(_WORDS_A)}-{secrets.choice(_WORDS_B)}-{secrets.randbelow(9000) + 1000}"
-        )
+        number = secrets.randbelow(9000) + 1000
+        return f"{secrets.choice(_WORDS_A)}-{secrets.choice(_WORDS_B)}-{number}"

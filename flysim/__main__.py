@@ -1,0 +1,5 @@
+import sys
+
+from flysim.cli import main
+
+sys.exit(main())

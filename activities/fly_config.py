@@ -1,0 +1,116 @@
+"""Step 2 of a deploy: render fly.toml into the project's repository and push it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from turbodeploy import flytoml, gitrepo
+from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
+from turbodeploy.settings import Settings
+
+FLY_TOML = "fly.toml"
+_DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)
+
+
+class FlyConfigActivities:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._author = gitrepo.GitIdentity(settings.git_author_name, settings.git_author_email)
+
+    @activity.defn(name="prepare_fly_config")
+    async def prepare_fly_config(self, input: PrepareConfigInput) -> PrepareConfigResult:
+        """Commit the rendered fly.toml to `input.branch` unless it is already there.
+
+        Idempotent: a retry after the push (or a second deploy of the same settings) finds
+        the file up to date and returns the branch tip with `committed=False`.
+        """
+        async with _Heartbeat() as beat:
+            try:
+                return await self._prepare(input, beat)
+            except gitrepo.GitError as exc:
+                raise ApplicationError(
+                    str(exc), type="GitError", non_retryable=not exc.retryable
+                ) from None
+            except flytoml.FlyTomlError as exc:
+                raise ApplicationError(
+                    f"branch {input.branch!r}: {exc}",
+                    type="FlyTomlError",
+                    non_retryable=True,
+                ) from None
+
+    async def _prepare(self, input: PrepareConfigInput, beat: _Heartbeat) -> PrepareConfigResult:
+        beat.step("cloning")
+        async with gitrepo.cloned(
+            input.repo_url, input.branch, work_dir=self._settings.work_dir or None
+        ) as checkout:
+            existing = gitrepo.read_file(checkout, FLY_TOML)
+            rendered = flytoml.render_fly_toml(
+                app_name=input.app_name, region=input.region, env=input.env, existing=existing
+            )
+            if rendered != existing:
+                gitrepo.write_file(checkout, FLY_TOML, rendered)
+            beat.step("committing")
+            committed = await gitrepo.commit_if_changed(
+                checkout,
+                [FLY_TOML],
+                message=f"Deploy config for {input.app_name} ({input.deployment_id})",
+                author=self._author,
+            )
+            if committed:
+                beat.step("pushing")
+                outcome = await gitrepo.push(checkout, author=self._author)
+                sha, committed = outcome.sha, outcome.pushed
+                if outcome.rebased:
+                    activity.logger.info(
+                        "branch %s moved during the deploy; fly.toml commit replayed on it",
+                        input.branch,
+                    )
+            else:
+                sha = checkout.base_sha
+            activity.logger.info(
+                "fly.toml for %s at %s (%s)",
+                input.app_name,
+                sha,
+                "committed" if committed else "already up to date",
+            )
+            return PrepareConfigResult(
+                commit_sha=sha,
+                committed=committed,
+                fly_toml=rendered,
+                merged_existing=existing is not None,
+            )
+
+
+class _Heartbeat:
+    """Heartbeats with the current step, at once on each step and then periodically."""
+
+    def __init__(self) -> None:
+        self._step = "starting"
+        self._task: asyncio.Task[None] | None = None
+        timeout = activity.info().heartbeat_timeout
+        every = timeout / 3 if timeout else _DEFAULT_HEARTBEAT_EVERY
+        self._every = max(every.total_seconds(), 0.05)
+
+    def step(self, name: str) -> None:
+        self._step = name
+        activity.heartbeat(name)
+
+    async def __aenter__(self) -> _Heartbeat:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            activity.heartbeat(self._step)

@@ -1,0 +1,376 @@
+"""prepare_fly_config against real git repositories (local bare remotes)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.fly_config import FlyConfigActivities
+from turbodeploy import gitrepo
+from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
+from turbodeploy.settings import Settings
+
+NITRO_TREE = {
+    "package.json": (
+        '{\n  "name": "hello",\n  "private": true,\n  "scripts": {"build": "nitro build"},\n'
+        '  "dependencies": {"nitropack": "^2.9.0"}\n}\n'
+    ),
+    "nitro.config.ts": 'export default defineNitroConfig({ srcDir: "server" });\n',
+    "server/api/health.get.ts": 'export default defineEventHandler(() => ({ status: "ok" }));\n',
+    "server/routes/index.ts": 'export default defineEventHandler(() => "hello");\n',
+    "README.md": "# hello\n",
+}
+
+USER_FLY_TOML = """\
+app = "someone-else"
+primary_region = "lhr"
+kill_signal = "SIGINT"
+swap_size_mb = 512
+
+[build]
+  dockerfile = "Dockerfile.custom"
+
+[deploy]
+  strategy = "bluegreen"
+
+[env]
+  LOG_LEVEL = "debug"
+
+[[mounts]]
+  source = "data"
+  destination = "/data"
+
+[[statics]]
+  guest_path = "/app/public"
+  url_prefix = "/static"
+"""
+
+
+def git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=Upstream", "-c", "user.email=up@example.com", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+@dataclass
+class Remote:
+    bare: Path
+    seed: Path  # a working clone, for changes made "upstream"
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.bare}"
+
+    def tip(self, branch: str = "main") -> str:
+        return git(self.bare, "rev-parse", branch)
+
+    def show(self, path: str, branch: str = "main") -> str:
+        return git(self.bare, "show", f"{branch}:{path}") + "\n"
+
+    def subjects(self, *paths: str, branch: str = "main") -> list[str]:
+        return git(self.bare, "log", "--format=%s", branch, "--", *paths).splitlines()
+
+    def commit_upstream(self, files: dict[str, str], message: str) -> str:
+        git(self.seed, "pull", "--quiet", "--rebase", "origin", "main")
+        for name, content in files.items():
+            path = self.seed / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+        git(self.seed, "add", "--", *files)
+        git(self.seed, "commit", "--quiet", "-m", message)
+        git(self.seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+        return git(self.seed, "rev-parse", "HEAD")
+
+
+def make_remote(root: Path, files: dict[str, str]) -> Remote:
+    bare, seed = root / "remote.git", root / "seed"
+    git(root, "init", "--quiet", "--bare", str(bare))
+    git(bare, "symbolic-ref", "HEAD", "refs/heads/main")
+    git(root, "init", "--quiet", str(seed))
+    git(seed, "checkout", "--quiet", "-b", "main")
+    remote = Remote(bare, seed)
+    for name, content in files.items():
+        path = seed / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    git(seed, "add", "--all")
+    git(seed, "commit", "--quiet", "-m", "Initial Nitro project")
+    git(seed, "remote", "add", "origin", str(bare))
+    git(seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+    return remote
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Remote:
+    return make_remote(tmp_path, NITRO_TREE)
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Path:
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def activities(work_dir: Path) -> FlyConfigActivities:
+    settings = Settings(
+        work_dir=str(work_dir), git_author_name="Deploy Bot", git_author_email="bot@example.com"
+    )
+    return FlyConfigActivities(settings)
+
+
+def config_input(remote: Remote, **overrides: Any) -> PrepareConfigInput:
+    values: dict[str, Any] = {
+        "deployment_id": "d-1",
+        "project_id": "p1",
+        "app_name": "turbobackend-p1",
+        "repo_url": remote.url,
+        "branch": "main",
+        "region": "iad",
+        "env": {"GREETING": "hi"},
+    }
+    values.update(overrides)
+    return PrepareConfigInput(**values)
+
+
+async def run(
+    activities: FlyConfigActivities,
+    input: PrepareConfigInput,
+    on_heartbeat: Callable[..., None] | None = None,
+) -> PrepareConfigResult:
+    env = ActivityEnvironment()
+    if on_heartbeat is not None:
+        env.on_heartbeat = on_heartbeat
+    return await env.run(activities.prepare_fly_config, input)
+
+
+@pytest.mark.parametrize("url_kind", ["file-url", "plain-path"])
+async def test_first_run_commits_and_pushes(
+    remote: Remote, activities: FlyConfigActivities, work_dir: Path, url_kind: str
+) -> None:
+    before = remote.tip()
+    url = remote.url if url_kind == "file-url" else str(remote.bare)
+
+    result = await run(activities, config_input(remote, repo_url=url))
+
+    assert result.committed is True
+    assert result.merged_existing is False
+    assert result.commit_sha == remote.tip() != before
+    assert remote.subjects()[0] == "Deploy config for turbobackend-p1 (d-1)"
+    assert git(remote.bare, "log", "-1", "--format=%an <%ae>", "main") == (
+        "Deploy Bot <bot@example.com>"
+    )
+    assert git(remote.bare, "rev-parse", "main~1") == before
+    assert remote.show("fly.toml") == result.fly_toml
+    doc = tomllib.loads(result.fly_toml)
+    assert doc["app"] == "turbobackend-p1"
+    assert doc["env"]["GREETING"] == "hi"
+    # Only fly.toml changed; the project is untouched.
+    assert git(remote.bare, "diff", "--name-only", before, "main") == "fly.toml"
+    assert list(work_dir.iterdir()) == []  # the checkout was removed
+
+
+async def test_second_run_is_a_no_op(remote: Remote, activities: FlyConfigActivities) -> None:
+    first = await run(activities, config_input(remote))
+    second = await run(activities, config_input(remote))
+
+    assert second.committed is False
+    assert second.commit_sha == first.commit_sha == remote.tip()
+    assert second.fly_toml == first.fly_toml
+    assert second.merged_existing is True
+    assert remote.subjects("fly.toml") == ["Deploy config for turbobackend-p1 (d-1)"]
+
+
+async def test_changed_env_makes_a_new_commit(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    await run(activities, config_input(remote))
+    result = await run(
+        activities, config_input(remote, deployment_id="d-2", env={"GREETING": "hello"})
+    )
+
+    assert result.committed is True
+    assert tomllib.loads(remote.show("fly.toml"))["env"]["GREETING"] == "hello"
+    assert remote.subjects("fly.toml") == [
+        "Deploy config for turbobackend-p1 (d-2)",
+        "Deploy config for turbobackend-p1 (d-1)",
+    ]
+
+
+async def test_the_repository_fly_toml_keeps_user_keys(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    remote = make_remote(tmp_path, {**NITRO_TREE, "fly.toml": USER_FLY_TOML})
+
+    result = await run(activities, config_input(remote))
+
+    assert result.committed is True and result.merged_existing is True
+    doc = tomllib.loads(remote.show("fly.toml"))
+    assert doc["app"] == "turbobackend-p1" and doc["primary_region"] == "iad"
+    assert doc["build"] == {"dockerfile": "Dockerfile.custom"}
+    assert doc["deploy"] == {"strategy": "bluegreen"}
+    assert doc["mounts"] == [{"source": "data", "destination": "/data"}]
+    assert doc["statics"] == [{"guest_path": "/app/public", "url_prefix": "/static"}]
+    assert doc["kill_signal"] == "SIGINT" and doc["swap_size_mb"] == 512
+    assert doc["env"]["LOG_LEVEL"] == "debug" and doc["env"]["GREETING"] == "hi"
+    assert doc["http_service"]["auto_stop_machines"] == "stop"
+
+
+async def test_an_upstream_commit_during_the_deploy_is_rebased_on(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    steps: list[str] = []
+    upstream: list[str] = []
+
+    def on_heartbeat(*details: Any) -> None:
+        steps.append(details[0])
+        # Someone pushes to the branch between our commit and our push.
+        if details[0] == "pushing" and not upstream:
+            upstream.append(remote.commit_upstream({"README.md": "# changed\n"}, "Edit README"))
+
+    result = await run(activities, config_input(remote), on_heartbeat)
+
+    assert [s for s in steps if s != "starting"][:3] == ["cloning", "committing", "pushing"]
+    assert result.committed is True
+    assert result.commit_sha == remote.tip()
+    assert remote.subjects()[:2] == ["Deploy config for turbobackend-p1 (d-1)", "Edit README"]
+    assert git(remote.bare, "rev-parse", "main~1") == upstream[0]
+    assert remote.show("README.md") == "# changed\n"
+    assert remote.show("fly.toml") == result.fly_toml
+
+
+async def test_an_upstream_fly_toml_edit_is_retryable_and_then_merged(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    def on_heartbeat(*details: Any) -> None:
+        if details[0] == "pushing":
+            remote.commit_upstream({"fly.toml": 'app = "x"\n[env]\nADDED = "upstream"\n'}, "Own")
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote), on_heartbeat)
+    assert caught.value.type == "GitError"
+    assert caught.value.non_retryable is False
+    assert "fly.toml" in caught.value.message
+    assert remote.subjects()[0] == "Own"  # nothing of ours was pushed
+
+    retried = await run(activities, config_input(remote))
+
+    doc = tomllib.loads(remote.show("fly.toml"))
+    assert retried.committed is True
+    assert doc["app"] == "turbobackend-p1" and doc["env"]["ADDED"] == "upstream"
+
+
+async def test_missing_branch_is_not_retryable(
+    remote: Remote, activities: FlyConfigActivities, work_dir: Path
+) -> None:
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote, branch="no-such-branch"))
+
+    assert caught.value.type == "GitError"
+    assert caught.value.non_retryable is True
+    assert "no-such-branch" in caught.value.message
+    assert list(work_dir.iterdir()) == []
+
+
+async def test_missing_repository_is_not_retryable(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    missing = Remote(tmp_path / "nothing.git", tmp_path)
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(missing))
+
+    assert caught.value.type == "GitError"
+    assert caught.value.non_retryable is True
+    assert "repository not found" in caught.value.message
+
+
+async def test_invalid_fly_toml_in_the_repository(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    remote = make_remote(tmp_path, {**NITRO_TREE, "fly.toml": 'app = "x"\n[env\n'})
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote))
+
+    assert caught.value.type == "FlyTomlError"
+    assert caught.value.non_retryable is True
+    assert "line 2" in caught.value.message
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_cancellation_kills_git_and_cleans_up(
+    tmp_path: Path,
+    activities: FlyConfigActivities,
+    work_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An ssh "server" that never answers: the clone hangs until it is killed.
+    pid_file = tmp_path / "ssh.pid"
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text(f'#!/bin/sh\necho $$ > "{pid_file}"\nexec sleep 60\n')
+    fake_ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(fake_ssh))
+    input = PrepareConfigInput(
+        deployment_id="d-1",
+        project_id="p1",
+        app_name="turbobackend-p1",
+        repo_url="ssh://git@example.invalid/project.git",
+        branch="main",
+        region="iad",
+    )
+    env = ActivityEnvironment()
+    task = asyncio.ensure_future(env.run(activities.prepare_fly_config, input))
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        await asyncio.sleep(0.02)
+    assert not _alive(pid)
+    assert list(work_dir.iterdir()) == []
+
+
+async def test_push_gives_up_after_bounded_attempts(remote: Remote, tmp_path: Path) -> None:
+    author = gitrepo.GitIdentity("Deploy Bot", "bot@example.com")
+    async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as checkout:
+        gitrepo.write_file(checkout, "fly.toml", 'app = "a"\n')
+        assert await gitrepo.commit_if_changed(checkout, ["fly.toml"], message="m", author=author)
+        remote.commit_upstream({"README.md": "# moved\n"}, "Move")
+
+        with pytest.raises(gitrepo.GitError) as caught:
+            await gitrepo.push(checkout, author=author, attempts=1)
+        assert caught.value.retryable is True
+        assert "kept moving" in str(caught.value)
+
+        outcome = await gitrepo.push(checkout, author=author, attempts=2)
+        assert outcome.pushed and outcome.rebased
+        assert outcome.sha == remote.tip()

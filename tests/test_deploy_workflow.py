@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import pytest_asyncio
 from temporalio.client import Client, WorkflowFailureError
@@ -103,9 +104,12 @@ async def rows(settings: Settings, project_id: str) -> list[asyncpg.Record]:
 
 
 def app_machines(flysim: Any, app: str) -> list[dict[str, Any]]:
-    state = flysim.snapshot() if hasattr(flysim, "snapshot") else None
-    assert state is not None, "emulator exposes snapshot()"
+    state = flysim.snapshot()
     return [m for m in state["machines"] if m["app"] == app and m["state"] != "destroyed"]
+
+
+def held_leases(flysim: Any, app: str) -> list[dict[str, Any]]:
+    return [lease for lease in flysim.snapshot()["leases"] if lease.get("app") == app]
 
 
 def fly_toml_commits(repo: str, branch: str = "main") -> list[str]:
@@ -152,7 +156,7 @@ async def test_first_deploy_then_redeploy(
     assert sorted(result2.machine_ids) == sorted(result.machine_ids)
     machines = app_machines(flysim, result.app_name)
     assert {m["config"]["image"] for m in machines} == {second.image}
-    assert all(m.get("lease") in (None, {}) for m in machines), "no lease left held"
+    assert held_leases(flysim, result.app_name) == [], "no lease left held"
     # The rendered fly.toml did not change, so nothing new was committed.
     assert len(fly_toml_commits(repo)) == 1
     assert [r["status"] for r in await rows(settings, request.project_id)] == [
@@ -228,7 +232,14 @@ async def test_fly_422_fails_fast_with_failed_row(
 ) -> None:
     # Another organisation owns the app name: the create answers 422 "name taken".
     request = make_request()
-    flysim.add_app(request.app_name, org_slug="someone-else")
+    other_token = "FlyV1 fm2_other-organisation"
+    flysim.config.tokens[other_token] = "someone-else"
+    created = httpx.post(
+        f"{flysim.base_url}/apps",
+        json={"app_name": request.app_name, "org_slug": "someone-else"},
+        headers={"Authorization": f"Bearer {other_token}"},
+    )
+    assert created.status_code == 201
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     with pytest.raises(WorkflowFailureError) as info:
         await handle.result()
@@ -267,7 +278,7 @@ async def test_health_never_ok_records_failure_with_reason(
 async def test_invalid_input_is_rejected_before_any_side_effect(
     temporal_client: Client, settings: Settings, flysim: Any, repo: str
 ) -> None:
-    calls_before = flysim.stats.total
+    calls_before = flysim.stats.total_requests
     with pytest.raises(ValueError, match="project id"):
         DeployRequest(project_id="Bad_Project", repo_url=repo, image=IMAGE)
     with pytest.raises(ValueError, match="shell metacharacters"):
@@ -280,7 +291,7 @@ async def test_invalid_input_is_rejected_before_any_side_effect(
             DeployRequest(project_id="no-image", repo_url=repo),
             task_queue=settings.task_queue,
         )
-    assert flysim.stats.total == calls_before
+    assert flysim.stats.total_requests == calls_before
     listed = [w async for w in temporal_client.list_workflows("WorkflowId = 'deploy-no-image'")]
     assert listed == []
 

@@ -360,11 +360,11 @@ def demo(state_dir: Path, project_id: str, image: str, keep: bool, ui_port: int)
     """Deploy the example project on an embedded stack and print its URL."""
     from turbodeploy.demo import run_demo
 
-    _run(run_demo(state_dir, project_id=project_id, image=image, keep=keep, ui_port=ui_port))
-
-
-def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
-    return _run(fn())  # type: ignore[arg-type]
+    outcome = _run(
+        run_demo(state_dir, project_id=project_id, image=image, keep=keep, ui_port=ui_port)
+    )
+    if outcome.get("status") != "deployed":
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

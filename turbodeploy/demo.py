@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -19,8 +19,15 @@ console = Console()
 
 
 async def run_demo(
-    state_dir: Path, *, project_id: str, image: str, keep: bool, ui_port: int
-) -> None:
+    state_dir: Path,
+    *,
+    project_id: str,
+    image: str,
+    keep: bool,
+    ui_port: int,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Run the demo; return the deploy's outcome. `token` is for tests (default: generated)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     configure_logging("WARNING")
     file_log = logging.FileHandler(state_dir / "demo.log")
@@ -32,7 +39,7 @@ async def run_demo(
     repo = publish_example("nitro-hello", state_dir / "repos")
     request = DeployRequest(project_id=project_id, repo_url=repo, image=image)
     console.print("[bold]starting the embedded stack[/bold] (Temporal, PostgreSQL, SSM, Fly emulator)")
-    async with embedded_stack(state_dir, ui_port=ui_port) as stack:
+    async with embedded_stack(state_dir, ui_port=ui_port, token=token) as stack:
         console.print(f"Temporal UI: {stack.ui_url}")
         handle = await start_deploy(stack.client, request, task_queue=stack.settings.task_queue)
         link = stack.settings.workflow_ui_link(handle.id, handle.result_run_id)
@@ -66,5 +73,4 @@ async def run_demo(
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 pass
-        if outcome.get("status") != "deployed":
-            sys.exit(1)
+        return outcome

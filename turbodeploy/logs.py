@@ -34,6 +34,7 @@ def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None
         if json_format
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

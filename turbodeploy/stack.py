@@ -47,6 +47,7 @@ async def embedded_stack(
     ui_port: int | None = None,
     flysim_port: int | None = None,
     run_worker: bool = True,
+    token: str | None = None,
 ) -> AsyncIterator[Stack]:
     from flysim import FlySim, SimConfig
     from worker import connect, create_worker
@@ -54,7 +55,7 @@ async def embedded_stack(
     state_dir = state_dir.resolve()
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    token = embedded.generate_fly_token()
+    token = token or embedded.generate_fly_token()
     org = "personal"
 
     with contextlib.ExitStack() as stop:
@@ -108,6 +109,7 @@ def publish_example(name: str, repos_dir: Path, source: Path | None = None) -> s
     source = source or EXAMPLES_DIR / name
     if not source.is_dir():
         raise FileNotFoundError(f"example project not found: {source}")
+    repos_dir = repos_dir.resolve()
     bare = repos_dir / f"{name}.git"
     if bare.exists():
         return str(bare)

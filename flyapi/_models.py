@@ -68,8 +68,11 @@ class Machine(_Liberal):
 
     @property
     def metadata(self) -> dict[str, str]:
+        """`config.metadata`, where the API keeps it (some answers repeat it at the top)."""
         value = self.config.get("metadata")
-        return dict(value) if isinstance(value, dict) else {}
+        if not isinstance(value, dict):
+            value = (self.model_extra or {}).get("metadata")
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
     @property
     def image(self) -> str | None:

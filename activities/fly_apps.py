@@ -1,0 +1,135 @@
+"""Step 3: the Fly app exists in our organisation and has public IPs.
+
+Safe to repeat: an app that is already ours is reused, and IPs are only allocated for the
+address families the app does not have yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities._errors import to_application_error
+from activities.secrets import CredentialStore
+from flyapi import (
+    App,
+    FlyClient,
+    FlyError,
+    FlyForbidden,
+    FlyUnauthorized,
+    FlyUnprocessable,
+    IPAssignment,
+)
+from turbodeploy.models import EnsureAppInput, EnsureAppResult
+from turbodeploy.settings import Settings
+
+
+class FlyAppActivities:
+    def __init__(self, fly: FlyClient, credentials: CredentialStore, settings: Settings) -> None:
+        self._fly = fly
+        self._credentials = credentials
+        self._settings = settings
+
+    @activity.defn(name="ensure_fly_app")
+    async def ensure_app(self, input: EnsureAppInput) -> EnsureAppResult:
+        name = input.app_name
+        action = f"Look up Fly app {name}"
+        try:
+            app = await self._fly.get_app(name)
+            created = False
+            if app is None:
+                action = f"Create Fly app {name} in organisation {input.org_slug}"
+                created = await self._create(input)
+                action = f"Wait for Fly app {name} to become visible"
+                app = await self._wait_visible(input)
+            _check_owner(app, input.org_slug)
+            action = f"Allocate public IPs for Fly app {name}"
+            ips = await self._ensure_ips(name)
+        except FlyUnauthorized as exc:
+            # The cached token is rejected: make the next attempt (or deploy) re-read it.
+            self._credentials.invalidate()
+            raise to_application_error(exc, action=action) from None
+        except FlyForbidden:
+            raise _name_taken(
+                f"Fly app {name} exists in another organisation (not {input.org_slug}); "
+                "app names are global across Fly.io, choose another project id"
+            ) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
+        return EnsureAppResult(
+            app_name=name, url=self._settings.app_url(name), created=created, ips=ips
+        )
+
+    async def _create(self, input: EnsureAppInput) -> bool:
+        """True when this call created the app, False when it already was ours."""
+        name = input.app_name
+        try:
+            await self._fly.create_app(name, input.org_slug)
+        except FlyUnprocessable as exc:
+            # Most likely "name has already been taken": by us (an earlier attempt whose
+            # answer was lost) or by someone else.
+            existing = await self._fly.get_app(name)
+            if existing is None:
+                if "taken" in exc.message.lower():
+                    # Taken by an organisation our token cannot see at all.
+                    raise _name_taken(
+                        f"Fly app name {name} is already taken by another organisation "
+                        f"({exc}); app names are global across Fly.io, choose another "
+                        "project id"
+                    ) from None
+                raise
+            _check_owner(existing, input.org_slug, detail=exc.message)
+            activity.logger.info("Fly app %s already exists in %s", name, input.org_slug)
+            return False
+        activity.logger.info("Created Fly app %s in %s", name, input.org_slug)
+        return True
+
+    async def _wait_visible(self, input: EnsureAppInput) -> App:
+        timings = input.timings
+        deadline = time.monotonic() + timings.app_visible_timeout.total_seconds()
+        while True:
+            app = await self._fly.get_app(input.app_name)
+            if app is not None:
+                return app
+            activity.heartbeat()
+            if time.monotonic() >= deadline:
+                raise ApplicationError(
+                    f"Fly app {input.app_name} was created but is still not visible after "
+                    f"{timings.app_visible_timeout}",
+                    type="AppNotVisible",
+                )
+            await asyncio.sleep(timings.app_visible_poll.total_seconds())
+
+    async def _ensure_ips(self, app: str) -> list[str]:
+        assigned = await self._fly.list_ip_assignments(app)
+        # Checked per family so that an attempt that crashed between the two allocations
+        # completes the pair instead of adding a third address.
+        if not any(_is_v6(ip) for ip in assigned):
+            assigned.append(await self._fly.assign_ip(app, "v6"))
+            activity.logger.info("Allocated an IPv6 address for Fly app %s", app)
+        if not any(not _is_v6(ip) for ip in assigned):
+            assigned.append(await self._fly.assign_ip(app, "shared_v4"))
+            activity.logger.info("Allocated a shared IPv4 address for Fly app %s", app)
+        return [ip.ip for ip in assigned]
+
+
+def _is_v6(ip: IPAssignment) -> bool:
+    return ":" in ip.ip
+
+
+def _check_owner(app: App, org_slug: str, *, detail: str = "") -> None:
+    # An app without an organisation in the answer was found with our token: treat as ours.
+    if app.org_slug is None or app.org_slug == org_slug:
+        return
+    reason = f" ({detail})" if detail else ""
+    raise _name_taken(
+        f"Fly app name {app.name} is already taken by another organisation, not "
+        f"{org_slug}{reason}; app names are global across Fly.io, choose another project id"
+    )
+
+
+def _name_taken(message: str) -> ApplicationError:
+    return ApplicationError(message, type="AppNameTaken", non_retryable=True)

@@ -1,0 +1,551 @@
+"""The Fly app and rollout activities against the emulator, with credentials from moto's SSM."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import boto3
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.fly_apps import FlyAppActivities
+from activities.rollout import RolloutActivities
+from activities.secrets import CredentialStore
+from flyapi import FlyClient, Machine
+from turbodeploy.flytoml import machine_config
+from turbodeploy.models import DeployTimings, EnsureAppInput, RolloutInput
+from turbodeploy.settings import Settings
+
+FLY_TOML = """
+app = "placeholder"
+primary_region = "iad"
+
+[http_service]
+  internal_port = 3000
+  force_https = true
+  auto_stop_machines = "stop"
+  auto_start_machines = true
+  min_machines_running = 0
+
+  [[http_service.checks]]
+    grace_period = "1s"
+    interval = "15s"
+    timeout = "5s"
+    method = "GET"
+    path = "/api/health"
+
+[[vm]]
+  size = "shared-cpu-1x"
+  memory = "256mb"
+"""
+
+TIMINGS = DeployTimings(
+    machine_wait_timeout=timedelta(seconds=3),
+    machine_poll_interval=timedelta(milliseconds=20),
+    app_visible_timeout=timedelta(seconds=2),
+    app_visible_poll=timedelta(milliseconds=20),
+    lease_ttl=timedelta(seconds=3),
+)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def settings(ssm_endpoint: str, flysim: Any) -> Settings:
+    return Settings(
+        aws_endpoint_url=ssm_endpoint,
+        aws_region="us-east-1",
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+    )
+
+
+@pytest.fixture
+def credentials(settings: Settings) -> CredentialStore:
+    return CredentialStore(settings)
+
+
+@pytest.fixture
+async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator[FlyClient]:
+    # As the worker builds it: the token is read per request, inside activity code only.
+    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
+        yield client
+
+
+@pytest.fixture
+def faults(flysim: Any) -> Iterator[Any]:
+    yield flysim.config.faults
+    flysim.config.faults = type(flysim.config.faults)()
+
+
+@pytest.fixture
+def app_name() -> str:
+    return f"turbobackend-a{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def image() -> str:
+    """A unique image reference factory: `image("v2")`."""
+    tag = uuid.uuid4().hex[:8]
+    return f"registry.fly.io/app-{tag}"
+
+
+@pytest.fixture
+def heartbeats() -> list[tuple[Any, ...]]:
+    return []
+
+
+@pytest.fixture
+def env(heartbeats: list[tuple[Any, ...]]) -> ActivityEnvironment:
+    environment = ActivityEnvironment()
+    environment.on_heartbeat = lambda *details: heartbeats.append(details)
+    return environment
+
+
+@pytest.fixture
+def rollout(fly: FlyClient, settings: Settings) -> RolloutActivities:
+    return RolloutActivities(fly, settings)
+
+
+@pytest.fixture
+async def app(fly: FlyClient, app_name: str) -> str:
+    await fly.create_app(app_name, "personal")
+    return app_name
+
+
+def _input(app: str, image: str, deployment: str, **overrides: Any) -> RolloutInput:
+    values: dict[str, Any] = {
+        "deployment_id": deployment,
+        "app_name": app,
+        "image": image,
+        "region": "iad",
+        "fly_toml": FLY_TOML,
+        "machine_count": 1,
+        "timings": TIMINGS,
+    }
+    values.update(overrides)
+    return RolloutInput(**values)
+
+
+def _leases(flysim: Any, app: str) -> list[dict[str, Any]]:
+    return [lease for lease in flysim.snapshot()["leases"] if lease["app"] == app]
+
+
+def _creates(flysim: Any) -> int:
+    return int(flysim.stats.by_route[("POST", "/v1/apps/{app_name}/machines")])
+
+
+async def _machines(fly: FlyClient, app: str) -> dict[str, Machine]:
+    return {m.id: m for m in await fly.list_machines(app)}
+
+
+# --------------------------------------------------------------------------- ensure_app
+
+
+async def test_ensure_app_creates_once_and_allocates_ips_once(
+    env: ActivityEnvironment,
+    fly: FlyClient,
+    credentials: CredentialStore,
+    settings: Settings,
+    flysim: Any,
+    app_name: str,
+) -> None:
+    acts = FlyAppActivities(fly, credentials, settings)
+    request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=TIMINGS)
+
+    first = await env.run(acts.ensure_app, request)
+    assert first.created
+    assert first.url == flysim.app_url(app_name)
+    assert len(first.ips) == 2
+    assert sum(":" in ip for ip in first.ips) == 1  # one IPv6, one IPv4
+
+    second = await env.run(acts.ensure_app, request)
+    assert not second.created
+    assert sorted(second.ips) == sorted(first.ips)
+    assert len(await fly.list_ip_assignments(app_name)) == 2
+
+
+async def test_ensure_app_completes_a_half_allocated_pair(
+    env: ActivityEnvironment,
+    fly: FlyClient,
+    credentials: CredentialStore,
+    settings: Settings,
+    app: str,
+) -> None:
+    v6 = await fly.assign_ip(app, "v6")  # an earlier attempt stopped after the first IP
+    acts = FlyAppActivities(fly, credentials, settings)
+    result = await env.run(acts.ensure_app, EnsureAppInput(app_name=app, org_slug="personal"))
+    assert not result.created
+    assert v6.ip in result.ips and len(result.ips) == 2
+
+
+async def test_name_taken_by_another_org_is_final(
+    env: ActivityEnvironment,
+    fly: FlyClient,
+    credentials: CredentialStore,
+    settings: Settings,
+    flysim: Any,
+    app_name: str,
+) -> None:
+    other_token = f"FlyV1 fm2_other{uuid.uuid4().hex}"
+    flysim.config.tokens[other_token] = "someone-else"
+    async with FlyClient(flysim.base_url, other_token) as other:
+        await other.create_app(app_name, "someone-else")
+
+    acts = FlyAppActivities(fly, credentials, settings)
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.ensure_app, EnsureAppInput(app_name=app_name, org_slug="personal"))
+    err = caught.value
+    assert err.type == "AppNameTaken"
+    assert err.non_retryable
+    assert app_name in err.message and "another organisation" in err.message
+
+
+async def test_rejected_token_is_final_and_forgotten(
+    env: ActivityEnvironment, ssm_endpoint: str, flysim: Any, fly_token: str, app_name: str
+) -> None:
+    parameter = f"/t-{uuid.uuid4().hex[:10]}/fly_token"
+    ssm = boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
+    revoked = f"FlyV1 fm2_revoked{uuid.uuid4().hex}"
+    ssm.put_parameter(Name=parameter, Value=revoked, Type="SecureString")
+    settings = Settings(
+        aws_endpoint_url=ssm_endpoint,
+        aws_region="us-east-1",
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+        fly_token_parameter=parameter,
+        token_cache_seconds=3600,
+    )
+    credentials = CredentialStore(settings)
+    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as fly:
+        acts = FlyAppActivities(fly, credentials, settings)
+        request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=TIMINGS)
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(acts.ensure_app, request)
+        assert caught.value.type == "FlyUnauthorized" and caught.value.non_retryable
+        assert revoked not in str(caught.value) and "revoked" not in str(caught.value)
+
+        # Rotated in SSM: the next attempt must not reuse the rejected token from the cache.
+        ssm.put_parameter(Name=parameter, Value=fly_token, Type="SecureString", Overwrite=True)
+        result = await env.run(acts.ensure_app, request)
+        assert result.created
+
+
+async def test_ensure_app_server_error_is_retryable(
+    env: ActivityEnvironment,
+    fly: FlyClient,
+    credentials: CredentialStore,
+    settings: Settings,
+    faults: Any,
+    app_name: str,
+) -> None:
+    acts = FlyAppActivities(fly, credentials, settings)
+    credentials_warm = await credentials.fly_token()  # SSM is not the thing under test
+    assert credentials_warm
+    faults.rate_limit_rate = 1.0
+    faults.retry_after = 4
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.ensure_app, EnsureAppInput(app_name=app_name, org_slug="personal"))
+    err = caught.value
+    assert not err.non_retryable
+    assert err.type == "FlyRetryableError"
+    assert err.next_retry_delay == timedelta(seconds=4)
+    assert err.message.startswith(f"Look up Fly app {app_name} failed: 429")
+
+
+# ------------------------------------------------------------------------------ rollout
+
+
+async def test_first_deploy_creates_machines_with_metadata(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    heartbeats: list[tuple[Any, ...]],
+    app: str,
+    image: str,
+) -> None:
+    request = _input(app, f"{image}:v1", "d-first", machine_count=2)
+    result = await env.run(rollout.roll_out, request)
+
+    assert [m.action for m in result.machines] == ["created", "created"]
+    machines = await _machines(fly, app)
+    assert set(machines) == set(result.machine_ids)
+    slots = set()
+    for outcome in result.machines:
+        machine = machines[outcome.machine_id]
+        assert machine.state == "started" and machine.region == "iad" == outcome.region
+        assert machine.instance_id == outcome.instance_id
+        assert machine.image == f"{image}:v1"
+        meta = machine.metadata
+        assert meta["fly_platform_version"] == "v2"
+        assert meta["fly_process_group"] == "app"
+        assert meta["fly_release_id"] == "d-first"
+        assert meta["turbodeploy_deployment_id"] == "d-first"
+        slots.add(meta["turbodeploy_slot"])
+    assert slots == {"0", "1"}
+    assert _leases(flysim, app) == []
+    assert heartbeats and heartbeats[-1][0]["done"] == result.machine_ids
+
+
+async def test_repeated_rollout_creates_no_duplicates(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    request = _input(app, f"{image}:v1", "d-once", machine_count=2)
+    first = await env.run(rollout.roll_out, request)
+    creates = _creates(flysim)
+
+    again = await env.run(rollout.roll_out, request)  # as a retry after a lost answer
+    assert again.machine_ids == first.machine_ids
+    assert [m.action for m in again.machines] == ["created", "created"]
+    assert _creates(flysim) == creates
+    assert len(await fly.list_machines(app)) == 2
+
+
+async def test_retry_adopts_a_machine_an_earlier_attempt_created(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    app: str,
+    image: str,
+) -> None:
+    # The earlier attempt created slot 0 and crashed before it could report it.
+    metadata = {
+        "fly_release_id": "d-crash",
+        "turbodeploy_deployment_id": "d-crash",
+        "turbodeploy_slot": "0",
+    }
+    config = machine_config(FLY_TOML, image=f"{image}:v1", metadata=metadata)
+    orphan = await fly.create_machine(app, config, "iad")
+
+    result = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-crash", machine_count=2))
+    assert orphan.id in result.machine_ids
+    assert len(result.machines) == 2
+    assert len(await fly.list_machines(app)) == 2
+
+
+async def test_redeploy_updates_in_place_and_releases_leases(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    first = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-one", machine_count=2))
+    before = await _machines(fly, app)
+
+    second = await env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-two", machine_count=2))
+    after = await _machines(fly, app)
+
+    assert set(second.machine_ids) == set(first.machine_ids) == set(after)
+    assert [m.action for m in second.machines] == ["updated", "updated"]
+    for machine_id, machine in after.items():
+        assert machine.image == f"{image}:v2"
+        assert machine.instance_id != before[machine_id].instance_id
+        assert machine.state == "started"
+        assert machine.metadata["turbodeploy_deployment_id"] == "d-two"
+        # Kept from the first deploy: the slot, and where the machine came from.
+        assert (
+            machine.metadata["turbodeploy_slot"] == before[machine_id].metadata["turbodeploy_slot"]
+        )
+        assert machine.metadata["turbodeploy_created_in"] == "d-one"
+    assert _leases(flysim, app) == []
+
+
+async def test_unhealthy_release_stops_after_one_machine(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-good", machine_count=2))
+    bad = f"{image}:broken"
+    flysim.config.unhealthy_images.add(bad)
+    timings = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(milliseconds=300)})
+    try:
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(
+                rollout.roll_out,
+                _input(app, bad, "d-bad", machine_count=2, timings=timings),
+            )
+    finally:
+        flysim.config.unhealthy_images.discard(bad)
+    err = caught.value
+    assert err.type == "MachineUnhealthy" and err.non_retryable
+    images = sorted(m.image or "" for m in await fly.list_machines(app))
+    assert images == sorted([bad, f"{image}:v1"])  # the second machine was not touched
+    broken = next(m for m in await fly.list_machines(app) if m.image == bad)
+    assert broken.id in err.message
+    assert "500 Internal Server Error" in err.message  # the failing check's output
+    assert _leases(flysim, app) == []
+
+
+async def test_stopped_machine_is_updated_without_waking_it(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    first = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-awake"))
+    machine_id = first.machine_ids[0]
+    await fly.stop_machine(app, machine_id)
+    assert await fly.wait_machine(app, machine_id, "stopped", timeout=5)
+
+    second = await env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-asleep"))
+    assert second.machine_ids == [machine_id]
+    assert second.machines[0].action == "updated"
+    machine = await fly.get_machine(app, machine_id)
+    assert machine.image == f"{image}:v2"
+    assert machine.state == "stopped"
+    assert _leases(flysim, app) == []
+
+
+async def test_lease_held_elsewhere_touches_nothing(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-base", machine_count=2))
+    machines = sorted(await fly.list_machines(app), key=lambda m: m.metadata["turbodeploy_slot"])
+    foreign = await fly.acquire_lease(app, machines[1].id, 30)  # e.g. someone's `fly deploy`
+    try:
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(
+                rollout.roll_out, _input(app, f"{image}:v2", "d-blocked", machine_count=2)
+            )
+        assert not caught.value.non_retryable
+        assert machines[1].id in caught.value.message
+        assert {m.image for m in await fly.list_machines(app)} == {f"{image}:v1"}
+        # Only the foreign lease is left: ours on the first machine was given back.
+        assert [lease["machine_id"] for lease in _leases(flysim, app)] == [machines[1].id]
+    finally:
+        await fly.release_lease(app, machines[1].id, foreign.nonce)
+
+
+async def test_server_errors_are_retryable(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    credentials: CredentialStore,
+    faults: Any,
+    app: str,
+    image: str,
+) -> None:
+    await credentials.fly_token()
+    faults.error_rate = 1.0
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-5xx"))
+    assert not caught.value.non_retryable
+    assert caught.value.type == "FlyRetryableError"
+    assert "injected server error" in caught.value.message
+
+
+async def test_invalid_machine_config_is_final(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    app: str,
+    image: str,
+) -> None:
+    odd_memory = FLY_TOML.replace('memory = "256mb"', 'memory = "300mb"')
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-422", fly_toml=odd_memory))
+    err = caught.value
+    assert err.type == "FlyUnprocessable" and err.non_retryable
+    assert "422" in err.message and "memory" in err.message
+    assert await fly.list_machines(app) == []
+
+
+async def test_cancelled_rollout_releases_its_leases(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    flysim: Any,
+    heartbeats: list[tuple[Any, ...]],
+    app: str,
+    image: str,
+) -> None:
+    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-before"))
+    heartbeats.clear()
+    bad = f"{image}:hangs"
+    flysim.config.unhealthy_images.add(bad)
+    slow = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
+    try:
+        task = asyncio.create_task(
+            env.run(rollout.roll_out, _input(app, bad, "d-cancelled", timings=slow))
+        )
+        for _ in range(500):
+            if heartbeats and heartbeats[-1][0]["step"] == "waiting for health checks":
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the rollout never reached the health checks")
+        assert _leases(flysim, app), "the update holds a lease while it waits"
+        env.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        flysim.config.unhealthy_images.discard(bad)
+    assert _leases(flysim, app) == []
+
+
+async def test_leases_are_refreshed_during_a_long_wait(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-quick"))
+    short_lease = TIMINGS.model_copy(update={"lease_ttl": timedelta(seconds=1)})
+    timing = flysim.config.timing
+    saved = timing.healthy_after
+    timing.healthy_after = 2.5  # checks pass well after the 1 s lease would have expired
+    try:
+        task = asyncio.create_task(
+            env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-slow", timings=short_lease))
+        )
+        await asyncio.sleep(1.8)
+        held = _leases(flysim, app)
+        assert len(held) == 1, "the lease lapsed while the rollout still needed it"
+        result = await task
+    finally:
+        timing.healthy_after = saved
+    assert result.machines[0].action == "updated"
+    assert _leases(flysim, app) == []
+
+
+async def test_undeployable_fly_toml_is_final_before_any_change(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    creates = _creates(flysim)
+    odd_size = FLY_TOML.replace('size = "shared-cpu-1x"', 'size = "enormous"')
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-toml", fly_toml=odd_size))
+    assert caught.value.type == "FlyTomlError" and caught.value.non_retryable
+    assert "enormous" in caught.value.message
+    assert _creates(flysim) == creates
+    assert await fly.list_machines(app) == []

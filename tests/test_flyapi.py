@@ -1,0 +1,424 @@
+"""The Fly Machines API client against the emulator, with every request it sends checked
+against the published OpenAPI spec."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import reference_file
+
+from flyapi import (
+    FlyAPIError,
+    FlyClient,
+    FlyClientError,
+    FlyError,
+    FlyForbidden,
+    FlyNotFound,
+    FlyRetryableError,
+    FlyTransportError,
+    FlyUnauthorized,
+    FlyUnprocessable,
+    RateLimiter,
+)
+from flyapi._errors import parse_retry_after
+from flysim.spec import SpecViolation, validate_exchange
+
+CONFIG: dict[str, Any] = {
+    "image": "registry.fly.io/hello:v1",
+    "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256},
+    "services": [
+        {
+            "protocol": "tcp",
+            "internal_port": 3000,
+            "ports": [{"port": 443, "handlers": ["tls", "http"]}],
+            "autostop": True,
+            "autostart": True,
+            "checks": [{"type": "http", "method": "GET", "path": "/api/health",
+                        "interval": "15s", "timeout": "5s", "grace_period": "1s"}],
+        }
+    ],
+    "metadata": {"fly_platform_version": "v2", "fly_process_group": "app"},
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------ spec validation
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """A real HTTP transport that keeps a copy of every request sent through it."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.fixture(scope="module")
+def spec_path() -> Path:
+    return reference_file("fly-machines-openapi.yaml")
+
+
+def assert_match_spec(spec_path: Path, requests: list[httpx.Request]) -> int:
+    """Every request the spec describes conforms to it; returns how many were checked.
+
+    Paths newer than the spec (IP assignments) are not described and not counted.
+    """
+    checked = 0
+    for request in requests:
+        if validate_exchange(spec_path, request) is not None:
+            checked += 1
+    return checked
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def recorder() -> RecordingTransport:
+    return RecordingTransport()
+
+
+@pytest.fixture
+async def fly(
+    flysim: Any, fly_token: str, recorder: RecordingTransport, spec_path: Path
+) -> AsyncIterator[FlyClient]:
+    async with FlyClient(flysim.base_url, fly_token, transport=recorder) as client:
+        yield client
+    assert_match_spec(spec_path, recorder.requests)
+
+
+@pytest.fixture
+def faults(flysim: Any) -> Iterator[Any]:
+    """The emulator's fault knobs, back to none after the test."""
+    yield flysim.config.faults
+    flysim.config.faults = type(flysim.config.faults)()
+
+
+@pytest.fixture
+def app_name() -> str:
+    return f"turbobackend-t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def app(fly: FlyClient, app_name: str) -> str:
+    await fly.create_app(app_name, "personal")
+    return app_name
+
+
+# ------------------------------------------------------------------------------- apps
+
+
+async def test_get_app_is_none_when_missing(fly: FlyClient, app_name: str) -> None:
+    assert await fly.get_app(app_name) is None
+
+
+async def test_create_then_get_app(
+    fly: FlyClient, app_name: str, recorder: RecordingTransport
+) -> None:
+    created = await fly.create_app(app_name, "personal")
+    assert created.name == app_name
+
+    app = await fly.get_app(app_name)
+    assert app is not None
+    assert (app.name, app.org_slug) == (app_name, "personal")
+    create = next(r for r in recorder.requests if r.method == "POST")
+    # The documented field, not fly-go's `name`.
+    assert b'"app_name"' in create.content and b'"org_slug"' in create.content
+
+
+async def test_delete_app(fly: FlyClient, app: str) -> None:
+    await fly.delete_app(app)
+    assert await fly.get_app(app) is None
+    with pytest.raises(FlyNotFound):
+        await fly.delete_app(app)
+
+
+async def test_taken_name_is_unprocessable_and_final(fly: FlyClient, app: str) -> None:
+    with pytest.raises(FlyUnprocessable) as caught:
+        await fly.create_app(app, "personal")
+    exc = caught.value
+    assert exc.status_code == 422
+    assert not exc.retryable
+    assert isinstance(exc, FlyClientError)
+    assert "already been taken" in str(exc)
+    assert exc.request_id and exc.request_id in str(exc)
+
+
+async def test_app_of_another_org_is_forbidden(flysim: Any, fly: FlyClient, app_name: str) -> None:
+    other_token = f"FlyV1 fm2_other{uuid.uuid4().hex}"
+    flysim.config.tokens[other_token] = "other-org"
+    async with FlyClient(flysim.base_url, other_token) as other:
+        await other.create_app(app_name, "other-org")
+    with pytest.raises(FlyForbidden) as caught:
+        await fly.get_app(app_name)  # never "does not exist"
+    assert not caught.value.retryable
+
+
+async def test_wrong_token_is_unauthorized_and_never_shown(flysim: Any, app_name: str) -> None:
+    secret = f"FlyV1 fm2_wrong{uuid.uuid4().hex}"
+
+    async def token() -> str:
+        return secret
+
+    for source in (secret, token):
+        async with FlyClient(flysim.base_url, source) as client:
+            with pytest.raises(FlyUnauthorized) as caught:
+                await client.get_app(app_name)
+            exc = caught.value
+            assert exc.status_code == 401 and not exc.retryable
+            for text in (str(exc), repr(exc), repr(client), str(exc.args)):
+                assert secret not in text
+                assert "wrong" not in text
+
+
+async def test_ip_assignments(fly: FlyClient, app: str) -> None:
+    assert await fly.list_ip_assignments(app) == []
+    v6 = await fly.assign_ip(app, "v6")
+    v4 = await fly.assign_ip(app, "shared_v4")
+    assert ":" in v6.ip and v4.shared
+    listed = {ip.ip for ip in await fly.list_ip_assignments(app)}
+    assert listed == {v6.ip, v4.ip}
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+async def test_server_errors_are_retryable(fly: FlyClient, faults: Any, app_name: str) -> None:
+    faults.error_rate = 1.0
+    with pytest.raises(FlyRetryableError) as caught:
+        await fly.get_app(app_name)
+    exc = caught.value
+    assert exc.status_code >= 500 and exc.retryable
+    assert "injected server error" in exc.message
+
+
+async def test_rate_limit_carries_retry_after(fly: FlyClient, faults: Any, app_name: str) -> None:
+    faults.rate_limit_rate = 1.0
+    faults.retry_after = 7
+    with pytest.raises(FlyRetryableError) as caught:
+        await fly.create_app(app_name, "personal")
+    assert caught.value.status_code == 429
+    assert caught.value.retry_after == 7.0
+
+
+def test_retry_after_accepts_seconds_and_dates() -> None:
+    now = time.time()
+    later = datetime.fromtimestamp(now, UTC) + timedelta(seconds=30)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(format_datetime(later, usegmt=True), now=now) == pytest.approx(
+        30, abs=1
+    )
+    assert parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT") == 0.0  # in the past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+async def test_dropped_connection_is_a_transport_error(
+    flysim: Any, fly: FlyClient, faults: Any, app_name: str
+) -> None:
+    faults.drop_rate = 1.0
+    before = flysim.stats.faults_injected["drop"]
+    with pytest.raises(FlyTransportError) as caught:
+        await fly.get_app(app_name)
+    assert caught.value.retryable
+    # A GET is sent once more after a drop, and no more than that.
+    assert flysim.stats.faults_injected["drop"] - before == 2
+
+    before = flysim.stats.faults_injected["drop"]
+    with pytest.raises(FlyTransportError):
+        await fly.create_app(app_name, "personal")
+    # Never for a POST: it may have had its effect.
+    assert flysim.stats.faults_injected["drop"] - before == 1
+
+
+async def test_connection_refused_is_a_transport_error(fly_token: str) -> None:
+    async with FlyClient("http://127.0.0.1:9/v1", fly_token, timeout=2) as client:
+        with pytest.raises(FlyTransportError) as caught:
+            await client.get_app("turbobackend-x")
+    assert isinstance(caught.value, FlyError) and caught.value.retryable
+    assert fly_token not in str(caught.value)
+    assert caught.value.__cause__ is None  # the httpx error holds the request headers
+
+
+# --------------------------------------------------------------------- machines, leases
+
+
+async def test_machine_update_needs_the_lease_nonce(fly: FlyClient, app: str) -> None:
+    created = await fly.create_machine(app, CONFIG, "iad", lease_ttl=30)
+    assert created.nonce, "a create with lease_ttl returns the lease nonce"
+    assert created.metadata["fly_platform_version"] == "v2"
+    assert await fly.wait_machine(
+        app, created.id, "started", instance_id=created.instance_id, timeout=5
+    )
+
+    new_config = {**CONFIG, "image": "registry.fly.io/hello:v2"}
+    with pytest.raises(FlyRetryableError) as caught:
+        await fly.update_machine(app, created.id, new_config, "iad", nonce=None)
+    assert caught.value.status_code == 409  # held by the create's lease
+
+    refreshed = await fly.acquire_lease(app, created.id, 30, nonce=created.nonce)
+    assert refreshed.nonce == created.nonce
+    updated = await fly.update_machine(app, created.id, new_config, "iad", nonce=created.nonce)
+    assert updated.instance_id != created.instance_id
+    assert updated.image == "registry.fly.io/hello:v2"
+    assert await fly.wait_machine(
+        app, created.id, "started", instance_id=updated.instance_id, timeout=5
+    )
+    machine = await fly.get_machine(app, created.id)
+    assert machine.state == "started"
+    assert machine.checks and all(c.passing for c in machine.checks)
+
+    await fly.release_lease(app, created.id, created.nonce)
+    await fly.release_lease(app, created.id, created.nonce)  # already gone: not an error
+    lease = await fly.acquire_lease(app, created.id, 5)  # free again
+    assert lease.nonce and lease.nonce != created.nonce
+    await fly.release_lease(app, created.id, lease.nonce)
+
+
+async def test_lease_held_by_another_is_retryable(fly: FlyClient, app: str) -> None:
+    machine = await fly.create_machine(app, CONFIG, "iad")
+    lease = await fly.acquire_lease(app, machine.id, 30)
+    with pytest.raises(FlyRetryableError) as caught:
+        await fly.acquire_lease(app, machine.id, 30)
+    assert caught.value.status_code == 409
+    assert "lease currently held" in caught.value.message  # read from `message`
+    await fly.release_lease(app, machine.id, lease.nonce)
+
+
+async def test_wait_returns_false_on_timeout(fly: FlyClient, app: str) -> None:
+    machine = await fly.create_machine(app, CONFIG, "iad", skip_launch=True)
+    assert not await fly.wait_machine(app, machine.id, "started", timeout=0.2)  # clamped to 1 s
+    await fly.start_machine(app, machine.id)
+    assert await fly.wait_machine(app, machine.id, "started", timeout=5)
+
+
+async def test_machine_lifecycle(fly: FlyClient, app: str) -> None:
+    machine = await fly.create_machine(app, CONFIG, "iad", name="web-1")
+    assert machine.name == "web-1" and machine.region == "iad"
+    await fly.wait_machine(app, machine.id, "started", timeout=5)
+    await fly.set_metadata(app, machine.id, "owner", "tests")
+    await fly.cordon_machine(app, machine.id)
+    await fly.uncordon_machine(app, machine.id)
+    await fly.stop_machine(app, machine.id)
+    assert await fly.wait_machine(app, machine.id, "stopped", timeout=5)
+    assert (await fly.get_machine(app, machine.id)).metadata["owner"] == "tests"
+    assert [m.id for m in await fly.list_machines(app)] == [machine.id]
+
+    await fly.delete_machine(app, machine.id, force=True)
+    await fly.wait_machine(app, machine.id, "destroyed", timeout=5)
+    assert await fly.list_machines(app) == []
+    assert [m.id for m in await fly.list_machines(app, include_deleted=True)] == [machine.id]
+    with pytest.raises(FlyNotFound):
+        await fly.get_machine(app, "no-such-machine")
+
+
+async def test_invalid_config_is_unprocessable(fly: FlyClient, app: str) -> None:
+    bad = {**CONFIG, "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 300}}
+    with pytest.raises(FlyUnprocessable) as caught:
+        await fly.create_machine(app, bad, "iad")
+    assert "memory" in caught.value.message and not caught.value.retryable
+
+
+# -------------------------------------------------------------- transport, rate limit
+
+
+async def test_injectable_transport_reaches_an_in_process_server(
+    flysim: Any, fly_token: str, app_name: str
+) -> None:
+    transport = httpx.ASGITransport(app=flysim.app)
+    async with FlyClient("http://flysim.internal/v1", fly_token, transport=transport) as client:
+        await client.create_app(app_name, "personal")
+        app = await client.get_app(app_name)
+    assert app is not None and app.org_slug == "personal"
+
+
+async def test_rate_limiter_never_exceeds_its_rate() -> None:
+    rate, burst = 40.0, 4
+    limiter = RateLimiter(rate, burst)
+    stamps: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        stamps.append(time.monotonic())
+
+    await asyncio.gather(*(one() for _ in range(60)))
+    stamps.sort()
+    assert len(stamps) == 60
+    # Any window of w seconds holds at most burst + rate * w acquisitions.
+    for window in (0.05, 0.1, 0.25, 0.5):
+        allowed = burst + rate * window
+        for i, start in enumerate(stamps):
+            inside = sum(1 for t in stamps[i:] if t - start < window)
+            assert inside <= allowed, f"{inside} acquisitions within {window}s > {allowed}"
+    # The burst is usable at once: the limiter is not merely slow.
+    assert sum(1 for t in stamps if t - stamps[0] < 0.5 / rate) >= burst
+
+
+async def test_clients_sharing_a_limiter_stay_within_budget(
+    flysim: Any, fly_token: str, app_name: str
+) -> None:
+    limiter = RateLimiter(rate=10, burst=2)
+    clients = [FlyClient(flysim.base_url, fly_token, rate_limiter=limiter) for _ in range(3)]
+    start = time.time()
+    try:
+        await asyncio.gather(*(c.get_app(app_name) for c in clients for _ in range(6)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    arrivals = sorted(
+        t for t, _, path, _ in list(flysim.request_log) if t >= start and app_name in path
+    )
+    assert len(arrivals) == 18
+    for i, first in enumerate(arrivals):
+        in_one_second = sum(1 for t in arrivals[i:] if t - first < 1.0)
+        assert in_one_second <= 2 + 10  # burst + rate * 1 s
+
+
+# ------------------------------------------------------------------------ spec checker
+
+
+def test_spec_check_rejects_what_the_spec_forbids(spec_path: Path) -> None:
+    """The validation the fixtures apply is not vacuous."""
+    good = httpx.Request("POST", "http://x/v1/apps", json={"app_name": "a", "org_slug": "o"})
+    bad = httpx.Request("POST", "http://x/v1/apps", json={"app_name": 3})
+    assert assert_match_spec(spec_path, [good]) == 1
+    with pytest.raises(SpecViolation):
+        assert_match_spec(spec_path, [bad])
+
+
+async def test_requests_were_checked_against_the_spec(
+    fly: FlyClient, app: str, recorder: RecordingTransport, spec_path: Path
+) -> None:
+    machine = await fly.create_machine(app, CONFIG, "iad", lease_ttl=10)
+    assert machine.nonce
+    await fly.wait_machine(app, machine.id, "started", instance_id=machine.instance_id, timeout=5)
+    await fly.release_lease(app, machine.id, machine.nonce)
+    await fly.list_ip_assignments(app)
+    assert assert_match_spec(spec_path, recorder.requests) >= 4
+    assert any(r.url.path.endswith("/ip_assignments") for r in recorder.requests)
+
+
+def test_api_errors_survive_pickling() -> None:
+    import pickle
+
+    exc = FlyUnprocessable(
+        422, "Name has already been taken", "req-1", None, method="POST", path="/apps"
+    )
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is FlyUnprocessable and str(copy) == str(exc) and copy.path == "/apps"
+    assert isinstance(copy, FlyAPIError)

@@ -55,7 +55,9 @@ class HealthActivities:
         while True:
             progress.attempts += 1
             remaining = deadline - time.time()
-            request_timeout = max(0.1, min(timings.health_request_timeout.total_seconds(), remaining))
+            request_timeout = max(
+                0.1, min(timings.health_request_timeout.total_seconds(), remaining)
+            )
             try:
                 response = await self._http.get(url, timeout=request_timeout)
                 progress.last_status = response.status_code
@@ -77,9 +79,9 @@ class HealthActivities:
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, timings.health_poll_max.total_seconds())
 
-        last = (
-            f"last answer {progress.last_status}" if progress.last_status else "no answer"
-        ) + (f" ({progress.last_error})" if progress.last_error else "")
+        last = (f"last answer {progress.last_status}" if progress.last_status else "no answer") + (
+            f" ({progress.last_error})" if progress.last_error else ""
+        )
         raise ApplicationError(
             f"{url} did not answer 200 within {timings.health_deadline.total_seconds():g}s "
             f"after {progress.attempts} attempt(s); {last}",

@@ -95,7 +95,7 @@ async def rows(settings: Settings, project_id: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(settings.database_url)
     try:
         return await conn.fetch(
-            f'SELECT * FROM "{settings.db_schema}".project_deployments '  # noqa: S608
+            f'SELECT * FROM "{settings.db_schema}".project_deployments '
             "WHERE project_id = $1 ORDER BY deployed_at",
             project_id,
         )
@@ -178,8 +178,9 @@ async def test_repository_with_its_own_fly_toml(
     work = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
     (work / "fly.toml").write_text(
-        'app = "whatever"\nkill_signal = "SIGINT"\n\n[deploy]\nrelease_command = "npm run migrate"\n'
-        "\n[experimental]\nauto_stop_machines = true\n"
+        'app = "whatever"\nkill_signal = "SIGINT"\n\n'
+        '[deploy]\nrelease_command = "npm run migrate"\n\n'
+        "[experimental]\nauto_stop_machines = true\n"
     )
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
@@ -187,7 +188,9 @@ async def test_repository_with_its_own_fly_toml(
     subprocess.run(["git", "push", "-q"], cwd=work, check=True)
 
     request = make_request()
-    result = await (await start_deploy(temporal_client, request, task_queue=settings.task_queue)).result()
+    result = await (
+        await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    ).result()
     assert result.status is DeployStatus.DEPLOYED
     committed = subprocess.run(
         ["git", "--git-dir", repo, "show", f"{result.commit_sha}:fly.toml"],
@@ -214,7 +217,9 @@ async def test_fly_5xx_and_429_are_retried_to_success(
     flysim.config.faults.retry_after = 1
     before = dict(flysim.stats.by_status)
     request = make_request()
-    result = await (await start_deploy(temporal_client, request, task_queue=settings.task_queue)).result()
+    result = await (
+        await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    ).result()
     assert result.status is DeployStatus.DEPLOYED
     after = flysim.stats.by_status
     injected = sum(after.get(c, 0) - before.get(c, 0) for c in (429, 500, 502, 503))

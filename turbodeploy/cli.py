@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -23,7 +23,7 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from turbodeploy.models import DeployProgress, DeployRequest, DeployResult, DeploymentRow
+from turbodeploy.models import DeploymentRow, DeployProgress, DeployRequest, DeployResult
 from turbodeploy.settings import Settings
 
 T = TypeVar("T")
@@ -198,10 +198,7 @@ async def follow(client: Client, workflow_id: str, *, quiet: bool = False) -> di
     try:
         result: DeployResult = result_task.result()
     except WorkflowFailureError as exc:
-        cause = exc.cause
-        message = str(cause)
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause  # type: ignore[union-attr]
+        message = str(exc.cause)
         if not quiet:
             out.print(f"[red]✗ deploy failed:[/red] {message}", highlight=False)
         cancelled = (await handle.describe()).status == WorkflowExecutionStatus.CANCELED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,7 @@ async def run_demo(
     token: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; return the deploy's outcome. `token` is for tests (default: generated)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before anything runs
     configure_logging("WARNING")
     file_log = logging.FileHandler(state_dir / "demo.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -38,7 +39,9 @@ async def run_demo(
 
     repo = publish_example("nitro-hello", state_dir / "repos")
     request = DeployRequest(project_id=project_id, repo_url=repo, image=image)
-    console.print("[bold]starting the embedded stack[/bold] (Temporal, PostgreSQL, SSM, Fly emulator)")
+    console.print(
+        "[bold]starting the embedded stack[/bold] (Temporal, PostgreSQL, SSM, Fly emulator)"
+    )
     async with embedded_stack(state_dir, ui_port=ui_port, token=token) as stack:
         console.print(f"Temporal UI: {stack.ui_url}")
         handle = await start_deploy(stack.client, request, task_queue=stack.settings.task_queue)
@@ -62,15 +65,15 @@ async def run_demo(
         if outcome.get("status") == "deployed":
             console.print(f"[bold green]URL:[/bold green] {outcome['url']}", highlight=False)
         else:
-            console.print(f"[bold red]deploy {outcome.get('status')}[/bold red]: {outcome.get('error')}")
+            console.print(
+                f"[bold red]deploy {outcome.get('status')}[/bold red]: {outcome.get('error')}"
+            )
         console.print(f"[bold]Temporal UI:[/bold] {link}", highlight=False)
         if row is not None:
             console.print("[bold]recorded row:[/bold]")
             console.print_json(json.dumps(row.as_json()))
         if keep:
             console.print("\nstack running; press Ctrl-C to stop")
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                pass
         return outcome

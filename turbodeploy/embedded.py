@@ -38,7 +38,9 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from None
+                raise TimeoutError(
+                    f"nothing listens on {host}:{port} after {timeout:.0f}s"
+                ) from None
             time.sleep(0.05)
 
 
@@ -139,7 +141,7 @@ def start_postgres(data_dir: Path) -> Postgres:
             "pip install -e '.[dev]'"
         ) from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")  # type: ignore[attr-defined]
     return Postgres(server.get_uri(), server)
 
 
@@ -178,7 +180,7 @@ def seed_ssm(
     *,
     token: str,
     org_slug: str = "personal",
-    token_parameter: str = "/turbobackend/flyio/api_token",
+    token_parameter: str = "/turbobackend/flyio/api_token",  # noqa: S107 - a name, not a value
     org_parameter: str = "/turbobackend/flyio/org_slug",
     region: str = "us-east-1",
 ) -> None:

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("TURBODEPLOY_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
     )
-    fly_token_parameter: str = "/turbobackend/flyio/api_token"
+    fly_token_parameter: str = "/turbobackend/flyio/api_token"  # noqa: S105 - a parameter name
     fly_org_parameter: str = "/turbobackend/flyio/org_slug"
     fly_default_org: str = "personal"
     # The token is cached briefly so a burst of activities does not hammer SSM, and a

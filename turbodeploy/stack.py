@@ -52,7 +52,7 @@ async def embedded_stack(
     from flysim import FlySim, SimConfig
     from worker import connect, create_worker
 
-    state_dir = state_dir.resolve()
+    state_dir = state_dir.resolve()  # noqa: ASYNC240 - before anything runs
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     token = token or embedded.generate_fly_token()

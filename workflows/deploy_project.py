@@ -203,7 +203,9 @@ class DeployProjectWorkflow:
     ) -> ResultT:
         self._step = step
         self._detail = summary
-        workflow.set_current_details(f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}")
+        workflow.set_current_details(
+            f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}"
+        )
         args: list[Any] = [] if arg is None else [arg]
         result = await workflow.execute_activity(
             activity,
@@ -262,4 +264,3 @@ def _describe(err: BaseException) -> str:
         message = str(cause) or type(cause).__name__
         cause = cause.__cause__ if not isinstance(cause, ApplicationError) else cause.cause
     return message[:2000]
-

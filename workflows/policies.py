@@ -45,9 +45,7 @@ class StepPolicy:
     )
 
 
-def _retry(
-    initial: float, maximum: float, attempts: int = 0, backoff: float = 2.0
-) -> RetryPolicy:
+def _retry(initial: float, maximum: float, attempts: int = 0, backoff: float = 2.0) -> RetryPolicy:
     return RetryPolicy(
         initial_interval=timedelta(seconds=initial),
         backoff_coefficient=backoff,

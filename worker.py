@@ -25,7 +25,7 @@ from activities.fly_config import FlyConfigActivities
 from activities.health import HealthActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
-from flyapi import FlyClient
+from flyapi import FlyClient, RateLimiter
 from turbodeploy.db import DeploymentStore, create_pool
 from turbodeploy.logs import configure_logging
 from turbodeploy.settings import Settings
@@ -55,6 +55,11 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         settings.fly_api_base_url,
         credentials.fly_token,
         timeout=settings.fly_api_timeout_seconds,
+        rate_limiter=(
+            RateLimiter(settings.fly_api_rate, settings.fly_api_burst)
+            if settings.fly_api_rate > 0
+            else None
+        ),
     )
     health = HealthActivities()
     records = DeploymentActivities(store, settings)

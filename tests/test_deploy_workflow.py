@@ -16,9 +16,9 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client
 
-from turbodeploy.client import DeployError, start_deploy
+from turbodeploy.client import DeployFailed, start_deploy
 from turbodeploy.models import DeployRequest, DeployStatus, DeployTimings
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
@@ -246,13 +246,14 @@ async def test_fly_422_fails_fast_with_failed_row(
     )
     assert created.status_code == 201
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
-    with pytest.raises(WorkflowFailureError) as info:
+    with pytest.raises(DeployFailed) as info:
         await handle.result()
-    assert "DeployFailed" in repr(info.value.cause) or "failed" in str(info.value.cause)
+    assert info.value.result.status == "failed"
+    assert "another organisation" in (info.value.result.error or "")
     [row] = await rows(settings, request.project_id)
     assert row["status"] == "failed"
-    assert row["error"]
-    history = await handle.fetch_history()
+    assert row["error"] == info.value.result.error
+    history = await handle.workflow.fetch_history()
     attempts = [
         e.activity_task_started_event_attributes.attempt
         for e in history.events
@@ -273,11 +274,14 @@ async def test_health_never_ok_records_failure_with_reason(
     flysim.config.unhealthy_images.add(bad_image)
     request = make_request(image=bad_image)
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
-    with pytest.raises(WorkflowFailureError):
+    with pytest.raises(DeployFailed) as info:
         await handle.result()
     [row] = await rows(settings, request.project_id)
+    # A first deploy has nothing to roll back to: it fails and leaves no machine running.
     assert row["status"] == "failed"
-    assert "health" in row["error"].lower() or "check" in row["error"].lower()
+    assert "unhealthy" in row["error"].lower() or "health" in row["error"].lower()
+    assert info.value.result.status == "failed"
+    assert app_machines(flysim, request.app_name) == []
 
 
 async def test_invalid_input_is_rejected_before_any_side_effect(
@@ -290,14 +294,10 @@ async def test_invalid_input_is_rejected_before_any_side_effect(
         DeployRequest(project_id="ok", repo_url="https://x.test/a;rm -rf /", image=IMAGE)
     with pytest.raises(ValueError, match="region"):
         DeployRequest(project_id="ok", repo_url=repo, image=IMAGE, region="mars")
-    with pytest.raises(DeployError, match="image"):
-        await start_deploy(
-            temporal_client,
-            DeployRequest(project_id="no-image", repo_url=repo),
-            task_queue=settings.task_queue,
-        )
+    with pytest.raises(ValueError, match="image"):
+        DeployRequest(project_id="ok", repo_url=repo, image="Not An Image")
     assert flysim.stats.total_requests == calls_before
-    listed = [w async for w in temporal_client.list_workflows("WorkflowId = 'deploy-no-image'")]
+    listed = [w async for w in temporal_client.list_workflows("WorkflowId = 'deploy-ok'")]
     assert listed == []
 
 
@@ -311,7 +311,7 @@ async def test_token_is_absent_from_history(
     request = make_request()
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     await handle.result()
-    history = await handle.fetch_history()
+    history = await handle.workflow.fetch_history()
     exported = json.dumps(history.to_json_dict())
     assert request.project_id in exported  # the export is real and readable
     secret_part = fly_token.split("fm2_", 1)[1]

@@ -2,25 +2,43 @@
 
     client = await Client.connect("localhost:7233", data_converter=pydantic_data_converter)
     handle = await start_deploy(client, DeployRequest(project_id="p1", repo_url=..., image=...))
-    result = await handle.result()
+    result = await handle.result()   # DeployResult; raises DeployFailed if it did not deploy
 
 The request is validated when the `DeployRequest` is built, before anything is started.
+Each project has one workflow, `deploy-<project_id>`, that runs its deploys one at a time:
+a request made while a deploy runs waits its turn, and when several wait, only the newest
+runs (the others end `superseded`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
-from turbodeploy.models import DeployProgress, DeployRequest, DeployResult, workflow_id_for
+from turbodeploy.models import (
+    DeployProgress,
+    DeployRequest,
+    DeployResult,
+    DeployStatus,
+    ProjectRequest,
+    RollbackRequest,
+    new_deployment_id,
+    workflow_id_for,
+)
 from turbodeploy.settings import TASK_QUEUE
 from workflows.deploy_project import DEPLOY_STATUS, FLY_APP, PROJECT_ID, DeployProjectWorkflow
 
@@ -29,15 +47,95 @@ class DeployError(Exception):
     """A deploy could not be started or followed."""
 
 
-class DeployAlreadyRunning(DeployError):
-    def __init__(self, project_id: str, run_id: str | None) -> None:
-        self.project_id = project_id
-        self.run_id = run_id
+class DeployFailed(DeployError):
+    """The deploy ended without deploying: `result.status` says how, `result.error` why."""
+
+    def __init__(self, result: DeployResult) -> None:
+        self.result = result
         super().__init__(
-            f"a deploy of project {project_id} is already running "
-            f"(workflow {workflow_id_for(project_id)}); follow it with "
-            f"`turbodeploy status {project_id}` or cancel it with `turbodeploy cancel {project_id}`"
+            f"deployment {result.deployment_id} of {result.project_id} ended {result.status}"
+            + (f": {result.error}" if result.error else "")
         )
+
+
+@dataclass(frozen=True)
+class DeployHandle:
+    """One submitted deploy (or rollback) of a project."""
+
+    client: Client
+    project_id: str
+    deployment_id: str
+    run_id: str | None  # the run that took the request
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id_for(self.project_id)
+
+    @property
+    def workflow(self) -> WorkflowHandle[DeployProjectWorkflow, DeployResult]:
+        return self.client.get_workflow_handle_for(
+            DeployProjectWorkflow.run, self.workflow_id, run_id=self.run_id
+        )
+
+    async def result(self) -> DeployResult:
+        """Wait for this deployment to end. Raises `DeployFailed` unless it deployed."""
+        outcome = await self._outcome(self.run_id)
+        if outcome is None and self.run_id is not None:
+            # Carried over to a newer run by continue-as-new.
+            outcome = await self._outcome(None)
+        if outcome is None:
+            raise DeployError(f"deployment {self.deployment_id} is not known to {self.workflow_id}")
+        if outcome.status is not DeployStatus.DEPLOYED:
+            raise DeployFailed(outcome)
+        return outcome
+
+    async def _outcome(self, run_id: str | None) -> DeployResult | None:
+        handle = self.client.get_workflow_handle_for(
+            DeployProjectWorkflow.run, self.workflow_id, run_id=run_id
+        )
+        try:
+            result: DeployResult = await handle.execute_update(
+                "wait_outcome", self.deployment_id, result_type=DeployResult
+            )
+            return result
+        except (WorkflowUpdateFailedError, RPCError):
+            # The run closed (or moved on) before answering: its query still knows.
+            return await handle.query(DeployProjectWorkflow.outcome, self.deployment_id)
+
+
+async def submit(
+    client: Client,
+    request: ProjectRequest,
+    *,
+    task_queue: str = TASK_QUEUE,
+    search_attributes: bool = True,
+) -> DeployHandle:
+    """Hand `request` to its project's workflow, starting it if no deploy is running."""
+    attributes = (
+        TypedSearchAttributes(
+            [
+                SearchAttributePair(PROJECT_ID, request.project_id),
+                SearchAttributePair(FLY_APP, request.app_name),
+                SearchAttributePair(DEPLOY_STATUS, str(DeployStatus.DEPLOYING)),
+            ]
+        )
+        if search_attributes
+        else None
+    )
+    handle = await client.start_workflow(
+        DeployProjectWorkflow.run,
+        request,
+        id=request.workflow_id,
+        task_queue=task_queue,
+        # If a deploy of this project is running, the request joins its queue instead.
+        start_signal="submit",
+        start_signal_args=[request],
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        search_attributes=attributes,
+        static_summary=f"Deploy project {request.project_id} to Fly app {request.app_name}",
+        static_details=_details(request),
+    )
+    return DeployHandle(client, request.project_id, request.deployment_id, handle.result_run_id)
 
 
 async def start_deploy(
@@ -46,55 +144,48 @@ async def start_deploy(
     *,
     task_queue: str = TASK_QUEUE,
     search_attributes: bool = True,
-) -> WorkflowHandle[DeployProjectWorkflow, DeployResult]:
-    """Start `DeployProjectWorkflow` for `request`; one deploy in flight per project.
+) -> DeployHandle:
+    """Start deploying `request`; returns at once with a handle to follow it.
 
-    Raises `DeployAlreadyRunning` when the project already has a deploy in flight, and
-    `DeployError` when the request cannot be deployed as given.
+    Raises `DeployError` when the request cannot be deployed as given (nothing is started).
     """
-    if request.image is None:
-        raise DeployError(
-            "no image given: pass a prebuilt image reference (this worker does not build "
-            "from source)"
-        )
-    attributes = (
-        TypedSearchAttributes(
-            [
-                SearchAttributePair(PROJECT_ID, request.project_id),
-                SearchAttributePair(FLY_APP, request.app_name),
-                SearchAttributePair(DEPLOY_STATUS, "deploying"),
-            ]
-        )
-        if search_attributes
-        else None
-    )
-    try:
-        return await client.start_workflow(
-            DeployProjectWorkflow.run,
-            request,
-            id=request.workflow_id,
-            task_queue=task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=attributes,
-            static_summary=f"Deploy {request.project_id} to Fly app {request.app_name}",
-            static_details=_details(request),
-        )
-    except WorkflowAlreadyStartedError as exc:
-        raise DeployAlreadyRunning(request.project_id, exc.run_id) from exc
+    return await submit(client, request, task_queue=task_queue, search_attributes=search_attributes)
+
+
+async def start_rollback(
+    client: Client,
+    project_id: str,
+    to_deployment_id: str | None = None,
+    *,
+    task_queue: str = TASK_QUEUE,
+    **request: Any,
+) -> DeployHandle:
+    """Put `project_id` back on a recorded release (default: the one before the current)."""
+    rollback = RollbackRequest(project_id=project_id, to_deployment_id=to_deployment_id, **request)
+    return await submit(client, rollback, task_queue=task_queue)
+
+
+async def retry_deploy(
+    client: Client, project_id: str, *, task_queue: str = TASK_QUEUE
+) -> DeployHandle:
+    """Run the project's last request again, as a new deployment."""
+    last = await deploy_handle(client, project_id).query(DeployProjectWorkflow.current_request)
+    if last is None:
+        raise DeployError(f"no earlier request of project {project_id} to retry")
+    again = last.model_copy(update={"deployment_id": new_deployment_id()})
+    return await submit(client, again, task_queue=task_queue)
 
 
 def deploy_handle(
     client: Client, project_id: str, run_id: str | None = None
-) -> WorkflowHandle[Any, DeployResult]:
+) -> WorkflowHandle[DeployProjectWorkflow, DeployResult]:
     return client.get_workflow_handle_for(
         DeployProjectWorkflow.run, workflow_id_for(project_id), run_id=run_id
     )
 
 
 async def progress(client: Client, project_id: str) -> DeployProgress:
-    handle = deploy_handle(client, project_id)
-    return await handle.query(DeployProjectWorkflow.progress)
+    return await deploy_handle(client, project_id).query(DeployProjectWorkflow.progress)
 
 
 async def describe(client: Client, project_id: str) -> WorkflowExecutionDescription:
@@ -102,17 +193,33 @@ async def describe(client: Client, project_id: str) -> WorkflowExecutionDescript
 
 
 async def cancel_deploy(client: Client, project_id: str) -> None:
-    """Ask the running deploy to stop; it records `cancelled` and ends CANCELED."""
-    await deploy_handle(client, project_id).cancel()
+    """Stop the running deploy: the previous release is put back, queued requests are
+    dropped, the records say `cancelled`, and the run ends CANCELED."""
+    handle = deploy_handle(client, project_id)
+    description = await handle.describe()
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        raise DeployError(f"no deploy of project {project_id} is running")
+    await handle.cancel()
 
 
-def _details(request: DeployRequest) -> str:
+def _details(request: ProjectRequest) -> str:
+    if isinstance(request, RollbackRequest):
+        return "\n".join(
+            [
+                f"**project** {request.project_id}",
+                f"**app** {request.app_name}",
+                f"**rollback to** {request.to_deployment_id or 'the previous release'}",
+                f"**deployment** {request.deployment_id}",
+            ]
+        )
     lines = [
         f"**project** {request.project_id}",
         f"**app** {request.app_name}",
         f"**repository** {request.repo_url} @ {request.branch}",
-        f"**image** {request.image or '(build from source)'}",
-        f"**region** {request.region} x{request.machine_count}",
+        f"**image** {request.image or '(built from the repository)'}",
+        f"**strategy** {request.strategy}, {request.machine_count} machine(s) in {request.region}",
         f"**deployment** {request.deployment_id}",
     ]
+    if request.secrets:
+        lines.append(f"**secrets** {', '.join(sorted(request.secrets))} (names only)")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import re
 import time
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -43,6 +43,7 @@ _IMAGE_RE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(?:@sha256:[a-f0-9]{64})?$"
 )
+_SSM_NAME_RE = re.compile(r"^/?[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*$")
 _DEPLOYMENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _SCP_GIT_RE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[A-Za-z0-9._/~-]+$")
 _SAFE_URL_CHARS_RE = re.compile(r"^[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+$")
@@ -165,16 +166,28 @@ class _Model(BaseModel):
 
 
 class DeployStatus(StrEnum):
+    QUEUED = "queued"
     DEPLOYING = "deploying"
     DEPLOYED = "deployed"
     FAILED = "failed"
     STOPPED = "stopped"
     CANCELLED = "cancelled"
     ROLLED_BACK = "rolled_back"
+    SUPERSEDED = "superseded"
 
     @property
     def is_final(self) -> bool:
-        return self is not DeployStatus.DEPLOYING
+        return self not in (DeployStatus.DEPLOYING, DeployStatus.QUEUED)
+
+
+class Strategy(StrEnum):
+    """How a release replaces the running one (see activities/rollout.py)."""
+
+    IMMEDIATE = "immediate"  # all machines at once, in parallel
+    ROLLING = "rolling"  # one first, then `max_unavailable` at a time
+    CANARY = "canary"  # one extra new machine verified first, then rolling
+    BLUEGREEN = "bluegreen"  # new machines verified beside the old, then traffic moves
+    FLYCTL = "flyctl"  # hand the whole deploy to `flyctl deploy --remote-only`
 
 
 class DeployTimings(_Model):
@@ -196,6 +209,8 @@ class DeployTimings(_Model):
     app_visible_timeout: timedelta = timedelta(minutes=1)
     app_visible_poll: timedelta = timedelta(milliseconds=500)
     lease_ttl: timedelta = timedelta(seconds=60)
+    # How soon a long step on a dead worker is noticed and retried on another one.
+    heartbeat_timeout: timedelta = timedelta(seconds=30)
 
     @model_validator(mode="after")
     def _positive(self) -> DeployTimings:
@@ -215,6 +230,7 @@ class DeployRequest(_Model):
     Validated once, at the edge, before anything is started.
     """
 
+    kind: Literal["deploy"] = "deploy"
     project_id: ProjectId
     repo_url: RepoUrl
     branch: str = "main"
@@ -224,6 +240,13 @@ class DeployRequest(_Model):
     region: str = "iad"
     env: dict[str, str] = Field(default_factory=dict)
     machine_count: int = Field(default=1, ge=1, le=20)
+    strategy: Strategy = Strategy.ROLLING
+    # Fraction (< 1) or count (>= 1) of machines updated at once after the first (rolling).
+    max_unavailable: float = Field(default=0.33, gt=0, le=20)
+    # App secrets by reference: env var name -> SSM parameter name. Values never travel here.
+    secrets: dict[str, str] = Field(default_factory=dict)
+    # Told the outcome with a signed JSON POST when the deploy ends.
+    callback_url: str | None = None
     deployment_id: str = Field(default_factory=new_deployment_id)
     timings: DeployTimings = Field(default_factory=DeployTimings)
 
@@ -275,6 +298,43 @@ class DeployRequest(_Model):
             raise ValueError(f"environment is {total} bytes; at most {MAX_ENV_TOTAL_BYTES}")
         return v
 
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_ENV_VARS:
+            raise ValueError(f"at most {MAX_ENV_VARS} secrets are allowed")
+        for name, parameter in v.items():
+            if not _ENV_NAME_RE.fullmatch(name) or len(name) > 128:
+                raise ValueError(f"secret name {name!r} is invalid")
+            if name in RESERVED_ENV_NAMES or name.startswith("FLY_"):
+                raise ValueError(f"secret {name} is set by the platform")
+            if not _SSM_NAME_RE.fullmatch(parameter):
+                raise ValueError(
+                    f"secret {name}: {parameter!r} is not an SSM parameter name "
+                    "(letters, digits and _.-/ ; at most 1011 characters)"
+                )
+        return v
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        _no_control_chars(v)
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme not in {"http", "https"} or not rest.split("/", 1)[0]:
+            raise ValueError("callback URL must be an http(s) URL with a host")
+        if not _SAFE_URL_CHARS_RE.fullmatch(rest) or len(v) > 2048:
+            raise ValueError("callback URL contains characters that are not allowed in a URL")
+        return v
+
+    @model_validator(mode="after")
+    def _overlaps(self) -> DeployRequest:
+        both = set(self.env) & set(self.secrets)
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))} given both as env and as secret")
+        return self
+
     @property
     def app_name(self) -> str:
         return app_name_for(self.project_id)
@@ -284,6 +344,41 @@ class DeployRequest(_Model):
         return workflow_id_for(self.project_id)
 
 
+class RollbackRequest(_Model):
+    """Put a project back on a recorded release: `to_deployment_id`, or the one before the
+    release that runs now."""
+
+    kind: Literal["rollback"] = "rollback"
+    project_id: ProjectId
+    to_deployment_id: str | None = None
+    deployment_id: str = Field(default_factory=new_deployment_id)
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+    @field_validator("to_deployment_id", "deployment_id")
+    @classmethod
+    def _ids(cls, v: str | None) -> str | None:
+        if v is not None and not _DEPLOYMENT_ID_RE.fullmatch(v):
+            raise ValueError("deployment id must be lower-case letters, digits and '-'")
+        return v
+
+    @property
+    def app_name(self) -> str:
+        return app_name_for(self.project_id)
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id_for(self.project_id)
+
+
+# What a project's deploy workflow runs, one at a time: a deploy or a rollback.
+ProjectRequest = Annotated[DeployRequest | RollbackRequest, Field(discriminator="kind")]
+
+
+class LoadReleaseInput(_Model):
+    project_id: str
+    deployment_id: str | None = None  # None: the last good release before the current one
+
+
 class DeployStep(StrEnum):
     """The steps of a deploy, in order, as the progress query and the UI name them."""
 
@@ -291,9 +386,14 @@ class DeployStep(StrEnum):
     CREDENTIALS = "credentials"
     FLY_CONFIG = "fly_config"
     APP = "app"
+    SECRETS = "secrets"
+    BUILD = "build"
     ROLLOUT = "rollout"
     HEALTH = "health"
+    ROLLBACK = "rollback"
+    RELEASE = "release"
     RECORD_RESULT = "record_result"
+    NOTIFY = "notify"
     DONE = "done"
 
 
@@ -307,6 +407,7 @@ class DeployProgress(_Model):
     status: DeployStatus = DeployStatus.DEPLOYING
     completed_steps: list[DeployStep] = Field(default_factory=list)
     error: str | None = None
+    queued: list[str] = Field(default_factory=list)  # deployment ids waiting behind this one
 
 
 class DeployResult(_Model):
@@ -332,8 +433,8 @@ class RecordStartInput(_Model):
     app_name: str
     workflow_id: str
     run_id: str
-    repo_url: str
-    branch: str
+    repo_url: str | None = None
+    branch: str | None = None
     image: str | None = None
 
 
@@ -374,6 +475,7 @@ class PrepareConfigResult(_Model):
     committed: bool  # False when fly.toml was already up to date
     fly_toml: str  # the rendered file, as committed
     merged_existing: bool  # True when the repository had its own fly.toml
+    dockerfile_generated: bool = False  # True when we wrote a Dockerfile (the repo had none)
 
 
 class EnsureAppInput(_Model):
@@ -396,22 +498,157 @@ class RolloutInput(_Model):
     region: str
     fly_toml: str
     machine_count: int = 1
+    strategy: Strategy = Strategy.ROLLING
+    max_unavailable: float = 0.33
     timings: DeployTimings = Field(default_factory=DeployTimings)
 
 
 class MachineOutcome(_Model):
     machine_id: str
-    action: str  # "created" | "updated"
+    action: str  # "created" | "updated" | "unchanged"
     instance_id: str | None = None
     region: str | None = None
+    previous_instance_id: str | None = None
+    previous_version: str | None = None
 
 
 class RolloutResult(_Model):
     machines: list[MachineOutcome]
+    image_digest: str | None = None
 
     @property
     def machine_ids(self) -> list[str]:
         return [m.machine_id for m in self.machines]
+
+
+class SnapshotInput(_Model):
+    app_name: str
+
+
+class MachineSnapshot(_Model):
+    """One machine of a release as it ran: enough to put it back exactly."""
+
+    machine_id: str
+    region: str
+    state: str
+    instance_id: str | None = None
+    config: dict[str, Any]
+
+
+class ReleaseSnapshot(_Model):
+    """The app's `app` process group machines before a rollout touches them."""
+
+    app_name: str
+    machines: list[MachineSnapshot] = Field(default_factory=list)
+
+    @property
+    def image(self) -> str | None:
+        images = {m.config.get("image") for m in self.machines}
+        return images.pop() if len(images) == 1 else None
+
+
+class RestoreInput(_Model):
+    """Put `snapshot` back: machines updated since are restored, machines created by
+    `deployment_id` (and not in the snapshot) are destroyed. Idempotent."""
+
+    app_name: str
+    deployment_id: str
+    snapshot: ReleaseSnapshot
+    reason: str = ""
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class RestoreResult(_Model):
+    restored: list[str] = Field(default_factory=list)  # machine ids put back
+    destroyed: list[str] = Field(default_factory=list)  # machine ids removed
+    unchanged: list[str] = Field(default_factory=list)
+
+
+class BuildInput(_Model):
+    deployment_id: str
+    app_name: str
+    repo_url: str
+    commit_sha: str
+
+
+class BuildResult(_Model):
+    image: str
+    output_excerpt: str = ""
+
+
+class FlyctlDeployInput(_Model):
+    deployment_id: str
+    app_name: str
+    repo_url: str
+    commit_sha: str
+    image: str | None = None
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class FlyctlDeployResult(_Model):
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    output_excerpt: str = ""
+
+
+class AppSecretsInput(_Model):
+    app_name: str
+    secrets: dict[str, str]  # env name -> SSM parameter name
+
+
+class SecretVersion(_Model):
+    name: str
+    parameter: str
+    version: int
+
+
+class AppSecretsResult(_Model):
+    """Names and versions only: a value never leaves the activity."""
+
+    secrets: list[SecretVersion] = Field(default_factory=list)
+
+
+class ReleaseRecord(_Model):
+    """A release bundle: everything needed to put this release back later."""
+
+    deployment_id: str
+    project_id: str
+    app_name: str
+    status: DeployStatus
+    strategy: Strategy
+    image: str
+    image_digest: str | None = None
+    commit_sha: str | None = None
+    fly_toml: str
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[SecretVersion] = Field(default_factory=list)
+    machines: list[MachineOutcome] = Field(default_factory=list)
+    snapshot: ReleaseSnapshot | None = None  # the machines as this release left them
+    created_at: int | None = None
+
+
+class DeploymentNotice(_Model):
+    """The JSON body POSTed to a request's callback URL when a deploy ends."""
+
+    deployment_id: str
+    project_id: str
+    app_name: str
+    status: DeployStatus
+    url: str | None = None
+    error: str | None = None
+    commit_sha: str | None = None
+    image: str | None = None
+
+
+class NotifyInput(_Model):
+    callback_url: str
+    notice: DeploymentNotice
+
+
+class NotifyResult(_Model):
+    delivered: bool
+    attempts: int
+    status_code: int | None = None
 
 
 class HealthCheckInput(_Model):

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # `{app}` is replaced by the Fly app name; the emulator serves apps under a path.
     app_url_template: str = "https://{app}.fly.dev"
     fly_api_timeout_seconds: float = 30.0
+    # One budget of Fly API requests per second shared by every deploy this worker runs.
+    # Fly documents about 1 req/s (bursts of 3) per action per app/machine; the default
+    # leaves room for several apps at once. 0 disables the limit.
+    fly_api_rate: float = 10.0
+    fly_api_burst: int = 10
 
     # Git
     git_author_name: str = "turbodeploy"

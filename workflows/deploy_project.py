@@ -1,4 +1,8 @@
-"""DeployProjectWorkflow: one Nitro.js backend onto Fly.io, one activity per step.
+"""DeployProjectWorkflow: a project's deploys to Fly.io, one at a time, one activity per step.
+
+Workflow id `deploy-<project_id>`: one run per project at a time. A request that arrives
+while a deploy runs is queued through the `submit` signal (signal-with-start); when the
+running deploy ends, the newest queued request runs next and older ones end `superseded`.
 
 Deterministic code only: no I/O, no settings, no clock but `workflow.now()`. Activities are
 referred to by name so that this module imports nothing with side effects.
@@ -6,17 +10,30 @@ referred to by name so that this module imports nothing with side effects.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from turbodeploy.models import (
+        AppSecretsInput,
+        AppSecretsResult,
+        BuildInput,
+        BuildResult,
         CredentialsResult,
+        DeploymentNotice,
         DeployProgress,
         DeployRequest,
         DeployResult,
@@ -24,15 +41,30 @@ with workflow.unsafe.imports_passed_through():
         DeployStep,
         EnsureAppInput,
         EnsureAppResult,
+        FlyctlDeployInput,
+        FlyctlDeployResult,
         HealthCheckInput,
         HealthCheckResult,
+        LoadReleaseInput,
+        MachineOutcome,
+        NotifyInput,
+        NotifyResult,
         PrepareConfigInput,
         PrepareConfigResult,
+        ProjectRequest,
         RecordResultInput,
         RecordStartInput,
         RecordStartResult,
+        ReleaseRecord,
+        ReleaseSnapshot,
+        RestoreInput,
+        RestoreResult,
+        RollbackRequest,
         RolloutInput,
         RolloutResult,
+        SecretVersion,
+        SnapshotInput,
+        Strategy,
     )
     from workflows import policies
     from workflows.policies import StepPolicy
@@ -46,140 +78,99 @@ DEPLOY_STATUS = SearchAttributeKey.for_keyword("DeployStatus")
 # The steps a person sees in the progress query, in order.
 STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE]
 
+# Outcomes kept for the `outcome` query and `wait_outcome` update; older ones are in the
+# database.
+_MAX_OUTCOMES = 100
+
+
+@dataclass
+class _Deploy:
+    """What one deploy (or rollback) has done so far: enough to clean up at any point."""
+
+    request: ProjectRequest
+    strategy: Strategy
+    machine_count: int
+    env: dict[str, str] = field(default_factory=dict)
+    url: str = ""
+    commit_sha: str | None = None
+    fly_toml: str | None = None
+    image: str | None = None
+    snapshot: ReleaseSnapshot | None = None  # the machines before the rollout touched them
+    machines: list[MachineOutcome] = field(default_factory=list)
+    image_digest: str | None = None
+    secrets: list[SecretVersion] = field(default_factory=list)
+    error: str | None = None
+
+
+class Cancelled(Exception):
+    """Raised inside the workflow after cleanup, to end the run CANCELED."""
+
 
 @workflow.defn(name="DeployProjectWorkflow")
 class DeployProjectWorkflow:
     def __init__(self) -> None:
-        self._request: DeployRequest | None = None
+        self._current: ProjectRequest | None = None
+        self._queue: list[ProjectRequest] = []
+        self._outcomes: dict[str, DeployResult] = {}
         self._step = DeployStep.RECORD_START
         self._detail = ""
         self._done: list[DeployStep] = []
         self._status = DeployStatus.DEPLOYING
         self._error: str | None = None
+        self._cancel_requested = False
+
+    # ------------------------------------------------------------------ the run
 
     @workflow.run
-    async def run(self, request: DeployRequest) -> DeployResult:
-        self._request = request
-        info = workflow.info()
-
-        started = await self._step_run(
-            DeployStep.RECORD_START,
-            "record_deploy_started",
-            RecordStartInput(
-                deployment_id=request.deployment_id,
-                project_id=request.project_id,
-                app_name=request.app_name,
-                workflow_id=info.workflow_id,
-                run_id=info.run_id,
-                repo_url=request.repo_url,
-                branch=request.branch,
-                image=request.image,
-            ),
-            RecordStartResult,
-            policies.RECORD,
-            f"Record deployment {request.deployment_id} as deploying",
-        )
-        commit_sha: str | None = None
-        machine_ids: list[str] = []
-        try:
-            if request.image is None:
-                raise ApplicationError(
-                    "no image given: building from source is not supported by this worker; "
-                    "pass a prebuilt image reference",
-                    type="InvalidRequest",
-                    non_retryable=True,
-                )
-            credentials = await self._step_run(
-                DeployStep.CREDENTIALS,
-                "resolve_credentials",
-                None,
-                CredentialsResult,
-                policies.CREDENTIALS,
-                "Resolve Fly API token from SSM",
-            )
-            config = await self._step_run(
-                DeployStep.FLY_CONFIG,
-                "prepare_fly_config",
-                PrepareConfigInput(
-                    deployment_id=request.deployment_id,
-                    project_id=request.project_id,
-                    app_name=request.app_name,
-                    repo_url=request.repo_url,
-                    branch=request.branch,
-                    region=request.region,
-                    env=request.env,
-                ),
-                PrepareConfigResult,
-                policies.FLY_CONFIG,
-                f"Commit fly.toml to {request.repo_url}@{request.branch}",
-            )
-            commit_sha = config.commit_sha
-            app = await self._step_run(
-                DeployStep.APP,
-                "ensure_fly_app",
-                EnsureAppInput(
-                    app_name=request.app_name,
-                    org_slug=credentials.org_slug,
-                    timings=request.timings,
-                ),
-                EnsureAppResult,
-                policies.APP,
-                f"Ensure Fly app {request.app_name} in org {credentials.org_slug}",
-            )
-            rollout = await self._step_run(
-                DeployStep.ROLLOUT,
-                "roll_out_release",
-                RolloutInput(
-                    deployment_id=request.deployment_id,
-                    app_name=request.app_name,
-                    image=request.image,
-                    region=request.region,
-                    fly_toml=config.fly_toml,
-                    machine_count=request.machine_count,
-                    timings=request.timings,
-                ),
-                RolloutResult,
-                policies.rollout(request.timings, request.machine_count),
-                f"Roll out {request.image} to {request.app_name}",
-            )
-            machine_ids = rollout.machine_ids
-            health = await self._step_run(
-                DeployStep.HEALTH,
-                "check_app_health",
-                HealthCheckInput(url=app.url, timings=request.timings),
-                HealthCheckResult,
-                policies.health(request.timings),
-                f"Check {app.url}/api/health",
-            )
-            self._detail = f"healthy after {health.attempts} request(s)"
-        except BaseException as err:
-            cancelled = is_cancelled_exception(err)
-            status = DeployStatus.CANCELLED if cancelled else DeployStatus.FAILED
-            self._error = "cancelled" if cancelled else _describe(err)
-            await self._finish(status, commit_sha, machine_ids)
-            if cancelled:
-                raise
+    async def run(self, request: ProjectRequest) -> DeployResult:
+        # Signal-with-start delivers the first request twice: as input and as `submit`.
+        self._queue = [r for r in self._queue if r.deployment_id != request.deployment_id]
+        current = request
+        while True:
+            result = await self._deploy_one(current)
+            if self._cancel_requested:
+                # Nothing waiting behind a cancelled deploy runs; requests that arrive
+                # while these records are written are cancelled too.
+                while self._queue:
+                    await self._close_unstarted(
+                        self._queue.pop(0),
+                        DeployStatus.CANCELLED,
+                        "cancelled with the deploy ahead of it",
+                    )
+                break
+            if not self._queue:
+                break
+            current = await self._take_newest()
+            if workflow.info().is_continue_as_new_suggested():
+                workflow.continue_as_new(current)
+        # Let callers waiting on `wait_outcome` receive their answers before the run closes.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if result.status is DeployStatus.CANCELLED:
+            raise asyncio.CancelledError(result.error or "cancelled")
+        if result.status is not DeployStatus.DEPLOYED:
             raise ApplicationError(
-                f"deploy of {request.project_id} failed at step {self._step}: {self._error}",
-                type="DeployFailed",
+                f"deploy {result.deployment_id} of {result.project_id} ended {result.status}: "
+                f"{result.error}",
+                result.model_dump(mode="json"),
+                type="DeployRolledBack"
+                if result.status is DeployStatus.ROLLED_BACK
+                else "DeployFailed",
                 non_retryable=True,
-            ) from err
+            )
+        return result
 
-        await self._finish(DeployStatus.DEPLOYED, commit_sha, machine_ids)
-        return DeployResult(
-            deployment_id=request.deployment_id,
-            project_id=request.project_id,
-            app_name=request.app_name,
-            url=started.url,
-            status=DeployStatus.DEPLOYED,
-            commit_sha=commit_sha,
-            image=request.image,
-            machine_ids=machine_ids,
-        )
+    @workflow.signal(name="submit")
+    def submit(self, request: ProjectRequest) -> None:
+        """Queue a deploy or rollback (sent by the client via signal-with-start)."""
+        known = {r.deployment_id for r in self._queue} | set(self._outcomes)
+        if self._current is not None:
+            known.add(self._current.deployment_id)
+        if request.deployment_id not in known:
+            self._queue.append(request)
 
     @workflow.query(name="progress")
     def progress(self) -> DeployProgress:
-        request = self._request
+        request = self._current
         return DeployProgress(
             deployment_id=request.deployment_id if request else "",
             project_id=request.project_id if request else "",
@@ -190,7 +181,527 @@ class DeployProjectWorkflow:
             status=self._status,
             completed_steps=list(self._done),
             error=self._error,
+            queued=[r.deployment_id for r in self._queue],
         )
+
+    @workflow.query(name="current_request")
+    def current_request(self) -> ProjectRequest | None:
+        """The request running now, or the last one run: what `turbodeploy retry` repeats."""
+        return self._current
+
+    @workflow.query(name="outcome")
+    def outcome(self, deployment_id: str) -> DeployResult | None:
+        return self._outcomes.get(deployment_id)
+
+    # Abandoned on continue-as-new: the caller then asks the next run (see client.py).
+    @workflow.update(
+        name="wait_outcome", unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON
+    )
+    async def wait_outcome(self, deployment_id: str) -> DeployResult:
+        """Wait until `deployment_id` (running or queued here) has ended; return its result."""
+        await workflow.wait_condition(lambda: deployment_id in self._outcomes)
+        return self._outcomes[deployment_id]
+
+    @wait_outcome.validator
+    def _known(self, deployment_id: str) -> None:
+        known = {r.deployment_id for r in self._queue} | set(self._outcomes)
+        if self._current is not None:
+            known.add(self._current.deployment_id)
+        if deployment_id not in known:
+            raise ValueError(f"deployment {deployment_id} is not handled by this run")
+
+    # ------------------------------------------------------------ one deploy
+
+    async def _deploy_one(self, request: ProjectRequest) -> DeployResult:
+        self._current = request
+        self._step, self._detail, self._done = DeployStep.RECORD_START, "", []
+        self._status, self._error = DeployStatus.DEPLOYING, None
+        self._set_status(DeployStatus.DEPLOYING)
+        started_at = workflow.now()
+        if isinstance(request, DeployRequest):
+            d = _Deploy(
+                request=request,
+                strategy=request.strategy,
+                machine_count=request.machine_count,
+                env=request.env,
+                image=request.image,
+            )
+        else:
+            d = _Deploy(request=request, strategy=Strategy.ROLLING, machine_count=1)
+        started = await self._record_start(request, DeployStep.RECORD_START, mark_step=True)
+        d.url = started.url
+        try:
+            self._raise_if_cancelled()
+            if isinstance(request, DeployRequest):
+                await self._steps(d, request)
+            else:
+                await self._rollback_steps(d, request)
+            status = DeployStatus.DEPLOYED
+        except BaseException as err:
+            if not _is_failure(err):
+                raise
+            status = await self._recover(d, err)
+
+        if d.snapshot is not None and d.fly_toml is not None and d.image is not None:
+            await self._record_release(d, status)
+        await self._record_result(d, status)
+        result = DeployResult(
+            deployment_id=request.deployment_id,
+            project_id=request.project_id,
+            app_name=request.app_name,
+            url=d.url,
+            status=status,
+            commit_sha=d.commit_sha,
+            image=d.image,
+            machine_ids=[m.machine_id for m in d.machines],
+            error=d.error,
+        )
+        self._remember(result)
+        await self._notify(request, result)
+        elapsed = (workflow.now() - started_at).total_seconds()
+        workflow.logger.info(
+            "deployment %s ended %s after %.1fs", request.deployment_id, status, elapsed
+        )
+        return result
+
+    async def _steps(self, d: _Deploy, request: DeployRequest) -> None:
+        """The deploy itself, in the order a person would do it by hand."""
+        timings = request.timings
+        credentials = await self._step_run(
+            DeployStep.CREDENTIALS,
+            "resolve_credentials",
+            None,
+            CredentialsResult,
+            policies.CREDENTIALS,
+            "Resolve the Fly API token from SSM",
+        )
+        config = await self._step_run(
+            DeployStep.FLY_CONFIG,
+            "prepare_fly_config",
+            PrepareConfigInput(
+                deployment_id=request.deployment_id,
+                project_id=request.project_id,
+                app_name=request.app_name,
+                repo_url=request.repo_url,
+                branch=request.branch,
+                region=request.region,
+                env=request.env,
+            ),
+            PrepareConfigResult,
+            policies.fly_config(timings),
+            f"Commit fly.toml to {request.repo_url}@{request.branch}",
+        )
+        d.commit_sha, d.fly_toml = config.commit_sha, config.fly_toml
+        await self._step_run(
+            DeployStep.APP,
+            "ensure_fly_app",
+            EnsureAppInput(
+                app_name=request.app_name, org_slug=credentials.org_slug, timings=timings
+            ),
+            EnsureAppResult,
+            policies.app(timings),
+            f"Ensure Fly app {request.app_name} in org {credentials.org_slug}",
+        )
+        if request.secrets:
+            secrets = await self._step_run(
+                DeployStep.SECRETS,
+                "set_app_secrets",
+                AppSecretsInput(app_name=request.app_name, secrets=request.secrets),
+                AppSecretsResult,
+                policies.secrets(timings),
+                f"Set {len(request.secrets)} secret(s) on {request.app_name}: "
+                + ", ".join(sorted(request.secrets)),
+            )
+            d.secrets = secrets.secrets
+        if d.image is None and request.strategy is not Strategy.FLYCTL:
+            built = await self._step_run(
+                DeployStep.BUILD,
+                "build_image",
+                BuildInput(
+                    deployment_id=request.deployment_id,
+                    app_name=request.app_name,
+                    repo_url=request.repo_url,
+                    commit_sha=config.commit_sha,
+                ),
+                BuildResult,
+                policies.build(timings),
+                f"Build {request.app_name} at {config.commit_sha[:12]} with flyctl",
+            )
+            d.image = built.image
+        d.snapshot = await self._snapshot(d, "before the rollout")
+        if request.strategy is Strategy.FLYCTL:
+            handed = await self._step_run(
+                DeployStep.ROLLOUT,
+                "flyctl_deploy",
+                FlyctlDeployInput(
+                    deployment_id=request.deployment_id,
+                    app_name=request.app_name,
+                    repo_url=request.repo_url,
+                    commit_sha=config.commit_sha,
+                    image=d.image,
+                    timings=timings,
+                ),
+                FlyctlDeployResult,
+                policies.build(timings),
+                f"flyctl deploy {request.app_name} at {config.commit_sha[:12]}",
+            )
+            d.image = handed.image or d.image
+            d.machines = [MachineOutcome(machine_id=m, action="flyctl") for m in handed.machine_ids]
+        else:
+            assert d.image is not None
+            rollout = await self._step_run(
+                DeployStep.ROLLOUT,
+                "roll_out_release",
+                RolloutInput(
+                    deployment_id=request.deployment_id,
+                    app_name=request.app_name,
+                    image=d.image,
+                    region=request.region,
+                    fly_toml=config.fly_toml,
+                    machine_count=request.machine_count,
+                    strategy=request.strategy,
+                    max_unavailable=request.max_unavailable,
+                    timings=timings,
+                ),
+                RolloutResult,
+                policies.rollout(timings, request.machine_count),
+                f"Roll out {d.image} to {request.app_name} ({request.strategy}, "
+                f"{request.machine_count} machine(s))",
+            )
+            d.machines, d.image_digest = rollout.machines, rollout.image_digest
+        health = await self._step_run(
+            DeployStep.HEALTH,
+            "check_app_health",
+            HealthCheckInput(url=d.url, timings=timings),
+            HealthCheckResult,
+            policies.health(timings),
+            f"Check {d.url}/api/health",
+        )
+        self._detail = f"healthy after {health.attempts} request(s)"
+
+    async def _rollback_steps(self, d: _Deploy, request: RollbackRequest) -> None:
+        """Put a recorded release back: its machines' image, config and env, verified."""
+        timings = request.timings
+        await self._step_run(
+            DeployStep.CREDENTIALS,
+            "resolve_credentials",
+            None,
+            CredentialsResult,
+            policies.CREDENTIALS,
+            "Resolve the Fly API token from SSM",
+        )
+        target = request.to_deployment_id or "the release before the current one"
+        release = await self._step_run(
+            DeployStep.FLY_CONFIG,
+            "load_release",
+            LoadReleaseInput(project_id=request.project_id, deployment_id=request.to_deployment_id),
+            ReleaseRecord,
+            policies.RECORD,
+            f"Load release {target} of {request.project_id}",
+        )
+        if release.snapshot is None or not release.snapshot.machines:
+            raise ApplicationError(
+                f"release {release.deployment_id} recorded no running machines to restore",
+                type="ReleaseNotFound",
+                non_retryable=True,
+            )
+        d.image, d.fly_toml, d.commit_sha = release.image, release.fly_toml, release.commit_sha
+        d.image_digest, d.env, d.secrets = release.image_digest, release.env, release.secrets
+        d.strategy, d.machine_count = release.strategy, len(release.snapshot.machines)
+        d.snapshot = await self._snapshot(d, "before the rollout")
+        restored = await self._step_run(
+            DeployStep.ROLLOUT,
+            "restore_release",
+            RestoreInput(
+                app_name=request.app_name,
+                deployment_id=request.deployment_id,
+                snapshot=release.snapshot,
+                reason=f"rollback to {release.deployment_id}",
+                timings=timings,
+            ),
+            RestoreResult,
+            policies.restore(timings, d.machine_count),
+            f"Roll {request.app_name} back to release {release.deployment_id} ({release.image})",
+        )
+        d.machines = [
+            MachineOutcome(machine_id=m, action="restored")
+            for m in restored.restored + restored.unchanged
+        ]
+        health = await self._step_run(
+            DeployStep.HEALTH,
+            "check_app_health",
+            HealthCheckInput(url=d.url, timings=timings),
+            HealthCheckResult,
+            policies.health(timings),
+            f"Check {d.url}/api/health",
+        )
+        self._detail = (
+            f"release {release.deployment_id} restored, healthy after {health.attempts} request(s)"
+        )
+
+    async def _recover(self, d: _Deploy, err: BaseException) -> DeployStatus:
+        """After a failure or a cancellation: put the app back as it was, say what happened.
+
+        Before the rollout began nothing on Fly changed for this release, so there is
+        nothing to undo. After it began, the machines are put back as the snapshot shows
+        them: the previous release, or nothing at all for a first deploy (no machine left
+        running that costs money).
+        """
+        cancelled = is_cancelled_exception(err)
+        if cancelled:
+            self._cancel_requested = True
+        failed_step = self._step
+        d.error = "cancelled by request" if cancelled else f"{failed_step}: {_describe(err)}"
+        self._error = d.error
+        rolled_back = False
+        if d.snapshot is not None and failed_step in (DeployStep.ROLLOUT, DeployStep.HEALTH):
+            rolled_back = await self._roll_back(d)
+        self._step = failed_step
+        if cancelled:
+            return DeployStatus.CANCELLED
+        return DeployStatus.ROLLED_BACK if rolled_back else DeployStatus.FAILED
+
+    async def _roll_back(self, d: _Deploy) -> bool:
+        """Restore the snapshot; True when a previous release serves again, verified."""
+        assert d.snapshot is not None
+        request, timings = d.request, d.request.timings
+        snapshot = d.snapshot
+        try:
+            restored = await self._step_run(
+                DeployStep.ROLLBACK,
+                "restore_release",
+                RestoreInput(
+                    app_name=request.app_name,
+                    deployment_id=request.deployment_id,
+                    snapshot=snapshot,
+                    reason=d.error or "",
+                    timings=timings,
+                ),
+                RestoreResult,
+                policies.restore(timings, max(len(snapshot.machines), d.machine_count)),
+                (
+                    f"Roll {request.app_name} back to {snapshot.image or 'its previous release'}"
+                    if snapshot.machines
+                    else f"Remove the machines of failed first deploy of {request.app_name}"
+                ),
+                shielded=True,
+            )
+        except BaseException as err:
+            if not _is_failure(err):
+                raise
+            d.error = f"{d.error}; rollback failed: {_describe(err)}"
+            return False
+        d.machines = []
+        if not snapshot.machines:
+            d.error = f"{d.error}; removed {len(restored.destroyed)} machine(s) of the first deploy"
+            return False
+        try:
+            await self._step_run(
+                DeployStep.ROLLBACK,
+                "check_app_health",
+                HealthCheckInput(url=d.url, timings=timings),
+                HealthCheckResult,
+                policies.health(timings),
+                f"Check {d.url}/api/health after the rollback",
+                shielded=True,
+            )
+        except BaseException as err:
+            if not _is_failure(err):
+                raise
+            d.error = f"{d.error}; previous release restored but unhealthy: {_describe(err)}"
+            return False
+        d.image = snapshot.image or d.image
+        d.machines = [
+            MachineOutcome(machine_id=m.machine_id, action="restored", region=m.region)
+            for m in snapshot.machines
+        ]
+        return True
+
+    async def _snapshot(self, d: _Deploy, when: str) -> ReleaseSnapshot:
+        before = when == "before the rollout"
+        return await self._step_run(
+            DeployStep.ROLLOUT if before else DeployStep.RELEASE,
+            "snapshot_release",
+            SnapshotInput(app_name=d.request.app_name),
+            ReleaseSnapshot,
+            policies.snapshot(d.request.timings),
+            f"Snapshot machines of {d.request.app_name} {when}",
+            shielded=not before,
+        )
+
+    async def _record_release(self, d: _Deploy, status: DeployStatus) -> None:
+        assert d.fly_toml is not None and d.image is not None
+        request = d.request
+        after = d.snapshot
+        if status is DeployStatus.DEPLOYED:
+            after = await self._snapshot(d, "as released")
+        await self._step_run(
+            DeployStep.RELEASE,
+            "record_release",
+            ReleaseRecord(
+                deployment_id=request.deployment_id,
+                project_id=request.project_id,
+                app_name=request.app_name,
+                status=status,
+                strategy=d.strategy,
+                image=d.image,
+                image_digest=d.image_digest,
+                commit_sha=d.commit_sha,
+                fly_toml=d.fly_toml,
+                env=d.env,
+                secrets=d.secrets,
+                machines=d.machines,
+                snapshot=after,
+            ),
+            None,
+            policies.RECORD,
+            f"Record release {request.deployment_id} ({status})",
+            shielded=True,
+        )
+
+    async def _record_result(self, d: _Deploy, status: DeployStatus) -> None:
+        self._status = status
+        await self._step_run(
+            DeployStep.RECORD_RESULT,
+            "record_deploy_result",
+            RecordResultInput(
+                deployment_id=d.request.deployment_id,
+                status=status,
+                commit_sha=d.commit_sha,
+                image=d.image,
+                machine_ids=[m.machine_id for m in d.machines],
+                error=d.error,
+            ),
+            None,
+            policies.RECORD,
+            f"Record deployment {d.request.deployment_id} as {status}",
+            mark_step=status is DeployStatus.DEPLOYED,
+            shielded=True,
+        )
+        if status is DeployStatus.DEPLOYED:
+            self._step = DeployStep.DONE
+            self._detail = f"deployed {d.image} at {d.url}"
+        self._set_status(status)
+        workflow.set_current_details(
+            f"**{d.request.deployment_id} {status}**" + (f": {d.error}" if d.error else "")
+        )
+
+    # ------------------------------------------------------------ the queue
+
+    async def _take_newest(self) -> ProjectRequest:
+        """The newest queued request runs next; the ones it overtakes end `superseded`."""
+        newest = self._queue.pop()
+        overtaken, self._queue = self._queue, []
+        for old in overtaken:
+            await self._close_unstarted(
+                old, DeployStatus.SUPERSEDED, f"superseded by deployment {newest.deployment_id}"
+            )
+        return newest
+
+    async def _record_start(
+        self, request: ProjectRequest, step: DeployStep, *, mark_step: bool
+    ) -> RecordStartResult:
+        info = workflow.info()
+        deploy = request if isinstance(request, DeployRequest) else None
+        return await self._step_run(
+            step,
+            "record_deploy_started",
+            RecordStartInput(
+                deployment_id=request.deployment_id,
+                project_id=request.project_id,
+                app_name=request.app_name,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                repo_url=deploy.repo_url if deploy else None,
+                branch=deploy.branch if deploy else None,
+                image=deploy.image if deploy else None,
+            ),
+            RecordStartResult,
+            policies.RECORD,
+            f"Record deployment {request.deployment_id} of {request.project_id} as deploying",
+            mark_step=mark_step,
+            shielded=True,
+        )
+
+    async def _close_unstarted(
+        self, request: ProjectRequest, status: DeployStatus, reason: str
+    ) -> None:
+        """Record a request that never ran (superseded or cancelled) with its final status."""
+        started = await self._record_start(request, self._step, mark_step=False)
+        await self._step_run(
+            self._step,
+            "record_deploy_result",
+            RecordResultInput(deployment_id=request.deployment_id, status=status, error=reason),
+            None,
+            policies.RECORD,
+            f"Record deployment {request.deployment_id} as {status}",
+            mark_step=False,
+            shielded=True,
+        )
+        result = DeployResult(
+            deployment_id=request.deployment_id,
+            project_id=request.project_id,
+            app_name=request.app_name,
+            url=started.url,
+            status=status,
+            image=request.image if isinstance(request, DeployRequest) else None,
+            error=reason,
+        )
+        self._remember(result)
+        await self._notify(request, result)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _remember(self, result: DeployResult) -> None:
+        self._outcomes[result.deployment_id] = result
+        while len(self._outcomes) > _MAX_OUTCOMES:
+            self._outcomes.pop(next(iter(self._outcomes)))
+
+    async def _notify(self, request: ProjectRequest, result: DeployResult) -> None:
+        """Tell the platform, durably, without holding up or failing this run.
+
+        The delivery runs as its own workflow, abandoned by this one: its retries (for up
+        to a day) never keep a deploy open, and a receiver that is down never fails one.
+        """
+        if not isinstance(request, DeployRequest) or request.callback_url is None:
+            return
+        try:
+            await self._start_notifier(request.callback_url, result)
+        except WorkflowAlreadyStartedError:
+            # A reset re-ran this deploy's end: the first notifier already carries it.
+            workflow.logger.info("notifier for %s already started", result.deployment_id)
+
+    async def _start_notifier(self, callback_url: str, result: DeployResult) -> None:
+        await workflow.start_child_workflow(
+            NotifyWorkflow.run,
+            NotifyInput(
+                callback_url=callback_url,
+                notice=DeploymentNotice(
+                    deployment_id=result.deployment_id,
+                    project_id=result.project_id,
+                    app_name=result.app_name,
+                    status=result.status,
+                    url=result.url,
+                    error=result.error,
+                    commit_sha=result.commit_sha,
+                    image=result.image,
+                ),
+            ),
+            id=f"notify-{result.deployment_id}",
+            # The notification outlives this run: a deploy never waits for the receiver.
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+            static_summary=f"Notify {callback_url} of {result.deployment_id} {result.status}",
+        )
+
+    def _raise_if_cancelled(self) -> None:
+        # A cancellation that arrived during a shielded step stops the deploy at the next one.
+        if self._cancel_requested:
+            raise asyncio.CancelledError("deploy cancelled")
+
+    def _set_status(self, status: DeployStatus) -> None:
+        self._status = status
+        if workflow.info().typed_search_attributes.get(PROJECT_ID) is not None:
+            workflow.upsert_search_attributes([DEPLOY_STATUS.value_set(str(status))])
 
     async def _step_run(
         self,
@@ -200,14 +711,25 @@ class DeployProjectWorkflow:
         result_type: type[ResultT] | None,
         policy: StepPolicy,
         summary: str,
+        *,
+        mark_step: bool = True,
+        shielded: bool = False,
     ) -> ResultT:
-        self._step = step
-        self._detail = summary
-        workflow.set_current_details(
-            f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}"
-        )
+        """Run one activity as a step of the deploy.
+
+        `shielded` steps (records, rollback) are not interrupted by a cancellation: they
+        finish, the cancellation is remembered, and the deploy ends `cancelled` after them.
+        """
+        if not shielded:
+            self._raise_if_cancelled()
+        if mark_step:
+            self._step = step
+            self._detail = summary
+            workflow.set_current_details(
+                f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}"
+            )
         args: list[Any] = [] if arg is None else [arg]
-        result = await workflow.execute_activity(
+        call = workflow.execute_activity(
             activity,
             args=args,
             result_type=result_type,
@@ -216,41 +738,47 @@ class DeployProjectWorkflow:
             heartbeat_timeout=policy.heartbeat,
             retry_policy=policy.retry,
             cancellation_type=policy.cancellation,
-            summary=summary[:200],
+            summary=summary[:390],
         )
-        self._done.append(step)
+        if shielded:
+            task = asyncio.ensure_future(call)
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self._cancel_requested = True
+                result = await task
+        else:
+            result = await call
+        if mark_step and step not in self._done:
+            self._done.append(step)
         return result  # type: ignore[no-any-return]
 
-    async def _finish(
-        self, status: DeployStatus, commit_sha: str | None, machine_ids: list[str]
-    ) -> None:
-        """Move the row to its final status. Runs also after a failure or a cancellation."""
-        assert self._request is not None
-        failed_step = self._step
-        self._status = status
-        await self._step_run(
-            DeployStep.RECORD_RESULT,
-            "record_deploy_result",
-            RecordResultInput(
-                deployment_id=self._request.deployment_id,
-                status=status,
-                commit_sha=commit_sha,
-                image=self._request.image,
-                machine_ids=machine_ids,
-                error=self._error,
-            ),
-            None,
-            policies.RECORD,
-            f"Record deployment {self._request.deployment_id} as {status}",
+
+@workflow.defn(name="NotifyDeploymentWorkflow")
+class NotifyWorkflow:
+    """Delivers one deploy's outcome to the platform's callback URL, with retries for a day."""
+
+    @workflow.run
+    async def run(self, input: NotifyInput) -> NotifyResult:
+        policy = policies.NOTIFY
+        result: NotifyResult = await workflow.execute_activity(
+            "notify_deployment",
+            input,
+            result_type=NotifyResult,
+            start_to_close_timeout=policy.start_to_close,
+            schedule_to_close_timeout=policy.schedule_to_close,
+            retry_policy=policy.retry,
+            summary=f"POST {input.notice.status} of {input.notice.deployment_id} "
+            f"to {input.callback_url}"[:390],
         )
-        if status is DeployStatus.DEPLOYED:
-            self._step = DeployStep.DONE
-        else:
-            # Keep pointing at the step that failed: that is what a person needs to see.
-            self._step = failed_step
-        workflow.set_current_details(f"**{status}**" + (f": {self._error}" if self._error else ""))
-        if workflow.info().typed_search_attributes.get(PROJECT_ID) is not None:
-            workflow.upsert_search_attributes([DEPLOY_STATUS.value_set(str(status))])
+        return result
+
+
+def _is_failure(err: BaseException) -> bool:
+    """Errors a deploy recovers from (activity failures, cancellation), not workflow bugs."""
+    return isinstance(err, ActivityError | ApplicationError | ChildWorkflowError) or (
+        is_cancelled_exception(err)
+    )
 
 
 def _describe(err: BaseException) -> str:
@@ -258,9 +786,9 @@ def _describe(err: BaseException) -> str:
     cause: BaseException | None = err
     message = str(err)
     while cause is not None:
-        if isinstance(cause, ActivityError):
+        if isinstance(cause, ActivityError | ChildWorkflowError):
             cause = cause.cause
             continue
         message = str(cause) or type(cause).__name__
-        cause = cause.__cause__ if not isinstance(cause, ApplicationError) else cause.cause
+        cause = cause.cause if isinstance(cause, ApplicationError) else cause.__cause__
     return message[:2000]

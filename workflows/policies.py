@@ -1,8 +1,9 @@
-"""Every activity timeout and retry policy of the deploy, named in one place.
+"""Every activity timeout and retry policy of a deploy, named in one place.
 
 Timeouts that depend on the request (how long machines may take to start, how long the
-health endpoint may take to answer) are computed from the request's `DeployTimings`, so a
-slow-booting app gets more time by asking for it, not by a code change.
+health endpoint may take to answer, how soon a dead worker is noticed) are computed from the
+request's `DeployTimings`, so a slow-booting app gets more time by asking for it, not by a
+code change.
 """
 
 from __future__ import annotations
@@ -19,16 +20,26 @@ from turbodeploy.models import DeployTimings
 # here too keeps a misclassified raise from retrying a hopeless request for minutes.
 NON_RETRYABLE = [
     "CredentialsMissing",
+    "CredentialsInvalid",
+    "CredentialsAccessDenied",
+    "SecretMissing",
     "FlyBadRequest",
     "FlyUnauthorized",
     "FlyForbidden",
+    "FlyNotFound",
     "FlyUnprocessable",
     "AppNameTaken",
     "FlyTomlError",
     "MachineUnhealthy",
     "HealthCheckFailed",
     "InvalidRequest",
-    "DeploymentRecordError",
+    "DeploymentNotFound",
+    "DeploymentConflict",
+    "DeploymentRecordInvalid",
+    "ReleaseNotFound",
+    "FlyctlFailed",
+    "FlyctlMissing",
+    "CallbackRejected",
 ]
 
 
@@ -40,6 +51,7 @@ class StepPolicy:
     # Bounds all attempts together, so a step that keeps failing ends the deploy with a
     # clear error instead of retrying until someone notices.
     schedule_to_close: timedelta | None = None
+    # Cleanup after a cancellation must never overlap the step it cleans up after.
     cancellation: ActivityCancellationType = field(
         default=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
     )
@@ -58,48 +70,95 @@ def _retry(initial: float, maximum: float, attempts: int = 0, backoff: float = 2
 # Writing the deployment row. Unlimited attempts within half an hour: a database restart or
 # failover must not lose the record of a deploy that already happened on Fly.
 RECORD = StepPolicy(
-    start_to_close=timedelta(seconds=30),
-    retry=_retry(initial=0.5, maximum=10),
+    start_to_close=timedelta(seconds=15),
+    retry=_retry(initial=0.5, maximum=5),
     schedule_to_close=timedelta(minutes=30),
 )
 
 # SSM: a handful of quick attempts; no deploy may proceed without a token.
 CREDENTIALS = StepPolicy(
-    start_to_close=timedelta(seconds=30),
-    retry=_retry(initial=1, maximum=15, attempts=6),
-)
-
-# Clone, render, commit, push: bounded by repository size; heartbeats detect a dead worker.
-FLY_CONFIG = StepPolicy(
-    start_to_close=timedelta(minutes=5),
-    heartbeat=timedelta(seconds=60),
-    retry=_retry(initial=2, maximum=60, attempts=6),
-)
-
-# Fly app check/create and IP allocation: short calls; 429s carry their own retry delay.
-APP = StepPolicy(
-    start_to_close=timedelta(minutes=3),
-    heartbeat=timedelta(seconds=30),
-    retry=_retry(initial=1, maximum=30, attempts=10),
+    start_to_close=timedelta(seconds=20),
+    retry=_retry(initial=1, maximum=10, attempts=5),
 )
 
 
-def rollout(timings: DeployTimings, machine_count: int) -> StepPolicy:
-    # Each machine may take the whole wait timeout in the worst case (rolling one by one).
-    per_attempt = timings.machine_wait_timeout * (machine_count + 1) + timedelta(minutes=2)
+def fly_config(t: DeployTimings) -> StepPolicy:
+    # Clone, render, commit, push: bounded by repository size.
     return StepPolicy(
-        start_to_close=per_attempt,
-        heartbeat=timedelta(seconds=30),
-        retry=_retry(initial=1, maximum=30, attempts=8),
+        start_to_close=timedelta(minutes=5),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=1, maximum=60, attempts=6),
     )
 
 
-def health(timings: DeployTimings) -> StepPolicy:
+def app(t: DeployTimings) -> StepPolicy:
+    # App check/create and IP allocation: short calls; 429s carry their own retry delay.
+    return StepPolicy(
+        start_to_close=t.app_visible_timeout + timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=30, attempts=10),
+    )
+
+
+def secrets(t: DeployTimings) -> StepPolicy:
+    return StepPolicy(
+        start_to_close=timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=30, attempts=8),
+    )
+
+
+def build(t: DeployTimings) -> StepPolicy:
+    # Remote builds take minutes; a retry rebuilds from the same commit, so keep them few.
+    return StepPolicy(
+        start_to_close=timedelta(minutes=30),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=5, maximum=60, attempts=3),
+    )
+
+
+def snapshot(t: DeployTimings) -> StepPolicy:
+    return StepPolicy(
+        start_to_close=timedelta(minutes=1),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=15, attempts=10),
+    )
+
+
+def rollout(t: DeployTimings, machine_count: int) -> StepPolicy:
+    # Each machine may take the whole wait timeout in the worst case (rolling one by one).
+    return StepPolicy(
+        start_to_close=t.machine_wait_timeout * (machine_count + 2) + timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=30, attempts=8),
+    )
+
+
+def restore(t: DeployTimings, machine_count: int) -> StepPolicy:
+    # Putting the last good release back matters more than any other step: it keeps
+    # retrying for as long as an operator would reasonably wait.
+    return StepPolicy(
+        start_to_close=t.machine_wait_timeout * (machine_count + 2) + timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=1, maximum=60),
+        schedule_to_close=timedelta(hours=1),
+    )
+
+
+def health(t: DeployTimings) -> StepPolicy:
     # The deadline is the point of this step: an unhealthy app fails non-retryably inside
     # the activity. Retries only cover a worker that died mid-check.
-    per_attempt = timings.health_deadline + timings.health_request_timeout + timedelta(seconds=30)
     return StepPolicy(
-        start_to_close=per_attempt,
-        heartbeat=timedelta(seconds=30),
-        retry=_retry(initial=1, maximum=10, attempts=3),
+        start_to_close=t.health_deadline + t.health_request_timeout + timedelta(seconds=30),
+        heartbeat=max(t.heartbeat_timeout, t.health_request_timeout + t.health_poll_max),
+        retry=_retry(initial=0.5, maximum=10, attempts=3),
     )
+
+
+# The callback to the platform: retried for a day (the receiver may be down for a while);
+# it runs in its own workflow so it never holds up or fails a deploy.
+NOTIFY = StepPolicy(
+    start_to_close=timedelta(seconds=30),
+    retry=_retry(initial=1, maximum=300),
+    schedule_to_close=timedelta(days=1),
+)

@@ -1,0 +1,372 @@
+"""One workflow per project: queueing, cancellation with cleanup, automatic and manual
+rollback, retry, and what the Temporal UI shows. Real servers and the Fly emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import SearchAttributeKey
+
+from turbodeploy import embedded
+from turbodeploy.client import (
+    DeployFailed,
+    cancel_deploy,
+    deploy_handle,
+    progress,
+    retry_deploy,
+    start_deploy,
+    start_rollback,
+)
+from turbodeploy.models import DeployRequest, DeployStatus, DeployStep, DeployTimings
+from turbodeploy.settings import Settings
+from turbodeploy.stack import publish_example
+from worker import create_worker
+
+FAST = DeployTimings(
+    health_deadline=timedelta(seconds=2),
+    health_poll_initial=timedelta(milliseconds=20),
+    health_poll_max=timedelta(milliseconds=100),
+    health_request_timeout=timedelta(seconds=1),
+    machine_wait_timeout=timedelta(seconds=3),
+    machine_poll_interval=timedelta(milliseconds=20),
+    app_visible_timeout=timedelta(seconds=2),
+    app_visible_poll=timedelta(milliseconds=20),
+    heartbeat_timeout=timedelta(seconds=5),
+)
+V1 = "registry.fly.io/turbobackend-test:deployment-v1"
+V2 = "registry.fly.io/turbobackend-test:deployment-v2"
+BROKEN = "registry.fly.io/turbobackend-test:deployment-broken"
+
+
+@pytest.fixture
+def settings(
+    postgres_url: str, ssm_endpoint: str, flysim: Any, task_queue: str, tmp_path: Path
+) -> Settings:
+    return Settings(
+        task_queue=task_queue,
+        database_url=postgres_url,
+        db_schema=f"t_{uuid.uuid4().hex[:8]}",
+        aws_endpoint_url=ssm_endpoint,
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+        work_dir=str(tmp_path / "work"),
+        fly_api_rate=0,
+    )
+
+
+@pytest_asyncio.fixture
+async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with create_worker(temporal_client, settings) as w:
+        task = asyncio.create_task(w.run())
+        yield
+        await w.shutdown()
+        await task
+
+
+@pytest.fixture(autouse=True)
+def _calm_emulator(flysim: Any) -> None:
+    flysim.config.faults = type(flysim.config.faults)()
+    flysim.config.unhealthy_images.clear()
+    flysim.config.unhealthy_images.add(BROKEN)
+    flysim.config.timing = type(flysim.config.timing)()
+
+
+@pytest.fixture
+def make_request(project_id: str, tmp_path: Path) -> Callable[..., DeployRequest]:
+    repo = publish_example("nitro-hello", tmp_path / "repos")
+
+    def make(**overrides: Any) -> DeployRequest:
+        fields: dict[str, Any] = {
+            "project_id": project_id,
+            "repo_url": repo,
+            "image": V1,
+            "timings": FAST,
+        }
+        fields.update(overrides)
+        return DeployRequest.model_validate(fields)
+
+    return make
+
+
+async def rows(settings: Settings, project_id: str) -> dict[str, asyncpg.Record]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        found = await conn.fetch(
+            f'SELECT * FROM "{settings.db_schema}".project_deployments '  # noqa: S608
+            "WHERE project_id = $1",
+            project_id,
+        )
+    finally:
+        await conn.close()
+    return {r["deployment_id"]: r for r in found}
+
+
+def machines(flysim: Any, app: str) -> list[dict[str, Any]]:
+    return [
+        m for m in flysim.snapshot()["machines"] if m["app"] == app and m["state"] != "destroyed"
+    ]
+
+
+def leases(flysim: Any, app: str) -> list[dict[str, Any]]:
+    return [x for x in flysim.snapshot()["leases"] if x["app"] == app]
+
+
+def serving_image(flysim: Any, app: str) -> str | None:
+    response = httpx.get(flysim.app_url(app) + "/api/health", timeout=10)
+    return response.json().get("image") if response.status_code == 200 else None
+
+
+async def wait_for_step(client: Client, project_id: str, step: DeployStep) -> None:
+    for _ in range(400):
+        try:
+            if (await progress(client, project_id)).step == step:
+                return
+        except Exception:  # noqa: S110 - the run may not have started yet
+            pass
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"deploy never reached step {step}")
+
+
+async def test_unhealthy_release_is_rolled_back_automatically(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    first = await (
+        await start_deploy(
+            temporal_client, make_request(machine_count=2), task_queue=settings.task_queue
+        )
+    ).result()
+    assert serving_image(flysim, first.app_name) == V1
+
+    bad = make_request(image=BROKEN, machine_count=2)
+    with pytest.raises(DeployFailed) as info:
+        await (await start_deploy(temporal_client, bad, task_queue=settings.task_queue)).result()
+    assert info.value.result.status is DeployStatus.ROLLED_BACK
+    assert "unhealthy" in (info.value.result.error or "").lower()
+
+    # The app serves the previous release, on the same machines, and nothing stays leased.
+    assert serving_image(flysim, first.app_name) == V1
+    assert {m["config"]["image"] for m in machines(flysim, first.app_name)} == {V1}
+    assert sorted(m["id"] for m in machines(flysim, first.app_name)) == sorted(first.machine_ids)
+    assert leases(flysim, first.app_name) == []
+    recorded = await rows(settings, bad.project_id)
+    assert recorded[bad.deployment_id]["status"] == "rolled_back"
+    assert "unhealthy" in recorded[bad.deployment_id]["error"].lower()
+    description = await deploy_handle(temporal_client, bad.project_id).describe()
+    assert description.status == WorkflowExecutionStatus.FAILED
+
+
+async def test_manual_rollback_restores_an_older_release(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    tq = settings.task_queue
+    one = await (await start_deploy(temporal_client, make_request(), task_queue=tq)).result()
+    two = await (
+        await start_deploy(
+            temporal_client, make_request(image=V2, env={"GREETING": "v2"}), task_queue=tq
+        )
+    ).result()
+    assert serving_image(flysim, two.app_name) == V2
+
+    back = await (
+        await start_rollback(temporal_client, one.project_id, timings=FAST, task_queue=tq)
+    ).result()
+    assert back.status is DeployStatus.DEPLOYED
+    assert serving_image(flysim, one.app_name) == V1
+    [machine] = machines(flysim, one.app_name)
+    assert machine["config"]["image"] == V1
+    assert "GREETING" not in machine["config"].get("env", {}), "config restored, not only image"
+    assert leases(flysim, one.app_name) == []
+
+    # And forward again to a named release.
+    again = await (
+        await start_rollback(
+            temporal_client, one.project_id, two.deployment_id, timings=FAST, task_queue=tq
+        )
+    ).result()
+    assert again.status is DeployStatus.DEPLOYED
+    assert serving_image(flysim, one.app_name) == V2
+    recorded = await rows(settings, one.project_id)
+    assert [recorded[x]["status"] for x in (back.deployment_id, again.deployment_id)] == [
+        "deployed",
+        "deployed",
+    ]
+
+
+async def test_cancel_with_the_temporal_cli_cleans_up(
+    temporal_client: Client,
+    temporal_env: Any,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    tq = settings.task_queue
+    first = await (await start_deploy(temporal_client, make_request(), task_queue=tq)).result()
+
+    flysim.config.timing.start_delay = 2.0  # the rollout waits for the machine to start
+    second = make_request(image=V2)
+    handle = await start_deploy(temporal_client, second, task_queue=tq)
+    await wait_for_step(temporal_client, second.project_id, DeployStep.ROLLOUT)
+    await asyncio.sleep(0.3)
+    address = temporal_client.service_client.config.target_host
+    subprocess.run(
+        [embedded.temporal_cli(), "workflow", "cancel", "--address", address,
+         "--workflow-id", second.workflow_id],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    flysim.config.timing.start_delay = 0.0
+    with pytest.raises(DeployFailed) as info:
+        await handle.result()
+    assert info.value.result.status is DeployStatus.CANCELLED
+
+    description = await handle.workflow.describe()
+    assert description.status == WorkflowExecutionStatus.CANCELED
+    recorded = await rows(settings, second.project_id)
+    assert recorded[second.deployment_id]["status"] == "cancelled"
+    assert leases(flysim, first.app_name) == []
+    # The previous release was put back.
+    assert {m["config"]["image"] for m in machines(flysim, first.app_name)} == {V1}
+
+
+async def test_cancelled_first_deploy_leaves_nothing_running(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    flysim.config.timing.start_delay = 2.0
+    request = make_request(machine_count=2)
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    await wait_for_step(temporal_client, request.project_id, DeployStep.ROLLOUT)
+    await asyncio.sleep(0.3)
+    await cancel_deploy(temporal_client, request.project_id)
+    flysim.config.timing.start_delay = 0.0
+    with pytest.raises(DeployFailed):
+        await handle.result()
+    assert machines(flysim, request.app_name) == []
+    assert leases(flysim, request.app_name) == []
+    assert (await rows(settings, request.project_id))[request.deployment_id][
+        "status"
+    ] == "cancelled"
+
+
+async def test_concurrent_requests_queue_and_only_the_newest_runs(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    flysim.config.timing.start_delay = 0.3
+    conflicts_before = flysim.stats.lease_conflicts
+    requests = [make_request(image=f"{V1}-{i}") for i in range(10)]
+    first = await start_deploy(temporal_client, requests[0], task_queue=settings.task_queue)
+    await wait_for_step(temporal_client, requests[0].project_id, DeployStep.FLY_CONFIG)
+    handles = [first]
+    for request in requests[1:]:  # in order, so "newest" is well defined
+        handles.append(
+            await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+        )
+    outcomes: list[Any] = []
+    for handle in handles:
+        try:
+            outcomes.append(await handle.result())
+        except DeployFailed as failed:
+            outcomes.append(failed.result)
+    statuses = [o.status for o in outcomes]
+    assert statuses[0] is DeployStatus.DEPLOYED
+    assert statuses[-1] is DeployStatus.DEPLOYED
+    assert all(s is DeployStatus.SUPERSEDED for s in statuses[1:-1]), statuses
+    assert all(requests[-1].deployment_id in (o.error or "") for o in outcomes[1:-1])
+
+    app = requests[0].app_name
+    assert {m["config"]["image"] for m in machines(flysim, app)} == {requests[-1].image}
+    assert flysim.stats.lease_conflicts == conflicts_before, "two rollouts overlapped"
+    recorded = await rows(settings, requests[0].project_id)
+    assert len(recorded) == 10
+    assert {r["status"] for r in recorded.values()} == {"deployed", "superseded"}
+
+
+async def test_retry_runs_the_last_request_again(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    flysim.config.unhealthy_images.add(V2)
+    failed_request = make_request(image=V2)
+    with pytest.raises(DeployFailed):
+        await (
+            await start_deploy(temporal_client, failed_request, task_queue=settings.task_queue)
+        ).result()
+    flysim.config.unhealthy_images.discard(V2)  # the provider recovered
+    retried = await (
+        await retry_deploy(temporal_client, failed_request.project_id, task_queue=settings.task_queue)
+    ).result()
+    assert retried.status is DeployStatus.DEPLOYED
+    assert retried.deployment_id != failed_request.deployment_id
+    assert retried.image == V2
+
+
+async def test_ui_shows_summaries_details_and_search_attributes(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+) -> None:
+    request = make_request()
+    handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+    await handle.result()
+    description = await handle.workflow.describe()
+    attributes = description.typed_search_attributes
+    assert attributes.get(SearchAttributeKey.for_keyword("ProjectId")) == request.project_id
+    assert attributes.get(SearchAttributeKey.for_keyword("FlyApp")) == request.app_name
+    assert attributes.get(SearchAttributeKey.for_keyword("DeployStatus")) == "deployed"
+    assert request.project_id in (await description.static_summary() or "")
+    assert request.repo_url in (await description.static_details() or "")
+
+    history = await handle.workflow.fetch_history()
+    summaries = [
+        e.user_metadata.summary.data.decode()
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert any(f"Ensure Fly app {request.app_name}" in s for s in summaries), summaries
+    assert any(f"Roll out {V1} to {request.app_name}" in s for s in summaries), summaries
+
+    found = [
+        w.id
+        async for w in temporal_client.list_workflows(
+            f"ProjectId = '{request.project_id}' AND DeployStatus = 'deployed'"
+        )
+    ]
+    for _ in range(50):  # visibility is eventually consistent
+        if found:
+            break
+        await asyncio.sleep(0.1)
+        found = [
+            w.id
+            async for w in temporal_client.list_workflows(f"ProjectId = '{request.project_id}'")
+        ]
+    assert found == [request.workflow_id]

@@ -17,28 +17,35 @@ from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
+from activities.app_secrets import AppSecretActivities
+from activities.build import BuildActivities
 from activities.deployments import DeploymentActivities
 from activities.fly_apps import FlyAppActivities
 from activities.fly_config import FlyConfigActivities
 from activities.health import HealthActivities
+from activities.notify import NotifyActivities
+from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
 from flyapi import FlyClient, RateLimiter
+from turbodeploy import metrics
 from turbodeploy.db import DeploymentStore, create_pool
 from turbodeploy.logs import configure_logging
 from turbodeploy.settings import Settings
-from workflows import DeployProjectWorkflow
+from workflows.deploy_project import DeployProjectWorkflow, NotifyWorkflow
 
 log = logging.getLogger("turbodeploy.worker")
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        runtime=runtime,
     )
 
 
@@ -60,30 +67,43 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             if settings.fly_api_rate > 0
             else None
         ),
+        on_response=metrics.record_fly_response,
     )
     health = HealthActivities()
+    notify = NotifyActivities(settings)
     records = DeploymentActivities(store, settings)
     apps = FlyAppActivities(fly, credentials, settings)
     rollout = RolloutActivities(fly, settings)
+    releases = ReleaseActivities(fly, settings)
+    builds = BuildActivities(credentials, settings, fly=fly)
     try:
         yield Worker(
             client,
             task_queue=settings.task_queue,
-            workflows=[DeployProjectWorkflow],
+            workflows=[DeployProjectWorkflow, NotifyWorkflow],
             activities=[
                 records.record_started,
                 records.record_result,
+                records.record_release,
+                records.load_release,
                 CredentialActivities(credentials).resolve_credentials,
                 FlyConfigActivities(settings).prepare_fly_config,
                 apps.ensure_app,
+                AppSecretActivities(fly, credentials, settings).set_app_secrets,
+                builds.build_image,
+                builds.flyctl_deploy,
+                releases.snapshot,
                 rollout.roll_out,
+                releases.restore,
                 health.check_health,
+                notify.notify_deployment,
             ],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         )
     finally:
+        await notify.aclose()
         await health.aclose()
         await fly.aclose()
         await pool.close()
@@ -92,7 +112,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
 async def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, json_format=settings.log_json)
-    client = await connect(settings)
+    client = await connect(settings, metrics.make_runtime(settings.metrics_bind_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -103,8 +103,7 @@ async def rows(settings: Settings, project_id: str) -> dict[str, asyncpg.Record]
     conn = await asyncpg.connect(settings.database_url)
     try:
         found = await conn.fetch(
-            f'SELECT * FROM "{settings.db_schema}".project_deployments '  # noqa: S608
-            "WHERE project_id = $1",
+            f'SELECT * FROM "{settings.db_schema}".project_deployments WHERE project_id = $1',
             project_id,
         )
     finally:
@@ -132,7 +131,7 @@ async def wait_for_step(client: Client, project_id: str, step: DeployStep) -> No
         try:
             if (await progress(client, project_id)).step == step:
                 return
-        except Exception:  # noqa: S110 - the run may not have started yet
+        except Exception:
             pass
         await asyncio.sleep(0.025)
     raise AssertionError(f"deploy never reached step {step}")
@@ -284,9 +283,7 @@ async def test_concurrent_requests_queue_and_only_the_newest_runs(
     await wait_for_step(temporal_client, requests[0].project_id, DeployStep.FLY_CONFIG)
     handles = [first]
     for request in requests[1:]:  # in order, so "newest" is well defined
-        handles.append(
-            await start_deploy(temporal_client, request, task_queue=settings.task_queue)
-        )
+        handles.append(await start_deploy(temporal_client, request, task_queue=settings.task_queue))
     outcomes: list[Any] = []
     for handle in handles:
         try:
@@ -322,7 +319,9 @@ async def test_retry_runs_the_last_request_again(
         ).result()
     flysim.config.unhealthy_images.discard(V2)  # the provider recovered
     retried = await (
-        await retry_deploy(temporal_client, failed_request.project_id, task_queue=settings.task_queue)
+        await retry_deploy(
+            temporal_client, failed_request.project_id, task_queue=settings.task_queue
+        )
     ).result()
     assert retried.status is DeployStatus.DEPLOYED
     assert retried.deployment_id != failed_request.deployment_id

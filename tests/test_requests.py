@@ -148,7 +148,6 @@ def test_request_round_trips_as_json() -> None:
         ["deploy", "ok", "--repo", "https://x.test/a.git", "--image", "A/B"],
         ["deploy", "ok", "--repo", "https://x.test/a.git", "--image", "a/b", "--region", "zz"],
         ["deploy", "ok", "--repo", "https://x.test/a.git", "--image", "a/b", "--env", "NOEQ"],
-        ["deploy", "ok", "--repo", "https://x.test/a.git"],
     ],
 )
 def test_cli_rejects_bad_input_with_exit_code_2(

@@ -209,8 +209,9 @@ class DeployTimings(_Model):
     app_visible_timeout: timedelta = timedelta(minutes=1)
     app_visible_poll: timedelta = timedelta(milliseconds=500)
     lease_ttl: timedelta = timedelta(seconds=60)
-    # How soon a long step on a dead worker is noticed and retried on another one.
-    heartbeat_timeout: timedelta = timedelta(seconds=30)
+    # How soon a long step on a dead worker is noticed and retried on another one; also
+    # bounds how long a cancellation takes to reach a running step (about 80% of it).
+    heartbeat_timeout: timedelta = timedelta(seconds=10)
 
     @model_validator(mode="after")
     def _positive(self) -> DeployTimings:

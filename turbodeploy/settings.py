@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     fly_api_rate: float = 10.0
     fly_api_burst: int = 10
 
+    # flyctl, for builds and the `flyctl` strategy: a name looked up on PATH, or a path.
+    flyctl_path: str = "flyctl"
+
+    # Callbacks to the platform are signed with this key (HMAC-SHA256), read from SSM.
+    callback_secret_parameter: str = "/turbobackend/callbacks/hmac_key"  # noqa: S105 - a name
+
     # Git
     git_author_name: str = "turbodeploy"
     git_author_email: str = "turbodeploy@users.noreply.local"
@@ -84,6 +90,8 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 100
     graceful_shutdown_seconds: float = 30.0
+    # Prometheus metrics (Temporal SDK and deploy metrics), e.g. "0.0.0.0:9464"; off if unset.
+    metrics_bind_address: str | None = None
     log_level: str = "INFO"
     log_json: bool = False
 

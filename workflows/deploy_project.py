@@ -27,6 +27,7 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
+    from turbodeploy import metrics
     from turbodeploy.models import (
         AppSecretsInput,
         AppSecretsResult,
@@ -112,6 +113,7 @@ class DeployProjectWorkflow:
         self._current: ProjectRequest | None = None
         self._queue: list[ProjectRequest] = []
         self._outcomes: dict[str, DeployResult] = {}
+        self._pending: set[str] = set()  # accepted here, no outcome yet
         self._step = DeployStep.RECORD_START
         self._detail = ""
         self._done: list[DeployStep] = []
@@ -125,6 +127,7 @@ class DeployProjectWorkflow:
     async def run(self, request: ProjectRequest) -> DeployResult:
         # Signal-with-start delivers the first request twice: as input and as `submit`.
         self._queue = [r for r in self._queue if r.deployment_id != request.deployment_id]
+        self._pending.add(request.deployment_id)
         current = request
         while True:
             result = await self._deploy_one(current)
@@ -162,11 +165,9 @@ class DeployProjectWorkflow:
     @workflow.signal(name="submit")
     def submit(self, request: ProjectRequest) -> None:
         """Queue a deploy or rollback (sent by the client via signal-with-start)."""
-        known = {r.deployment_id for r in self._queue} | set(self._outcomes)
-        if self._current is not None:
-            known.add(self._current.deployment_id)
-        if request.deployment_id not in known:
+        if request.deployment_id not in self._pending | set(self._outcomes):
             self._queue.append(request)
+            self._pending.add(request.deployment_id)
 
     @workflow.query(name="progress")
     def progress(self) -> DeployProgress:
@@ -204,10 +205,7 @@ class DeployProjectWorkflow:
 
     @wait_outcome.validator
     def _known(self, deployment_id: str) -> None:
-        known = {r.deployment_id for r in self._queue} | set(self._outcomes)
-        if self._current is not None:
-            known.add(self._current.deployment_id)
-        if deployment_id not in known:
+        if deployment_id not in self._pending and deployment_id not in self._outcomes:
             raise ValueError(f"deployment {deployment_id} is not handled by this run")
 
     # ------------------------------------------------------------ one deploy
@@ -259,6 +257,7 @@ class DeployProjectWorkflow:
         self._remember(result)
         await self._notify(request, result)
         elapsed = (workflow.now() - started_at).total_seconds()
+        metrics.deploy_finished(str(status), elapsed)
         workflow.logger.info(
             "deployment %s ended %s after %.1fs", request.deployment_id, status, elapsed
         )
@@ -435,6 +434,7 @@ class DeployProjectWorkflow:
             policies.health(timings),
             f"Check {d.url}/api/health",
         )
+        metrics.rollback_performed("manual")
         self._detail = (
             f"release {release.deployment_id} restored, healthy after {health.attempts} request(s)"
         )
@@ -510,6 +510,7 @@ class DeployProjectWorkflow:
                 raise
             d.error = f"{d.error}; previous release restored but unhealthy: {_describe(err)}"
             return False
+        metrics.rollback_performed("automatic")
         d.image = snapshot.image or d.image
         d.machines = [
             MachineOutcome(machine_id=m.machine_id, action="restored", region=m.region)
@@ -653,6 +654,7 @@ class DeployProjectWorkflow:
     # ------------------------------------------------------------ plumbing
 
     def _remember(self, result: DeployResult) -> None:
+        self._pending.discard(result.deployment_id)
         self._outcomes[result.deployment_id] = result
         while len(self._outcomes) > _MAX_OUTCOMES:
             self._outcomes.pop(next(iter(self._outcomes)))
@@ -694,7 +696,10 @@ class DeployProjectWorkflow:
         )
 
     def _raise_if_cancelled(self) -> None:
-        # A cancellation that arrived during a shielded step stops the deploy at the next one.
+        # A cancellation that arrived during a shielded step, or while a step was finishing
+        # anyway (its result wins the race), stops the deploy at the next step.
+        if workflow.cancellation_reason() is not None:
+            self._cancel_requested = True
         if self._cancel_requested:
             raise asyncio.CancelledError("deploy cancelled")
 

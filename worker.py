@@ -30,7 +30,7 @@ from activities.notify import NotifyActivities
 from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
-from flyapi import FlyClient, RateLimiter
+from flyapi import FlyClient, RateLimiter, RequestRetry
 from turbodeploy import metrics
 from turbodeploy.db import DeploymentStore, create_pool
 from turbodeploy.logs import configure_logging
@@ -68,6 +68,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             else None
         ),
         on_response=metrics.record_fly_response,
+        retry=RequestRetry(attempts=settings.fly_api_request_attempts),
     )
     health = HealthActivities()
     notify = NotifyActivities(settings)

@@ -1,4 +1,5 @@
-"""Steps 1 and 7: the deployment's row in PostgreSQL, written at the start and at the end.
+"""Steps 1 and 7: the deployment's row in PostgreSQL, written at the start and at the end,
+and the release bundle a later rollback restores.
 
 A database that cannot be reached is a passing condition: the error stays retryable and the
 workflow's retry policy waits it out. A write the data itself makes impossible (an unknown
@@ -11,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import asyncpg
+from pydantic import BaseModel, ConfigDict
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -24,6 +26,7 @@ from turbodeploy.models import (
     RecordResultInput,
     RecordStartInput,
     RecordStartResult,
+    ReleaseRecord,
 )
 from turbodeploy.settings import Settings
 
@@ -31,6 +34,18 @@ DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 DEPLOYMENT_NOT_FOUND = "DeploymentNotFound"
 DEPLOYMENT_CONFLICT = "DeploymentConflict"
 DEPLOYMENT_RECORD_INVALID = "DeploymentRecordInvalid"
+RELEASE_NOT_FOUND = "ReleaseNotFound"
+RELEASE_NOT_RESTORABLE = "ReleaseNotRestorable"
+
+
+class LoadReleaseInput(BaseModel):
+    """The release to put back: `deployment_id`'s, or (None) the last deployed release
+    before the one running now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    project_id: str
+    deployment_id: str | None = None
 
 
 class DeploymentActivities:
@@ -72,6 +87,67 @@ class DeploymentActivities:
                 error=input.error,
             )
         activity.logger.info("deployment %s recorded as %s", input.deployment_id, input.status)
+
+    @activity.defn(name="record_release")
+    async def record_release(self, input: ReleaseRecord) -> None:
+        with _classified_errors():
+            await self._store.record_release(input)
+        activity.logger.info(
+            "release of deployment %s recorded (%s, image %s)",
+            input.deployment_id,
+            input.status,
+            input.image,
+        )
+
+    @activity.defn(name="load_release")
+    async def load_release(self, input: LoadReleaseInput) -> ReleaseRecord:
+        """The named release, or the last `deployed` one before the newest `deployed` one.
+
+        Only a deployed release with a snapshot can be put back.
+        """
+        project = input.project_id
+        with _classified_errors():
+            if input.deployment_id is not None:
+                release = await self._store.release(input.deployment_id)
+                if release is None or release.project_id != project:
+                    raise _release_not_found(
+                        f"project {project} has no release of deployment {input.deployment_id}"
+                    )
+            else:
+                current = await self._store.last_good_release(project)
+                if current is None:
+                    raise _release_not_found(f"project {project} has no deployed release")
+                release = await self._store.last_good_release(
+                    project, before_deployment_id=current.deployment_id
+                )
+                if release is None:
+                    raise _release_not_found(
+                        f"project {project} has no deployed release before "
+                        f"{current.deployment_id}, the one running now"
+                    )
+        if release.status is not DeployStatus.DEPLOYED or release.snapshot is None:
+            problem = (
+                f"ended {release.status}"
+                if release.status is not DeployStatus.DEPLOYED
+                else "has no snapshot of its machines"
+            )
+            raise ApplicationError(
+                f"release {release.deployment_id} of project {project} {problem}; "
+                "only a deployed release can be put back",
+                type=RELEASE_NOT_RESTORABLE,
+                non_retryable=True,
+            )
+        activity.logger.info(
+            "loaded release %s of project %s (image %s)",
+            release.deployment_id,
+            project,
+            release.image,
+        )
+        return release
+
+
+def _release_not_found(message: str) -> ApplicationError:
+    return ApplicationError(message, type=RELEASE_NOT_FOUND, non_retryable=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Literal
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -108,12 +109,24 @@ class FlyAppActivities:
         # Checked per family so that an attempt that crashed between the two allocations
         # completes the pair instead of adding a third address.
         if not any(_is_v6(ip) for ip in assigned):
-            assigned.append(await self._fly.assign_ip(app, "v6"))
-            activity.logger.info("Allocated an IPv6 address for Fly app %s", app)
+            assigned = await self._assign(app, "v6", assigned)
         if not any(not _is_v6(ip) for ip in assigned):
-            assigned.append(await self._fly.assign_ip(app, "shared_v4"))
-            activity.logger.info("Allocated a shared IPv4 address for Fly app %s", app)
+            assigned = await self._assign(app, "shared_v4", assigned)
         return [ip.ip for ip in assigned]
+
+    async def _assign(
+        self, app: str, kind: Literal["v6", "shared_v4"], assigned: list[IPAssignment]
+    ) -> list[IPAssignment]:
+        try:
+            ip = await self._fly.assign_ip(app, kind)
+        except FlyUnprocessable:
+            # An earlier request whose answer was lost may have allocated it already.
+            current = await self._fly.list_ip_assignments(app)
+            if any(_is_v6(x) == (kind == "v6") for x in current):
+                return current
+            raise
+        activity.logger.info("Allocated a %s address for Fly app %s", kind, app)
+        return [*assigned, ip]
 
 
 def _is_v6(ip: IPAssignment) -> bool:

@@ -1,4 +1,9 @@
-"""Step 2 of a deploy: render fly.toml into the project's repository and push it."""
+"""Step 2 of a deploy: render fly.toml into the project's repository and push it.
+
+A Node project without a Dockerfile also gets a generated one (and a .dockerignore), in
+the same commit, so the build step finds everything it needs in the deployed commit.
+Files the repository already has are never replaced.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy import flytoml, gitrepo
+from turbodeploy import dockerfile, flytoml, gitrepo
 from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
 from turbodeploy.settings import Settings
 
@@ -52,13 +57,28 @@ class FlyConfigActivities:
             rendered = flytoml.render_fly_toml(
                 app_name=input.app_name, region=input.region, env=input.env, existing=existing
             )
+            changed: list[str] = []
             if rendered != existing:
                 gitrepo.write_file(checkout, FLY_TOML, rendered)
+                changed.append(FLY_TOML)
+            generate = dockerfile.wants_generated_dockerfile(
+                has_dockerfile=gitrepo.has_file(checkout, dockerfile.DOCKERFILE),
+                has_package_json=gitrepo.has_file(checkout, dockerfile.PACKAGE_JSON),
+                fly_toml=rendered,
+            )
+            if generate:
+                gitrepo.write_file(checkout, dockerfile.DOCKERFILE, dockerfile.render_dockerfile())
+                changed.append(dockerfile.DOCKERFILE)
+                if not gitrepo.has_file(checkout, dockerfile.DOCKERIGNORE):
+                    gitrepo.write_file(
+                        checkout, dockerfile.DOCKERIGNORE, dockerfile.render_dockerignore()
+                    )
+                    changed.append(dockerfile.DOCKERIGNORE)
             beat.step("committing")
-            committed = await gitrepo.commit_if_changed(
+            committed = bool(changed) and await gitrepo.commit_if_changed(
                 checkout,
-                [FLY_TOML],
-                message=f"Deploy config for {input.app_name} ({input.deployment_id})",
+                changed,
+                message=_commit_message(input, changed),
                 author=self._author,
             )
             if committed:
@@ -73,17 +93,30 @@ class FlyConfigActivities:
             else:
                 sha = checkout.base_sha
             activity.logger.info(
-                "fly.toml for %s at %s (%s)",
+                "fly.toml for %s at %s (%s)%s",
                 input.app_name,
                 sha,
                 "committed" if committed else "already up to date",
+                ", with a generated Dockerfile" if generate else "",
             )
             return PrepareConfigResult(
                 commit_sha=sha,
                 committed=committed,
                 fly_toml=rendered,
                 merged_existing=existing is not None,
+                dockerfile_generated=generate,
             )
+
+
+def _commit_message(input: PrepareConfigInput, paths: list[str]) -> str:
+    subject = f"Deploy config for {input.app_name} ({input.deployment_id})"
+    if dockerfile.DOCKERFILE not in paths:
+        return subject
+    return (
+        f"{subject}: {', '.join(paths)}\n\n"
+        "The repository had no Dockerfile: this one builds the Nitro.js server for "
+        "production. It is the project's own from now on; deploys use it as committed."
+    )
 
 
 class _Heartbeat:

@@ -44,11 +44,21 @@ from flyapi._errors import (
     FlyUnauthorized,
     FlyUnprocessable,
 )
-from flyapi._models import App, CheckStatus, IPAssignment, Lease, Machine, Organization
+from flyapi._models import (
+    App,
+    AppSecret,
+    CheckStatus,
+    IPAssignment,
+    Lease,
+    Machine,
+    Organization,
+)
 from flyapi._ratelimit import RateLimiter
+from flyapi._retry import RequestRetry
 
 __all__ = [
     "App",
+    "AppSecret",
     "CheckStatus",
     "FlyAPIError",
     "FlyBadRequest",
@@ -67,6 +77,7 @@ __all__ = [
     "Machine",
     "Organization",
     "RateLimiter",
+    "RequestRetry",
     "TokenSource",
     "WaitState",
 ]

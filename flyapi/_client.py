@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
@@ -16,15 +17,19 @@ from pydantic import BaseModel, ValidationError
 from flyapi._errors import (
     FlyAPIError,
     FlyNotFound,
+    FlyRetryableError,
     FlyTransportError,
     error_from_response,
 )
-from flyapi._models import App, IPAssignment, Lease, Machine
+from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine
 from flyapi._ratelimit import RateLimiter
+from flyapi._retry import RequestRetry
 
 logger = logging.getLogger("flyapi")
 
 TokenSource = Callable[[], Awaitable[str]] | str
+# Told (method, status code) of every response, e.g. to count them in a metric.
+ResponseHook = Callable[[str, int], None]
 IPType = Literal["v4", "v6", "shared_v4", "private_v6"]
 WaitState = Literal["started", "stopped", "destroyed", "suspended"]
 
@@ -53,8 +58,11 @@ class FlyClient:
     The token only ever travels in the `Authorization` header: it is not part of any
     exception, repr or log line.
 
-    The client does not retry (callers own their retry policy), with one exception: a GET
-    whose connection was dropped before any response is sent once more, immediately.
+    By default the client does not retry (callers own their retry policy), with one
+    exception: a GET whose connection was dropped before any response is sent once more,
+    immediately. With `retry`, every idempotent request that meets a retryable error
+    (408, 429, 5xx, network) is sent again with backoff, honouring `Retry-After`; a 409
+    (lease held, version mismatch) and machine creates are always left to the caller.
     """
 
     def __init__(
@@ -66,8 +74,12 @@ class FlyClient:
         timeout: float = 30.0,
         rate_limiter: RateLimiter | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
+        on_response: ResponseHook | None = None,
+        retry: RequestRetry | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._retry = retry
+        self._on_response = on_response
         self._token = token
         self._timeout = timeout
         self._limiter = rate_limiter
@@ -181,20 +193,27 @@ class FlyClient:
         lease_ttl: int | None = None,
         skip_launch: bool = False,
         name: str | None = None,
+        skip_service_registration: bool = False,
     ) -> Machine:
         """Create (and, unless `skip_launch`, start) a machine.
 
         Not idempotent: after a 408, a 5xx or a transport error the machine may exist.
         With `lease_ttl` the machine comes back leased and `Machine.nonce` holds the nonce.
+        With `skip_service_registration` the proxy routes nothing to it until it is
+        uncordoned.
         """
         body: dict[str, Any] = {"config": dict(config), "region": region}
         if lease_ttl is not None:
             body["lease_ttl"] = int(lease_ttl)
         if skip_launch:
             body["skip_launch"] = True
+        if skip_service_registration:
+            body["skip_service_registration"] = True
         if name:
             body["name"] = name
-        response = await self._request("POST", f"/apps/{_seg(app)}/machines", json=body)
+        response = await self._request(
+            "POST", f"/apps/{_seg(app)}/machines", json=body, idempotent=False
+        )
         return self._model(Machine, response)
 
     async def update_machine(
@@ -325,6 +344,41 @@ class FlyClient:
         with contextlib.suppress(FlyNotFound):
             await self._request("DELETE", self._machine_path(app, machine_id, "lease"), nonce=nonce)
 
+    # --------------------------------------------------------------------------- secrets
+
+    async def list_secrets(self, app: str) -> list[AppSecret]:
+        """The app's secrets by name and digest: the API does not return their values."""
+        response = await self._request("GET", f"/apps/{_seg(app)}/secrets")
+        data = self._json(response)
+        listed = data.get("secrets") if isinstance(data, dict) else data
+        if not isinstance(listed, list):
+            raise self._unexpected(response, "expected a list of secrets")
+        return [self._validate(AppSecret, s, response) for s in listed]
+
+    async def set_secrets(self, app: str, values: Mapping[str, str]) -> int:
+        """Set the secrets in one request; returns the app's secrets version after it.
+
+        Machines see them from their next boot on. The values travel in the request body
+        only: no log line or exception carries one, even when the API echoes it back.
+        """
+        if not values:
+            raise ValueError("no secrets to set")
+        response = await self._request(
+            "POST",
+            f"/apps/{_seg(app)}/secrets",
+            json={"values": dict(values)},
+            redact=list(values.values()),
+        )
+        return _secrets_version(self._json_or_none(response))
+
+    async def unset_secret(self, app: str, name: str) -> int | None:
+        """Remove the secret; returns the new secrets version, or None when it was absent."""
+        try:
+            response = await self._request("DELETE", f"/apps/{_seg(app)}/secrets/{_seg(name)}")
+        except FlyNotFound:
+            return None
+        return _secrets_version(self._json_or_none(response))
+
     # --------------------------------------------------------------------------- private
 
     @staticmethod
@@ -348,6 +402,45 @@ class FlyClient:
         json: Any = None,
         nonce: str | None = None,
         read_timeout: float | None = None,
+        redact: Collection[str] = (),
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        attempt = 1
+        while True:
+            try:
+                return await self._request_once(
+                    method,
+                    path,
+                    params=params,
+                    json=json,
+                    nonce=nonce,
+                    read_timeout=read_timeout,
+                    redact=redact,
+                )
+            except (FlyRetryableError, FlyTransportError) as exc:
+                retry_after = exc.retry_after if isinstance(exc, FlyRetryableError) else None
+                conflict = isinstance(exc, FlyRetryableError) and exc.status_code == 409
+                delay = (
+                    self._retry.delay(attempt, retry_after)
+                    if self._retry is not None and idempotent and not conflict
+                    else None
+                )
+                if delay is None:
+                    raise
+                logger.info("%s %s: %s; retrying in %.2fs", method, path, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        json: Any,
+        nonce: str | None,
+        read_timeout: float | None,
+        redact: Collection[str],
     ) -> httpx.Response:
         token = await self._token_value()
         headers = {"Authorization": f"Bearer {token}"}
@@ -379,10 +472,18 @@ class FlyClient:
                     path=path,
                 ) from None
             break
+        if self._on_response is not None:
+            try:
+                self._on_response(method, response.status_code)
+            except Exception:
+                # Counting a response must never fail the request it counts.
+                logger.exception("on_response hook failed")
         if response.is_success:
             logger.debug("%s %s -> %d", method, path, response.status_code)
             return response
         error = error_from_response(response, method=method, path=path, secret=token)
+        if redact:
+            error = _redacted(error, redact)
         logger.debug("%s %s -> %s", method, path, error)
         raise error
 
@@ -420,3 +521,25 @@ class FlyClient:
 
     def _model(self, model: type[_M], response: httpx.Response) -> _M:
         return self._validate(model, self._json(response), response)
+
+
+def _redacted(error: FlyAPIError, values: Collection[str]) -> FlyAPIError:
+    """The same error, with every occurrence of `values` in its message replaced."""
+    message = error.message
+    for value in sorted((v for v in values if v), key=len, reverse=True):
+        message = message.replace(value, "[redacted]")
+    if message == error.message:
+        return error
+    return type(error)(
+        error.status_code,
+        message,
+        error.request_id,
+        error.retry_after,
+        method=error.method,
+        path=error.path,
+    )
+
+
+def _secrets_version(data: Any) -> int:
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else 0

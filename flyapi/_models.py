@@ -84,6 +84,15 @@ class Machine(_Liberal):
         return self.state in GONE_STATES
 
 
+class AppSecret(_Liberal):
+    """An app secret as the API lists it: its name and a digest of its value."""
+
+    name: str
+    digest: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
 class Lease(_Liberal):
     nonce: str
     expires_at: int | None = None

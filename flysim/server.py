@@ -21,6 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from flysim.api import ApiError, api_routes, error_response
 from flysim.config import SimConfig
 from flysim.proxy import proxy_routes
+from flysim.secrets import SecretVault, machine_runtime_env, secret_routes
 from flysim.state import World, ulid
 from flysim.stats import LogEntry, SimStats
 
@@ -36,7 +37,7 @@ class _SimApp(Starlette):
 
     def __init__(self, sim: FlySim) -> None:
         self._sim = sim
-        self.api_routes = api_routes(sim)
+        self.api_routes = [*api_routes(sim), *secret_routes(sim)]
         routes: list[Route] = [
             *self.api_routes,
             *proxy_routes(sim),
@@ -84,6 +85,7 @@ class FlySim:
     def __init__(self, config: SimConfig | None = None) -> None:
         self._config = config or SimConfig()
         self.world = World(self._config)
+        self.secrets = SecretVault()
         self.stats = SimStats()
         self.request_log: list[LogEntry] = []
         self._rng = random.Random()
@@ -112,6 +114,7 @@ class FlySim:
     def reset(self) -> None:
         """Forget all apps, machines, leases and counters; faults go back to none."""
         self.world.apps = {}
+        self.secrets = SecretVault()
         self.stats = SimStats()
         self.request_log = []
         self._config.faults = type(self._config.faults)()
@@ -331,9 +334,15 @@ class FlySim:
             "apps": apps,
             "machines": machines,
             "leases": leases,
+            "secrets": self.secrets.to_json(list(self.world.apps.values())),
             "counters": self.stats.to_json(),
             "config": self._config.public_dict(),
         }
+
+    def machine_runtime_env(self, app_name: str, machine_id: str) -> dict[str, str]:
+        """The machine's process environment: `config.env` plus the app's secrets as of
+        its last boot. For tests only; the API never shows a secret value."""
+        return machine_runtime_env(self, app_name, machine_id)
 
     async def _control_state(self, request: Request) -> Response:
         return JSONResponse(self.snapshot())

@@ -21,10 +21,12 @@ from turbodeploy.db import (
     DeploymentStore,
     create_pool,
 )
+from turbodeploy.db.queries import Queries
+from turbodeploy.db.store import _migrations
 from turbodeploy.models import DeploymentRow, DeployStatus, RecordResultInput, RecordStartInput
 from turbodeploy.settings import Settings
 
-MIGRATIONS = ["0001_project_deployments.sql"]
+MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -99,7 +101,10 @@ async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, s
         assert sorted(first, key=len) == [[], MIGRATIONS]
         assert await DeploymentStore(pool_a, schema).migrate() == []
         versions = await pool_a.fetch(f'SELECT version, name FROM "{schema}".schema_migrations')
-        assert [(r["version"], r["name"]) for r in versions] == [(1, MIGRATIONS[0])]
+        assert sorted((r["version"], r["name"]) for r in versions) == [
+            (1, MIGRATIONS[0]),
+            (2, MIGRATIONS[1]),
+        ]
 
         index = await pool_a.fetchval(
             "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
@@ -114,6 +119,7 @@ async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, s
             )
         ]
         assert any("(project_id, deployed_at DESC" in d for d in indexes), indexes
+        assert any("releases USING btree (project_id, created_at DESC" in d for d in indexes)
         with pytest.raises(asyncpg.CheckViolationError):
             await pool_a.execute(
                 f'INSERT INTO "{schema}".project_deployments (deployment_id, project_id,'
@@ -123,6 +129,65 @@ async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, s
     finally:
         await pool_a.close()
         await pool_b.close()
+
+
+async def _apply_first_migration_only(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> None:
+    """The schema as a service of the first release left it: migration 0001 and nothing else."""
+    first = next(m for m in _migrations() if m.version == 1)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(Queries.for_schema(schema).create_migrations)
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        await conn.execute(first.sql)
+        await conn.execute(
+            f'INSERT INTO "{schema}".schema_migrations (version, name, checksum)'
+            " VALUES ($1, $2, $3)",
+            first.version,
+            first.name,
+            first.checksum,
+        )
+
+
+async def test_releases_migration_applies_on_top_of_existing_rows(
+    pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    await _apply_first_migration_only(pool, schema)
+    store = DeploymentStore(pool, schema)
+    running, done = _deployment_id(), _deployment_id()
+    await _start(store, project_id, running)
+    await _start(store, project_id, done)
+    await store.record_result(done, DeployStatus.FAILED, error="boom")
+    table = f'"{schema}".project_deployments'
+    # Before 0002 the statuses it adds are refused.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(
+            f"UPDATE {table} SET status = 'superseded' WHERE deployment_id = $1", done
+        )
+
+    assert await store.migrate() == [MIGRATIONS[1]]
+    assert await store.migrate() == []
+
+    kept = await store.get(done)
+    assert kept is not None and (kept.status, kept.error) == (DeployStatus.FAILED, "boom")
+    superseded = await store.record_result(running, DeployStatus.SUPERSEDED)
+    assert superseded.status is DeployStatus.SUPERSEDED
+    assert superseded.finished_at is not None
+
+    queued = _deployment_id()
+    await _start(store, project_id, queued)
+    await pool.execute(
+        f"UPDATE {table} SET status = 'queued', finished_at = NULL WHERE deployment_id = $1", queued
+    )
+    # A queued deployment has not finished; a finished one has a time.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(f"UPDATE {table} SET finished_at = 1 WHERE deployment_id = $1", queued)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(f"UPDATE {table} SET finished_at = NULL WHERE deployment_id = $1", done)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(f"UPDATE {table} SET status = 'exploded' WHERE deployment_id = $1", done)
+    # A queued row can still be finished, with any final status.
+    rolled_back = await store.record_result(queued, DeployStatus.ROLLED_BACK, error="unhealthy")
+    assert rolled_back.status is DeployStatus.ROLLED_BACK and rolled_back.finished_at is not None
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fly_config import FlyConfigActivities
-from turbodeploy import gitrepo
+from turbodeploy import dockerfile, gitrepo
 from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
 from turbodeploy.settings import Settings
 
@@ -55,6 +55,11 @@ swap_size_mb = 512
 """
 
 
+SUBJECT = "Deploy config for turbobackend-p1 (d-1)"
+# NITRO_TREE has no Dockerfile: the first deploy adds one.
+FIRST_SUBJECT = f"{SUBJECT}: fly.toml, Dockerfile, .dockerignore"
+
+
 def git(cwd: Path, *args: str) -> str:
     result = subprocess.run(
         ["git", "-c", "user.name=Upstream", "-c", "user.email=up@example.com", *args],
@@ -64,6 +69,13 @@ def git(cwd: Path, *args: str) -> str:
         check=True,
     )
     return result.stdout.strip()
+
+
+def show_bytes(remote: Remote, path: str, branch: str = "main") -> bytes:
+    """A file of the remote branch exactly as committed (no decoding, no stripping)."""
+    return subprocess.run(
+        ["git", "show", f"{branch}:{path}"], cwd=remote.bare, capture_output=True, check=True
+    ).stdout
 
 
 @dataclass
@@ -168,8 +180,9 @@ async def test_first_run_commits_and_pushes(
 
     assert result.committed is True
     assert result.merged_existing is False
+    assert result.dockerfile_generated is True
     assert result.commit_sha == remote.tip() != before
-    assert remote.subjects()[0] == "Deploy config for turbobackend-p1 (d-1)"
+    assert remote.subjects()[0] == FIRST_SUBJECT
     assert git(remote.bare, "log", "-1", "--format=%an <%ae>", "main") == (
         "Deploy Bot <bot@example.com>"
     )
@@ -178,8 +191,14 @@ async def test_first_run_commits_and_pushes(
     doc = tomllib.loads(result.fly_toml)
     assert doc["app"] == "turbobackend-p1"
     assert doc["env"]["GREETING"] == "hi"
-    # Only fly.toml changed; the project is untouched.
-    assert git(remote.bare, "diff", "--name-only", before, "main") == "fly.toml"
+    # fly.toml and the generated build files, in one commit; the project is untouched.
+    assert git(remote.bare, "diff", "--name-only", before, "main").splitlines() == [
+        ".dockerignore",
+        "Dockerfile",
+        "fly.toml",
+    ]
+    assert show_bytes(remote, "Dockerfile") == dockerfile.render_dockerfile().encode()
+    assert show_bytes(remote, ".dockerignore") == dockerfile.render_dockerignore().encode()
     assert list(work_dir.iterdir()) == []  # the checkout was removed
 
 
@@ -191,7 +210,9 @@ async def test_second_run_is_a_no_op(remote: Remote, activities: FlyConfigActivi
     assert second.commit_sha == first.commit_sha == remote.tip()
     assert second.fly_toml == first.fly_toml
     assert second.merged_existing is True
-    assert remote.subjects("fly.toml") == ["Deploy config for turbobackend-p1 (d-1)"]
+    assert (first.dockerfile_generated, second.dockerfile_generated) == (True, False)
+    assert remote.subjects("fly.toml") == [FIRST_SUBJECT]
+    assert remote.subjects("Dockerfile") == [FIRST_SUBJECT]
 
 
 async def test_changed_env_makes_a_new_commit(
@@ -203,11 +224,10 @@ async def test_changed_env_makes_a_new_commit(
     )
 
     assert result.committed is True
+    assert result.dockerfile_generated is False  # the first deploy's is kept
     assert tomllib.loads(remote.show("fly.toml"))["env"]["GREETING"] == "hello"
-    assert remote.subjects("fly.toml") == [
-        "Deploy config for turbobackend-p1 (d-2)",
-        "Deploy config for turbobackend-p1 (d-1)",
-    ]
+    assert remote.subjects("fly.toml") == ["Deploy config for turbobackend-p1 (d-2)", FIRST_SUBJECT]
+    assert remote.subjects("Dockerfile") == [FIRST_SUBJECT]
 
 
 async def test_the_repository_fly_toml_keeps_user_keys(
@@ -218,6 +238,9 @@ async def test_the_repository_fly_toml_keeps_user_keys(
     result = await run(activities, config_input(remote))
 
     assert result.committed is True and result.merged_existing is True
+    # [build] names the user's own Dockerfile: no other is generated.
+    assert result.dockerfile_generated is False
+    assert "Dockerfile" not in git(remote.bare, "ls-tree", "--name-only", "main").split()
     doc = tomllib.loads(remote.show("fly.toml"))
     assert doc["app"] == "turbobackend-p1" and doc["primary_region"] == "iad"
     assert doc["build"] == {"dockerfile": "Dockerfile.custom"}
@@ -246,7 +269,7 @@ async def test_an_upstream_commit_during_the_deploy_is_rebased_on(
     assert [s for s in steps if s != "starting"][:3] == ["cloning", "committing", "pushing"]
     assert result.committed is True
     assert result.commit_sha == remote.tip()
-    assert remote.subjects()[:2] == ["Deploy config for turbobackend-p1 (d-1)", "Edit README"]
+    assert remote.subjects()[:2] == [FIRST_SUBJECT, "Edit README"]
     assert git(remote.bare, "rev-parse", "main~1") == upstream[0]
     assert remote.show("README.md") == "# changed\n"
     assert remote.show("fly.toml") == result.fly_toml
@@ -374,3 +397,99 @@ async def test_push_gives_up_after_bounded_attempts(remote: Remote, tmp_path: Pa
         outcome = await gitrepo.push(checkout, author=author, attempts=2)
         assert outcome.pushed and outcome.rebased
         assert outcome.sha == remote.tip()
+
+
+# ------------------------------------------------------------------------ Dockerfile
+
+
+# Odd on purpose: CRLF line ends, a non-ASCII comment, no final newline.
+USER_DOCKERFILE = b'FROM node:18-alpine\r\n# caf\xc3\xa9 \xe2\x80\x94 mine\r\nCMD ["node", "x.js"]'
+
+
+def commit_raw(remote: Remote, files: dict[str, bytes], message: str) -> None:
+    git(remote.seed, "pull", "--quiet", "--rebase", "origin", "main")
+    for name, content in files.items():
+        (remote.seed / name).write_bytes(content)
+    git(remote.seed, "add", "--", *files)
+    git(remote.seed, "commit", "--quiet", "-m", message)
+    git(remote.seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+
+
+async def test_the_user_dockerfile_is_kept_byte_for_byte(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    commit_raw(remote, {"Dockerfile": USER_DOCKERFILE}, "Own Dockerfile")
+    before = remote.tip()
+
+    result = await run(activities, config_input(remote))
+
+    assert result.committed is True and result.dockerfile_generated is False
+    assert git(remote.bare, "diff", "--name-only", before, "main") == "fly.toml"
+    assert remote.subjects()[0] == SUBJECT
+    assert show_bytes(remote, "Dockerfile") == USER_DOCKERFILE
+    # Without a generated Dockerfile there is no reason to add a .dockerignore either.
+    assert ".dockerignore" not in git(remote.bare, "ls-tree", "--name-only", "main").split()
+
+
+async def test_the_user_dockerignore_is_kept_when_a_dockerfile_is_generated(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    own_ignore = b"node_modules\n!keep-me\n"
+    commit_raw(remote, {".dockerignore": own_ignore}, "Own .dockerignore")
+    before = remote.tip()
+
+    result = await run(activities, config_input(remote))
+
+    assert result.dockerfile_generated is True
+    assert git(remote.bare, "diff", "--name-only", before, "main").splitlines() == [
+        "Dockerfile",
+        "fly.toml",
+    ]
+    assert remote.subjects()[0] == f"{SUBJECT}: fly.toml, Dockerfile"
+    body = git(remote.bare, "log", "-1", "--format=%b", "main")
+    assert "no Dockerfile" in body
+    assert show_bytes(remote, ".dockerignore") == own_ignore
+    assert show_bytes(remote, "Dockerfile") == dockerfile.render_dockerfile().encode()
+
+
+async def test_a_fly_toml_up_to_date_still_gets_the_missing_dockerfile(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    first = await run(activities, config_input(remote))
+    git(remote.seed, "pull", "--quiet", "--rebase", "origin", "main")
+    git(remote.seed, "rm", "--quiet", "Dockerfile")
+    git(remote.seed, "commit", "--quiet", "-m", "Drop Dockerfile")
+    git(remote.seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+
+    again = await run(activities, config_input(remote, deployment_id="d-2"))
+
+    assert again.committed is True and again.dockerfile_generated is True
+    assert again.fly_toml == first.fly_toml
+    assert remote.subjects()[0] == "Deploy config for turbobackend-p1 (d-2): Dockerfile"
+    assert show_bytes(remote, "Dockerfile") == dockerfile.render_dockerfile().encode()
+
+
+async def test_no_dockerfile_is_generated_without_package_json(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    tree = {k: v for k, v in NITRO_TREE.items() if k != "package.json"}
+    remote = make_remote(tmp_path, tree)
+    before = remote.tip()
+
+    result = await run(activities, config_input(remote))
+
+    assert result.dockerfile_generated is False
+    assert git(remote.bare, "diff", "--name-only", before, "main") == "fly.toml"
+
+
+async def test_no_dockerfile_is_generated_for_a_prebuilt_image_in_fly_toml(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    own = 'app = "x"\n\n[build]\n  image = "registry.example.com/team/api:1.2"\n'
+    remote = make_remote(tmp_path, {**NITRO_TREE, "fly.toml": own})
+
+    result = await run(activities, config_input(remote))
+
+    assert result.dockerfile_generated is False
+    assert tomllib.loads(result.fly_toml)["build"]["image"] == "registry.example.com/team/api:1.2"
+    assert "Dockerfile" not in git(remote.bare, "ls-tree", "--name-only", "main").split()

@@ -1,4 +1,8 @@
-"""`turbodeploy`: start, follow, cancel and inspect deploys; run the demo and the emulator.
+"""`turbodeploy`: start, follow, retry, roll back, cancel and inspect deploys; run the local
+stack, the demo and the emulator.
+
+Every command that reports takes `--json`: then stdout holds one JSON document and nothing
+else (on failure `{"error": ...}`), and messages go to stderr.
 
 Exit codes: 0 success, 1 the deploy or the command failed, 2 invalid input (nothing was
 started), 130 interrupted.
@@ -9,30 +13,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from turbodeploy.models import DeploymentRow, DeployProgress, DeployRequest, DeployResult
+from turbodeploy.models import DeploymentRow, DeployProgress, DeployRequest, Strategy
 from turbodeploy.settings import Settings
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from turbodeploy.client import DeployHandle
+    from turbodeploy.db import DeploymentStore
+    from turbodeploy.models import ReleaseRecord
 
 T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
 
-out = Console()
 err = Console(stderr=True)
+# Set by each command: with --json, failures are reported on stdout as JSON too.
+_json_output = False
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -40,22 +55,30 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         err.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+def _fail(message: str, code: int = EXIT_FAILED, **fields: Any) -> NoReturn:
+    if _json_output:
+        _print_json({"error": message, **fields})
     err.print(f"[red]error:[/red] {message}", highlight=False)
     sys.exit(code)
 
 
 def _invalid(exc: ValidationError) -> NoReturn:
-    lines = []
+    problems = []
     for e in exc.errors():
         where = ".".join(str(p) for p in e["loc"]) or "request"
-        lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
+        problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    if _json_output:
+        _print_json({"error": "invalid request", "problems": problems})
     err.print("[red]invalid request[/red] (nothing was started):", highlight=False)
-    err.print("\n".join(lines), highlight=False, markup=False)
+    err.print("\n".join(f"  {p}" for p in problems), highlight=False, markup=False)
     sys.exit(EXIT_INVALID)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
 
 
 def _settings() -> Settings:
@@ -65,48 +88,129 @@ def _settings() -> Settings:
         _invalid(exc)
 
 
-async def _client(settings: Settings) -> Client:
-    from worker import connect
+def _project(project_id: str) -> str:
+    from turbodeploy.models import validate_project_id
 
     try:
-        return await connect(settings)
+        return validate_project_id(project_id)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INVALID)
+
+
+async def _client(settings: Settings) -> Client:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    try:
+        return await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=pydantic_data_converter,
+        )
     except RuntimeError as exc:
         _fail(f"cannot reach Temporal at {settings.temporal_address}: {exc}")
 
 
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    def enable(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        global _json_output
+        _json_output = value
+        return value
+
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,
+        callback=enable,
+        help="One JSON document on stdout, nothing else.",
+    )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """The console entry point: run one command, then exit without interpreter teardown.
+
+        The Temporal client's native threads may outlive the event loop, and CPython aborts
+        ("PyGILState_Release ... finalizing", temporalio/sdk-python#300) when they still
+        run during finalization. Once a command is done nothing is left to clean up but
+        buffered output and log files, so those are flushed and the process exits directly.
+        (`CliRunner` calls `main()`, not this, so tests keep their interpreter.)
+        """
+        try:
+            self.main(*args, **kwargs)
+            code: int = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                err.print(str(exc.code), markup=False, highlight=False)
+                code = EXIT_FAILED
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Durable deploys of generated Nitro.js backends to Fly.io."""
 
 
-# --------------------------------------------------------------------------- deploy
+# ----------------------------------------------------------------------------- deploy
 
 
-def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
+def _parse_timings(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        _fail(f"--timings is not JSON: {exc}", EXIT_INVALID)
+    if not isinstance(parsed, dict):
+        _fail("--timings must be a JSON object of seconds by name", EXIT_INVALID)
+    return parsed
+
+
+def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep:
-            _fail(f"--env expects NAME=VALUE, got {pair!r}", EXIT_INVALID)
-        env[name] = value
-    return env
+        if not sep or not name:
+            _fail(f"{option} expects NAME=VALUE, got {pair!r}", EXIT_INVALID)
+        parsed[name] = value
+    return parsed
 
 
 @main.command()
 @click.argument("project_id")
 @click.option("--repo", "repo_url", required=True, help="Git URL or path of the project.")
 @click.option("--branch", default="main", show_default=True)
-@click.option("--image", default=None, help="Prebuilt image reference to roll out.")
+@click.option("--image", default=None, help="Prebuilt image to roll out (default: build it).")
 @click.option("--region", default="iad", show_default=True)
 @click.option("--machines", "machine_count", default=1, show_default=True, type=int)
+@click.option(
+    "--strategy",
+    type=click.Choice([s.value for s in Strategy]),
+    default=Strategy.ROLLING.value,
+    show_default=True,
+)
+@click.option("--max-unavailable", type=float, default=None, help="Rolling batch size.")
 @click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="App env var.")
+@click.option(
+    "--secret", "secret_pairs", multiple=True, metavar="NAME=SSM_PARAMETER", help="App secret."
+)
+@click.option("--callback-url", default=None, help="POSTed a signed notice when it ends.")
 @click.option("--health-deadline", type=float, default=None, help="Seconds to wait for health.")
+@click.option(
+    "--timings",
+    "timings_json",
+    default=None,
+    metavar="JSON",
+    help="Waits and polls in seconds, e.g. '{\"machine_wait_timeout\": 600}'.",
+)
 @click.option("--wait/--no-wait", default=False, help="Follow the deploy until it ends.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--poll-interval", type=float, default=0.5, hidden=True)
+@_json_option
 def deploy(
     project_id: str,
     repo_url: str,
@@ -114,12 +218,19 @@ def deploy(
     image: str | None,
     region: str,
     machine_count: int,
+    strategy: str,
+    max_unavailable: float | None,
     env_pairs: tuple[str, ...],
+    secret_pairs: tuple[str, ...],
+    callback_url: str | None,
     health_deadline: float | None,
+    timings_json: str | None,
     wait: bool,
+    poll_interval: float,
     as_json: bool,
 ) -> None:
     """Deploy PROJECT_ID from its repository."""
+    timings = _parse_timings(timings_json)
     fields: dict[str, Any] = {
         "project_id": project_id,
         "repo_url": repo_url,
@@ -127,190 +238,452 @@ def deploy(
         "image": image,
         "region": region,
         "machine_count": machine_count,
-        "env": _parse_env(env_pairs),
+        "strategy": strategy,
+        "env": _parse_pairs(env_pairs, "--env"),
+        "secrets": _parse_pairs(secret_pairs, "--secret"),
+        "callback_url": callback_url,
     }
+    if max_unavailable is not None:
+        fields["max_unavailable"] = max_unavailable
     if health_deadline is not None:
-        fields["timings"] = {"health_deadline": health_deadline}
+        timings["health_deadline"] = health_deadline
+    if timings:
+        fields["timings"] = timings
     try:
         request = DeployRequest.model_validate(fields)
     except ValidationError as exc:
         _invalid(exc)
-    if request.image is None:
-        _fail("--image is required: this worker rolls out prebuilt images", EXIT_INVALID)
     settings = _settings()
-    _run(_deploy(settings, request, wait=wait, as_json=as_json))
 
+    async def start(client: Client) -> DeployHandle:
+        from turbodeploy.client import start_deploy
 
-async def _deploy(settings: Settings, request: DeployRequest, *, wait: bool, as_json: bool) -> None:
-    from turbodeploy.client import DeployError, start_deploy
+        return await start_deploy(client, request, task_queue=settings.task_queue)
 
-    client = await _client(settings)
-    try:
-        handle = await start_deploy(client, request, task_queue=settings.task_queue)
-    except DeployError as exc:
-        _fail(str(exc))
-    link = settings.workflow_ui_link(handle.id, handle.result_run_id)
-    if not wait:
-        if as_json:
-            _print_json(
-                {
-                    "workflow_id": handle.id,
-                    "run_id": handle.result_run_id,
-                    "deployment_id": request.deployment_id,
-                    "ui": link,
-                }
-            )
-        else:
-            out.print(f"started {handle.id} (deployment {request.deployment_id})")
-            out.print(f"watch: {link}")
-        return
-    if not as_json:
-        out.print(f"deploying {request.project_id} → {request.app_name}  ({link})")
-    result = await follow(client, handle.id, quiet=as_json)
-    if as_json:
-        _print_json(result)
-    if result.get("status") != "deployed":
-        sys.exit(EXIT_FAILED)
-
-
-async def follow(client: Client, workflow_id: str, *, quiet: bool = False) -> dict[str, Any]:
-    """Print each step as it completes until the deploy ends; return its outcome."""
-    from workflows.deploy_project import DeployProjectWorkflow
-
-    handle = client.get_workflow_handle_for(DeployProjectWorkflow.run, workflow_id)
-    started = time.monotonic()
-    seen: set[str] = set()
-    result_task = asyncio.ensure_future(handle.result())
-    last_detail = ""
-    while not result_task.done():
-        with contextlib.suppress(RPCError, asyncio.TimeoutError):
-            p: DeployProgress = await asyncio.wait_for(
-                handle.query(DeployProjectWorkflow.progress), timeout=5
-            )
-            for step in p.completed_steps:
-                if step not in seen and not quiet:
-                    out.print(f"  [green]✓[/green] {step}  ({time.monotonic() - started:.1f}s)")
-                seen.add(step)
-            if p.detail != last_detail and not quiet:
-                out.print(f"    … {p.detail}", style="dim", highlight=False)
-                last_detail = p.detail
-        await asyncio.wait({result_task}, timeout=0.5)
-    try:
-        result: DeployResult = result_task.result()
-    except WorkflowFailureError as exc:
-        message = str(exc.cause)
-        if not quiet:
-            out.print(f"[red]✗ deploy failed:[/red] {message}", highlight=False)
-        cancelled = (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
-        return {"status": "cancelled" if cancelled else "failed", "error": message}
-    if not quiet:
-        out.print(f"[green]✓ deployed[/green] {result.url}  ({time.monotonic() - started:.1f}s)")
-    return result.model_dump(mode="json")
-
-
-# --------------------------------------------------------------------------- status etc.
+    _run(_submit(settings, start, "deploying", wait=wait, poll_interval=poll_interval))
 
 
 @main.command()
 @click.argument("project_id")
-@click.option("--json", "as_json", is_flag=True)
-def status(project_id: str, as_json: bool) -> None:
-    """Show the latest deploy of PROJECT_ID: workflow state, current step and record."""
+@click.option("--wait/--no-wait", default=False, help="Follow the deploy until it ends.")
+@click.option("--poll-interval", type=float, default=0.5, hidden=True)
+@_json_option
+def retry(project_id: str, wait: bool, poll_interval: float, as_json: bool) -> None:
+    """Deploy PROJECT_ID again with its last request, as a new deployment."""
+    _project(project_id)
     settings = _settings()
-    _run(_status(settings, project_id, as_json))
+
+    async def start(client: Client) -> DeployHandle:
+        from turbodeploy.client import retry_deploy
+
+        return await retry_deploy(client, project_id, task_queue=settings.task_queue)
+
+    _run(_submit(settings, start, "retrying", wait=wait, poll_interval=poll_interval))
 
 
-async def _status(settings: Settings, project_id: str, as_json: bool) -> None:
-    from turbodeploy import client as api
-    from turbodeploy.models import validate_project_id
+@main.command()
+@click.argument("project_id")
+@click.option("--to", "to_deployment_id", default=None, help="Deployment id of the release.")
+@click.option("--timings", "timings_json", default=None, metavar="JSON", help="As for deploy.")
+@click.option("--wait/--no-wait", default=False, help="Follow the rollback until it ends.")
+@click.option("--poll-interval", type=float, default=0.5, hidden=True)
+@_json_option
+def rollback(
+    project_id: str,
+    to_deployment_id: str | None,
+    timings_json: str | None,
+    wait: bool,
+    poll_interval: float,
+    as_json: bool,
+) -> None:
+    """Put PROJECT_ID back on a recorded release (default: the one before the current)."""
+    from turbodeploy.models import RollbackRequest
+
+    extra: dict[str, Any] = {}
+    if timings := _parse_timings(timings_json):
+        extra["timings"] = timings
+    try:
+        request = RollbackRequest.model_validate(
+            {"project_id": project_id, "to_deployment_id": to_deployment_id, **extra}
+        )
+    except ValidationError as exc:
+        _invalid(exc)
+    settings = _settings()
+
+    async def start(client: Client) -> DeployHandle:
+        from turbodeploy.client import start_rollback
+
+        return await start_rollback(
+            client,
+            project_id,
+            to_deployment_id,
+            task_queue=settings.task_queue,
+            timings=request.timings,
+        )
+
+    _run(_submit(settings, start, "rolling back", wait=wait, poll_interval=poll_interval))
+
+
+async def _submit(
+    settings: Settings,
+    start: Callable[[Client], Coroutine[Any, Any, DeployHandle]],
+    verb: str,
+    *,
+    wait: bool,
+    poll_interval: float,
+) -> None:
+    from turbodeploy.client import DeployError
+
+    client = await _client(settings)
+    try:
+        handle = await start(client)
+    except DeployError as exc:
+        _fail(str(exc))
+    except RPCError as exc:
+        _fail(f"Temporal refused the request: {exc.message}")
+    link = settings.workflow_ui_link(handle.workflow_id, handle.run_id)
+    started = {
+        "project_id": handle.project_id,
+        "deployment_id": handle.deployment_id,
+        "workflow_id": handle.workflow_id,
+        "run_id": handle.run_id,
+        "ui": link,
+    }
+    if not wait:
+        if _json_output:
+            _print_json(started)
+        else:
+            click.echo(f"{verb} {handle.project_id}: deployment {handle.deployment_id}")
+            click.echo(f"follow: turbodeploy status {handle.project_id}    watch: {link}")
+        return
+    if not _json_output:
+        click.echo(f"{verb} {handle.project_id} (deployment {handle.deployment_id})  {link}")
+    outcome = await follow(handle, quiet=_json_output, poll_interval=poll_interval)
+    if _json_output:
+        _print_json({**started, **outcome})
+    if outcome.get("status") != "deployed":
+        sys.exit(EXIT_FAILED)
+
+
+# ----------------------------------------------------------------------------- follow
+
+
+class _Lines:
+    """Progress as plain lines, for logs and pipes: one line per finished step."""
+
+    def __init__(self) -> None:
+        self._detail = ""
+        self._waiting = ""
+
+    def __enter__(self) -> _Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def waiting(self, message: str) -> None:
+        if message != self._waiting:
+            click.echo(f"  … {message}")
+            self._waiting = message
+
+    def step_done(self, step: str, elapsed: float) -> None:
+        click.echo(f"  ✓ {step}  ({elapsed:.1f}s)")
+
+    def current(self, p: DeployProgress, elapsed: float) -> None:
+        if p.detail and p.detail != self._detail:
+            click.echo(f"    {p.step}: {p.detail}")
+            self._detail = p.detail
+
+
+class _Live:
+    """Progress on a terminal: ticked steps above a live bar with the current step."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.table import Column
+
+        self._progress: Progress = Progress(
+            SpinnerColumn(),
+            TextColumn(
+                "[bold]{task.fields[step]}[/bold]",
+                table_column=Column(no_wrap=True, min_width=13),
+            ),
+            BarColumn(bar_width=12),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn(
+                "{task.fields[detail]}",
+                style="dim",
+                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+            ),
+            expand=True,
+            console=Console(),
+            transient=True,
+        )
+        self._task: TaskID = self._progress.add_task("deploy", total=None, step="", detail="")
+
+    def __enter__(self) -> _Live:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def waiting(self, message: str) -> None:
+        self._progress.update(self._task, step="queued", detail=message)
+
+    def step_done(self, step: str, elapsed: float) -> None:
+        self._progress.console.print(f"  [green]✓[/green] {step}  [dim]({elapsed:.1f}s)[/dim]")
+
+    def current(self, p: DeployProgress, elapsed: float) -> None:
+        self._progress.update(
+            self._task,
+            step=str(p.step),
+            detail=p.detail[:100],
+            total=p.step_count,
+            completed=len(p.completed_steps),
+        )
+
+
+async def follow(
+    handle: DeployHandle,
+    *,
+    quiet: bool = False,
+    live: bool | None = None,
+    poll_interval: float = 0.5,
+) -> dict[str, Any]:
+    """Show the deployment's steps as they finish until it ends; return its outcome.
+
+    `live` chooses the terminal display (default: when stdout is a terminal); otherwise
+    plain lines. The outcome is the `DeployResult` as JSON plus `elapsed_s`.
+    """
+    from turbodeploy.client import DeployError, DeployFailed
+
+    started = time.monotonic()
+    outcome_task = asyncio.ensure_future(handle.result())
+    display: _Lines | _Live | None = None
+    if not quiet:
+        display = _Live() if (sys.stdout.isatty() if live is None else live) else _Lines()
+    seen: set[str] = set()
+    with display or contextlib.nullcontext():
+        while True:
+            finished = outcome_task.done()
+            # One more poll after the end, so a fast deploy still lists all its steps.
+            p = await _poll(handle) if display is not None else None
+            if p is not None and display is not None:
+                elapsed = time.monotonic() - started
+                if p.deployment_id != handle.deployment_id:
+                    if handle.deployment_id in p.queued:
+                        display.waiting(f"queued behind deployment {p.deployment_id}")
+                else:
+                    for step in p.completed_steps:
+                        if step not in seen:
+                            display.step_done(step, elapsed)
+                            seen.add(step)
+                    display.current(p, elapsed)
+            if finished:
+                break
+            await asyncio.wait({outcome_task}, timeout=poll_interval)
+    elapsed = round(time.monotonic() - started, 3)
+    try:
+        result = outcome_task.result()
+    except DeployFailed as exc:
+        failed = exc.result.model_dump(mode="json")
+        if not quiet:
+            click.echo(f"✗ {failed['status']}: {exc.result.error or 'no error recorded'}")
+        return {**failed, "elapsed_s": elapsed}
+    except DeployError as exc:
+        if not quiet:
+            click.echo(f"✗ {exc}")
+        return {"status": "unknown", "error": str(exc), "elapsed_s": elapsed}
+    if not quiet:
+        click.echo(f"✓ {result.status} {result.url}  ({elapsed:.1f}s)")
+    return {**result.model_dump(mode="json"), "elapsed_s": elapsed}
+
+
+async def _poll(handle: DeployHandle) -> DeployProgress | None:
+    from turbodeploy.client import deploy_handle
 
     try:
-        validate_project_id(project_id)
-    except ValueError as exc:
-        _fail(str(exc), EXIT_INVALID)
+        return await asyncio.wait_for(
+            deploy_handle(handle.client, handle.project_id).query(
+                "progress", result_type=DeployProgress
+            ),
+            timeout=5,
+        )
+    except (RPCError, TimeoutError):
+        # Between runs, or the run closed: the outcome says how it ended.
+        return None
+
+
+# ------------------------------------------------------------------------ status etc.
+
+
+@main.command()
+@click.argument("project_id")
+@_json_option
+def status(project_id: str, as_json: bool) -> None:
+    """Show the latest deploy of PROJECT_ID: workflow state, current step and record."""
+    _project(project_id)
+    settings = _settings()
+    _run(_status(settings, project_id))
+
+
+_FAILED_RECORDS = frozenset({"failed", "rolled_back", "stopped"})
+_FAILED_RUNS = frozenset(
+    {
+        WorkflowExecutionStatus.FAILED,
+        WorkflowExecutionStatus.TERMINATED,
+        WorkflowExecutionStatus.TIMED_OUT,
+    }
+)
+
+
+async def _status(settings: Settings, project_id: str) -> None:
+    from turbodeploy import client as api
+
     client = await _client(settings)
     try:
         desc = await api.describe(client, project_id)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             _fail(f"no deploy of project {project_id} found")
-        raise
+        _fail(f"cannot describe the deploy of {project_id}: {exc.message}")
     info: dict[str, Any] = {
+        "project_id": project_id,
         "workflow_id": desc.id,
         "run_id": desc.run_id,
         "workflow_status": desc.status.name if desc.status else None,
         "started": desc.start_time.isoformat(),
         "closed": desc.close_time.isoformat() if desc.close_time else None,
         "ui": settings.workflow_ui_link(desc.id, desc.run_id),
+        "progress": None,
+        "record": None,
     }
-    with contextlib.suppress(RPCError):
+    with contextlib.suppress(RPCError, TimeoutError):
         progress = await asyncio.wait_for(api.progress(client, project_id), timeout=5)
         info["progress"] = progress.model_dump(mode="json")
     if settings.database_url:
-        rows = await _history_rows(settings, project_id, 1)
+        rows = await _with_store(settings, lambda s: s.history(project_id, 1))
         info["record"] = rows[0].as_json() if rows else None
-    if as_json:
+    failed = desc.status in _FAILED_RUNS or (
+        info["record"] is not None and info["record"]["status"] in _FAILED_RECORDS
+    )
+    if _json_output:
         _print_json(info)
-        return
+    else:
+        _print_status(info)
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _print_status(info: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for key in ("workflow_id", "run_id", "workflow_status", "started", "closed", "ui"):
-        table.add_row(key, str(info[key]))
-    if "progress" in info:
-        p = info["progress"]
-        table.add_row("step", f"{p['step']} ({p['step_index'] + 1}/{p['step_count']})")
-        table.add_row("detail", p["detail"])
+        table.add_row(key, str(info[key] or "-"))
+    if p := info["progress"]:
+        table.add_row("deployment", p["deployment_id"])
+        position = f" ({p['step_index'] + 1}/{p['step_count']})" if p["step"] != "done" else ""
+        table.add_row("step", f"{p['step']}{position}")
+        table.add_row("done", ", ".join(p["completed_steps"]) or "-")
+        table.add_row("detail", p["detail"] or "-")
+        if p.get("queued"):
+            table.add_row("queued", ", ".join(p["queued"]))
         if p.get("error"):
             table.add_row("error", p["error"])
-    if info.get("record"):
-        r = info["record"]
+    if r := info["record"]:
         table.add_row("deploy status", r["status"])
         table.add_row("url", r["url"])
-    out.print(table)
-    if desc.status in (WorkflowExecutionStatus.FAILED, WorkflowExecutionStatus.TERMINATED):
-        sys.exit(EXIT_FAILED)
+        if r.get("error") and r["error"] != (p or {}).get("error"):
+            table.add_row("error", r["error"])
+    _table_console().print(table)
 
 
 @main.command()
 @click.argument("project_id")
-def cancel(project_id: str) -> None:
-    """Cancel the running deploy of PROJECT_ID (cleanup runs; the record says cancelled)."""
+@_json_option
+def cancel(project_id: str, as_json: bool) -> None:
+    """Cancel the running deploy of PROJECT_ID (the previous release is put back)."""
+    _project(project_id)
     settings = _settings()
 
     async def _cancel() -> None:
-        from turbodeploy.client import cancel_deploy
+        from turbodeploy.client import DeployError, cancel_deploy
 
         client = await _client(settings)
         try:
             await cancel_deploy(client, project_id)
+        except DeployError as exc:
+            _fail(str(exc))
         except RPCError as exc:
-            _fail(f"cannot cancel deploy of {project_id}: {exc}")
-        out.print(f"cancellation requested for deploy-{project_id}")
+            _fail(f"cannot cancel the deploy of {project_id}: {exc.message}")
+        if _json_output:
+            _print_json({"project_id": project_id, "cancel_requested": True})
+        else:
+            click.echo(f"cancellation requested for the deploy of {project_id}")
 
     _run(_cancel())
 
 
-async def _history_rows(settings: Settings, project_id: str, limit: int) -> list[DeploymentRow]:
+async def _with_store(
+    settings: Settings, query: Callable[[DeploymentStore], Coroutine[Any, Any, T]]
+) -> T:
+    import asyncpg
+
     from turbodeploy.db import DeploymentStore, create_pool
 
     assert settings.database_url
-    pool = await create_pool(settings.database_url, 1, 2)
     try:
-        return await DeploymentStore(pool, settings.db_schema).history(project_id, limit)
+        pool = await create_pool(settings.database_url, 1, 2)
+    except (OSError, RuntimeError) as exc:
+        _fail(f"cannot reach the database: {type(exc).__name__}: {exc}")
+    try:
+        return await query(DeploymentStore(pool, settings.db_schema))
+    except asyncpg.UndefinedTableError:
+        _fail(
+            f"no deployment records in schema {settings.db_schema}: "
+            "a worker creates them when it first starts"
+        )
+    except asyncpg.PostgresError as exc:
+        _fail(f"the database refused the query: {type(exc).__name__}: {exc}")
     finally:
         await pool.close()
 
 
-@main.command()
-@click.argument("project_id")
-@click.option("--limit", default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def history(project_id: str, limit: int, as_json: bool) -> None:
-    """List recorded deployments of PROJECT_ID, newest first."""
-    settings = _settings()
+def _need_database(settings: Settings) -> None:
     if not settings.database_url:
         _fail("DATABASE_URL is not set", EXIT_INVALID)
-    rows = _run(_history_rows(settings, project_id, limit))
-    if as_json:
+
+
+def _table_console() -> Console:
+    # A pipe has no width: print tables whole rather than cut to 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=1000)
+
+
+def _when(epoch: int | None) -> str:
+    if epoch is None:
+        return ""
+    return datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds")
+
+
+@main.command()
+@click.argument("project_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@_json_option
+def history(project_id: str, limit: int, as_json: bool) -> None:
+    """List recorded deployments of PROJECT_ID, newest first."""
+    _project(project_id)
+    settings = _settings()
+    _need_database(settings)
+    rows: list[DeploymentRow] = _run(_with_store(settings, lambda s: s.history(project_id, limit)))
+    if _json_output:
         _print_json([r.as_json() for r in rows])
         return
     table = Table("deployment", "status", "started", "commit", "image", "url", "error")
@@ -318,16 +691,73 @@ def history(project_id: str, limit: int, as_json: bool) -> None:
         table.add_row(
             r.deployment_id,
             r.status,
-            datetime.fromtimestamp(r.deployed_at).isoformat(sep=" ", timespec="seconds"),
+            _when(r.deployed_at),
             (r.commit_sha or "")[:10],
             r.image or "",
             r.url,
             (r.error or "")[:60],
         )
-    out.print(table)
+    _table_console().print(table)
 
 
-# --------------------------------------------------------------------------- local stack
+@main.command()
+@click.argument("project_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@_json_option
+def releases(project_id: str, limit: int, as_json: bool) -> None:
+    """List the recorded releases of PROJECT_ID (what `rollback --to` accepts), newest first."""
+    _project(project_id)
+    settings = _settings()
+    _need_database(settings)
+    records: list[ReleaseRecord] = _run(
+        _with_store(settings, lambda s: s.releases(project_id, limit))
+    )
+    if _json_output:
+        _print_json([r.model_dump(mode="json") for r in records])
+        return
+    table = Table("deployment", "status", "created", "strategy", "image", "commit", "machines")
+    for r in records:
+        table.add_row(
+            r.deployment_id,
+            r.status,
+            _when(r.created_at),
+            r.strategy,
+            r.image,
+            (r.commit_sha or "")[:10],
+            str(len(r.machines)),
+        )
+    _table_console().print(table)
+
+
+# ------------------------------------------------------------------------ local stack
+
+
+@main.command()
+@click.option(
+    "--state-dir", default=".turbodeploy", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option("--temporal-port", default=7233, show_default=True, type=int)
+@click.option("--ui-port", default=8233, show_default=True, type=int)
+@click.option("--flysim-port", default=4280, show_default=True, type=int)
+@click.option("--metrics-port", default=None, type=int, help="Serve worker metrics here.")
+def up(
+    state_dir: Path, temporal_port: int, ui_port: int, flysim_port: int, metrics_port: int | None
+) -> None:
+    """Run the whole stack locally (Temporal + UI, PostgreSQL, SSM, Fly emulator, worker)
+    until Ctrl-C."""
+    from turbodeploy.stack import run_stack
+
+    sys.exit(
+        _run(
+            run_stack(
+                state_dir,
+                temporal_port=temporal_port,
+                ui_port=ui_port,
+                flysim_port=flysim_port,
+                metrics_port=metrics_port,
+            )
+        )
+    )
 
 
 @main.command()

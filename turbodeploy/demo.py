@@ -45,11 +45,11 @@ async def run_demo(
     async with embedded_stack(state_dir, ui_port=ui_port, token=token) as stack:
         console.print(f"Temporal UI: {stack.ui_url}")
         handle = await start_deploy(stack.client, request, task_queue=stack.settings.task_queue)
-        link = stack.settings.workflow_ui_link(handle.id, handle.result_run_id)
+        link = stack.settings.workflow_ui_link(handle.workflow_id, handle.run_id)
         console.print(f"deploying {request.project_id} from {repo}")
         from turbodeploy.cli import follow
 
-        outcome = await follow(stack.client, handle.id)
+        outcome = await follow(handle)
         row = None
         if stack.settings.database_url:
             from turbodeploy.db import DeploymentStore, create_pool

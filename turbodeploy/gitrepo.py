@@ -40,12 +40,13 @@ class GitIdentity:
 
 @dataclass(frozen=True)
 class Checkout:
-    """A working tree of `branch` of `repo_url`, cloned with depth 1."""
+    """A working tree of `branch` of `repo_url`, cloned with depth 1, or of one commit
+    (then `branch` is empty: nothing can be pushed from it)."""
 
     path: Path
     repo_url: str
     branch: str
-    base_sha: str  # the branch tip that was cloned
+    base_sha: str  # the commit that was checked out
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,8 @@ async def _run(
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
 ) -> _Result:
-    try:
-        proc = await asyncio.create_subprocess_exec(
+    spawn = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
             "git",
             *_SAFE_CONFIG,
             *args,
@@ -163,6 +164,13 @@ async def _run(
             # Its own process group, so ssh and remote helpers die with it.
             start_new_session=True,
         )
+    )
+    try:
+        # Shielded: cancelled half-way, asyncio would kill git but not its children.
+        proc = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        await asyncio.shield(_kill_once_spawned(spawn))
+        raise
     except FileNotFoundError:
         raise GitError("git is not installed on this worker", retryable=False) from None
     try:
@@ -177,6 +185,14 @@ async def _run(
     return _Result(
         proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
     )
+
+
+async def _kill_once_spawned(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    try:
+        proc = await spawn
+    except Exception:
+        return  # it never started
+    await _kill(proc)
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -223,6 +239,63 @@ async def cloned(
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
 
 
+@contextlib.asynccontextmanager
+async def cloned_commit(
+    repo_url: str, sha: str, *, work_dir: str | Path | None = None
+) -> AsyncIterator[Checkout]:
+    """A fresh checkout of exactly commit `sha`, removed when the block exits."""
+    parent = Path(work_dir) if work_dir else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="turbodeploy-", dir=parent))
+    try:
+        yield await fetch_commit(repo_url, sha, scratch / "repo")
+    finally:
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
+
+
+async def fetch_commit(repo_url: str, sha: str, dest: Path) -> Checkout:
+    """Check out commit `sha` of `repo_url` into `dest` (which must not exist yet).
+
+    Only that commit is fetched (depth 1), which git's protocol v2 allows for any commit
+    reachable from a branch. A server that only serves branch tips gets a full fetch of its
+    branches instead, so a commit that is no longer the tip is still found.
+    """
+    _check_sha(sha)
+    where = _redact(repo_url)
+    await _git(["init", "--quiet", "--", str(dest)], action="preparing a checkout")
+    await _git(["remote", "add", "--", "origin", repo_url], cwd=dest, action="preparing a checkout")
+    shallow = await _run(
+        ["-c", "protocol.version=2", "fetch", "--quiet", "--depth=1", "--no-tags", "--",
+         "origin", sha],
+        cwd=dest,
+        action="fetching",
+    )  # fmt: skip
+    if shallow.returncode != 0:
+        if not _UNADVERTISED_RE.search(shallow.stderr):
+            raise _classify(f"fetching commit {sha} of {where}", shallow.stderr)
+        await _git(
+            ["fetch", "--quiet", "--no-tags", "--", "origin",
+             "+refs/heads/*:refs/remotes/origin/*"],
+            cwd=dest,
+            action=f"fetching the branches of {where}",
+        )  # fmt: skip
+        present = await _run(
+            ["cat-file", "-e", f"{sha}^{{commit}}"], cwd=dest, action="looking up the commit"
+        )
+        if present.returncode != 0:
+            raise GitError(
+                f"commit {sha} is not on any branch of {where} (was the branch force-pushed?)",
+                retryable=False,
+            )
+    await _git(
+        ["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", sha],
+        cwd=dest,
+        action=f"checking out commit {sha}",
+    )
+    return Checkout(path=dest, repo_url=repo_url, branch="", base_sha=await head_sha(dest))
+
+
 async def clone_branch(repo_url: str, branch: str, dest: Path) -> Checkout:
     """Clone only the tip of `branch` into `dest` (which must not exist yet)."""
     _check_ref(branch)
@@ -247,6 +320,11 @@ def read_file(checkout: Checkout, relpath: str) -> str | None:
         return None
     except UnicodeDecodeError:
         raise GitError(f"{relpath} is not UTF-8 text", retryable=False) from None
+
+
+def has_file(checkout: Checkout, relpath: str) -> bool:
+    """Whether the checkout holds anything (a file, a directory, a link) at `relpath`."""
+    return os.path.lexists(_inside(checkout, relpath))
 
 
 def write_file(checkout: Checkout, relpath: str, content: str) -> None:
@@ -288,6 +366,8 @@ async def push(
     file we committed (someone edited the same file), stop: a retry must start from the
     new content rather than push a mix.
     """
+    if not checkout.branch:
+        raise GitError("a checkout of a single commit cannot be pushed", retryable=False)
     cwd = checkout.path
     ref = f"refs/heads/{checkout.branch}"
     tracking = f"refs/remotes/origin/{checkout.branch}"
@@ -370,6 +450,19 @@ def _is_non_fast_forward(output: str) -> bool:
     return bool(
         re.search(r"\[rejected\].*\((fetch first|non-fast-forward)\)|non-fast-forward", output)
     )
+
+
+_SHA_RE: Final = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+# What a server that does not serve arbitrary commits answers to a fetch of one; a commit
+# it does not have at all reads the same over protocol v2.
+_UNADVERTISED_RE: Final = re.compile(
+    r"not our ref|unadvertised object|couldn't find remote ref", re.I
+)
+
+
+def _check_sha(sha: str) -> None:
+    if not _SHA_RE.fullmatch(sha):
+        raise GitError(f"{sha!r} is not a full commit id", retryable=False)
 
 
 def _check_ref(branch: str) -> None:

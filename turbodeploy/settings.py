@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # leaves room for several apps at once. 0 disables the limit.
     fly_api_rate: float = 10.0
     fly_api_burst: int = 10
+    # Attempts per idempotent Fly API request on a transient error, before the step's own
+    # retry policy takes over.
+    fly_api_request_attempts: int = 5
 
     # flyctl, for builds and the `flyctl` strategy: a name looked up on PATH, or a path.
     flyctl_path: str = "flyctl"

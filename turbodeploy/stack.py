@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
 
 from turbodeploy import embedded
+from turbodeploy.metrics import make_runtime
 from turbodeploy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,9 +52,14 @@ async def embedded_stack(
     flysim_port: int | None = None,
     run_worker: bool = True,
     token: str | None = None,
+    metrics_bind: str | None = None,
 ) -> AsyncIterator[Stack]:
+    """Start every service under `state_dir`; stop them all on exit, in reverse order.
+
+    `metrics_bind` (`host:port`) serves the worker's Prometheus metrics.
+    """
     from flysim import FlySim, SimConfig
-    from worker import connect, create_worker
+    from worker import create_worker
 
     state_dir = state_dir.resolve()  # noqa: ASYNC240 - before anything runs
     logs = state_dir / "logs"
@@ -85,7 +94,12 @@ async def embedded_stack(
             app_url_template=sim.app_url_template,
             work_dir=str(state_dir / "work"),
         )
-        client = await connect(settings)
+        client = await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=pydantic_data_converter,
+            runtime=make_runtime(metrics_bind),
+        )
         stack = Stack(settings=settings, client=client, state_dir=state_dir, emulator=sim)
         if not run_worker:
             yield stack
@@ -98,6 +112,70 @@ async def embedded_stack(
                 await worker.shutdown()
                 with contextlib.suppress(Exception):
                     await task
+
+
+async def run_stack(
+    state_dir: Path,
+    *,
+    temporal_port: int | None = None,
+    ui_port: int | None = None,
+    flysim_port: int | None = None,
+    metrics_port: int | None = None,
+) -> int:
+    """`turbodeploy up`: run the embedded stack in the foreground until SIGINT or SIGTERM.
+
+    Prints the addresses and the environment that points the CLI at the stack, then a line
+    `ready`. Returns the exit code: 0 after a clean stop.
+    """
+    from turbodeploy.logs import configure_logging
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before anything runs
+    configure_logging("WARNING")
+    file_log = logging.FileHandler(state_dir / "stack.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    logging.getLogger().setLevel(logging.INFO)
+    metrics_bind = f"127.0.0.1:{metrics_port}" if metrics_port else None
+    _say(f"starting the stack under {state_dir.resolve()} …")  # noqa: ASYNC240
+    async with embedded_stack(
+        state_dir,
+        temporal_port=temporal_port,
+        ui_port=ui_port,
+        flysim_port=flysim_port,
+        metrics_bind=metrics_bind,
+    ) as stack:
+        s = stack.settings
+        _say(f"Temporal:     {s.temporal_address}")
+        _say(f"Temporal UI:  {s.temporal_ui_url}")
+        _say(f"PostgreSQL:   {s.database_url}")
+        _say(f"SSM (moto):   {s.aws_endpoint_url}")
+        _say(f"Fly API:      {s.fly_api_base_url}  (apps at {s.app_url('<app>')})")
+        if metrics_bind:
+            _say(f"Metrics:      http://{metrics_bind}/metrics")
+        _say(f"Logs:         {stack.state_dir / 'logs'}, {stack.state_dir / 'stack.log'}")
+        _say("\nPoint the CLI at this stack:")
+        for name, value in (
+            ("TURBODEPLOY_TEMPORAL_ADDRESS", s.temporal_address),
+            ("TURBODEPLOY_TEMPORAL_UI_URL", s.temporal_ui_url),
+            ("TURBODEPLOY_TASK_QUEUE", s.task_queue),
+            ("DATABASE_URL", s.database_url or ""),
+            ("TURBODEPLOY_DB_SCHEMA", s.db_schema),
+        ):
+            _say(f"  export {name}={shlex.quote(value)}")
+        _say("\nready (Ctrl-C to stop)")
+        await stop.wait()
+        _say("stopping …")
+    _say("stopped")
+    return 0
+
+
+def _say(line: str) -> None:
+    # Flushed at once: a supervisor reading a pipe waits for the `ready` line.
+    print(line, flush=True)
 
 
 def publish_example(name: str, repos_dir: Path, source: Path | None = None) -> str:

@@ -787,13 +787,19 @@ def _is_failure(err: BaseException) -> bool:
 
 
 def _describe(err: BaseException) -> str:
-    """The innermost cause's message: what a person needs, without Temporal's wrapping."""
+    """The failing activity's own message: what a person needs, without Temporal's wrapping.
+
+    Activities word their errors for people ("SSM is unreachable reading ..."); the causes
+    chained below them are library details, shown only when the activity gave no message.
+    """
     cause: BaseException | None = err
-    message = str(err)
-    while cause is not None:
-        if isinstance(cause, ActivityError | ChildWorkflowError):
-            cause = cause.cause
-            continue
-        message = str(cause) or type(cause).__name__
-        cause = cause.cause if isinstance(cause, ApplicationError) else cause.__cause__
+    while isinstance(cause, ActivityError | ChildWorkflowError):
+        cause = cause.cause
+    if cause is None:
+        return str(err)[:2000]
+    if is_cancelled_exception(cause):
+        return "cancelled"
+    message = str(cause) or type(cause).__name__
+    if isinstance(cause, ApplicationError) and cause.type and cause.type not in message:
+        message = f"{cause.type}: {message}"
     return message[:2000]

@@ -17,6 +17,12 @@ COLUMNS = (
     "deployment_id, project_id, platform, app_name, url, status, deployed_at, last_updated, "
     "workflow_id, run_id, repo_url, branch, commit_sha, image, machine_ids, error, finished_at"
 )
+RELEASE_COLUMNS = (
+    "deployment_id, project_id, app_name, status, strategy, image, image_digest, commit_sha,"
+    " fly_toml, env, secrets, machines, snapshot, created_at"
+)
+# Statuses of a deployment that has not ended yet.
+_OPEN = "('deploying', 'queued')"
 
 _TEMPLATES = {
     "schema_exists": "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
@@ -50,14 +56,54 @@ _TEMPLATES = {
         "UPDATE {schema}.project_deployments SET status = $2::VARCHAR,"
         " commit_sha = COALESCE($3, commit_sha), image = COALESCE($4, image),"
         " machine_ids = $5, error = $6, last_updated = {now},"
-        " finished_at = CASE WHEN $2::VARCHAR = 'deploying' THEN NULL ELSE {now} END"
-        " WHERE deployment_id = $1 AND status = 'deploying'"
+        " finished_at = CASE WHEN $2::VARCHAR IN {open} THEN NULL ELSE {now} END"
+        " WHERE deployment_id = $1 AND status IN {open}"
         " RETURNING {columns}"
     ),
     "get": "SELECT {columns} FROM {schema}.project_deployments WHERE deployment_id = $1",
     "history": (
         "SELECT {columns} FROM {schema}.project_deployments WHERE project_id = $1"
         " ORDER BY deployed_at DESC, seq DESC LIMIT $2"
+    ),
+    # A repeat of the same bundle writes nothing; a changed one (a status corrected after a
+    # rollback) replaces it but keeps when it was first recorded. A bundle naming another
+    # project than its deployment breaks the foreign key.
+    "record_release": (
+        "INSERT INTO {schema}.releases AS r (deployment_id, project_id, app_name, status,"
+        " strategy, image, image_digest, commit_sha, fly_toml, env, secrets, machines,"
+        " snapshot, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::JSONB, $11::JSONB, $12::JSONB,"
+        " $13::JSONB, COALESCE($14::BIGINT, {now}), {now})"
+        " ON CONFLICT (deployment_id) DO UPDATE SET"
+        " project_id = EXCLUDED.project_id, app_name = EXCLUDED.app_name,"
+        " status = EXCLUDED.status, strategy = EXCLUDED.strategy, image = EXCLUDED.image,"
+        " image_digest = EXCLUDED.image_digest, commit_sha = EXCLUDED.commit_sha,"
+        " fly_toml = EXCLUDED.fly_toml, env = EXCLUDED.env, secrets = EXCLUDED.secrets,"
+        " machines = EXCLUDED.machines, snapshot = EXCLUDED.snapshot,"
+        " updated_at = EXCLUDED.updated_at"
+        " WHERE (r.project_id, r.app_name, r.status, r.strategy, r.image, r.image_digest,"
+        " r.commit_sha, r.fly_toml, r.env, r.secrets, r.machines, r.snapshot)"
+        " IS DISTINCT FROM (EXCLUDED.project_id, EXCLUDED.app_name, EXCLUDED.status,"
+        " EXCLUDED.strategy, EXCLUDED.image, EXCLUDED.image_digest, EXCLUDED.commit_sha,"
+        " EXCLUDED.fly_toml, EXCLUDED.env, EXCLUDED.secrets, EXCLUDED.machines,"
+        " EXCLUDED.snapshot)"
+    ),
+    "release": "SELECT {release_columns} FROM {schema}.releases WHERE deployment_id = $1",
+    "releases": (
+        "SELECT {release_columns} FROM {schema}.releases WHERE project_id = $1"
+        " ORDER BY created_at DESC, seq DESC LIMIT $2"
+    ),
+    # The newest deployed release other than $2 and, when $2 has a release of this
+    # project, older than it.
+    "last_good_release": (
+        "WITH pivot AS (SELECT created_at, seq FROM {schema}.releases"
+        " WHERE deployment_id = $2 AND project_id = $1)"
+        " SELECT {release_columns} FROM {schema}.releases r"
+        " WHERE r.project_id = $1 AND r.status = 'deployed'"
+        " AND r.deployment_id IS DISTINCT FROM $2"
+        " AND NOT EXISTS (SELECT 1 FROM pivot p"
+        " WHERE (r.created_at, r.seq) >= (p.created_at, p.seq))"
+        " ORDER BY r.created_at DESC, r.seq DESC LIMIT 1"
     ),
 }
 
@@ -78,13 +124,23 @@ class Queries:
     record_result: str
     get: str
     history: str
+    record_release: str
+    release: str
+    releases: str
+    last_good_release: str
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:
         quoted = quote_identifier(validate_schema_name(schema))
         return cls(
             **{
-                name: template.format(schema=quoted, now=NOW, columns=COLUMNS)
+                name: template.format(
+                    schema=quoted,
+                    now=NOW,
+                    columns=COLUMNS,
+                    release_columns=RELEASE_COLUMNS,
+                    open=_OPEN,
+                )
                 for name, template in _TEMPLATES.items()
             }
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from turbodeploy.db.queries import Queries
-from turbodeploy.models import DeploymentRow, DeployStatus
+from turbodeploy.models import DeploymentRow, DeployStatus, ReleaseRecord
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ class DeploymentStore:
         machine_ids: Sequence[str] = (),
         error: str | None = None,
     ) -> DeploymentRow:
-        """Move a `deploying` row to `status`; repeating a recorded result is a no-op.
+        """Move a `deploying` (or `queued`) row to `status`, any final status included;
+        repeating a recorded result is a no-op.
 
         Raises DeploymentNotFound for an unknown id and DeploymentConflict when the row
         already holds a different final status.
@@ -262,6 +264,74 @@ class DeploymentStore:
             records = await conn.fetch(self._sql.history, project_id, limit)
         return [_to_row(r) for r in records]
 
+    # ------------------------------------------------------------------------ releases
+
+    async def record_release(self, record: ReleaseRecord) -> None:
+        """Store the release bundle of a recorded deployment; repeating it is a no-op.
+
+        A changed bundle for the same deployment replaces the stored one (its `created_at`
+        stays the first one). Raises DeploymentNotFound when the deployment has no row, and
+        DeploymentConflict when the row belongs to another project.
+        """
+        data = record.model_dump(mode="json")
+        try:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                await conn.execute(
+                    self._sql.record_release,
+                    record.deployment_id,
+                    record.project_id,
+                    record.app_name,
+                    data["status"],
+                    data["strategy"],
+                    record.image,
+                    record.image_digest,
+                    record.commit_sha,
+                    record.fly_toml,
+                    json.dumps(data["env"]),
+                    json.dumps(data["secrets"]),
+                    json.dumps(data["machines"]),
+                    None if record.snapshot is None else json.dumps(data["snapshot"]),
+                    record.created_at,
+                )
+        except asyncpg.ForeignKeyViolationError:
+            existing = await self.get(record.deployment_id)
+            if existing is None:
+                raise DeploymentNotFound(
+                    f"deployment {record.deployment_id} has no record; its start must be "
+                    "recorded before its release"
+                ) from None
+            raise DeploymentConflict(
+                f"deployment {record.deployment_id} belongs to project {existing.project_id}, "
+                f"not {record.project_id}"
+            ) from None
+
+    async def release(self, deployment_id: str) -> ReleaseRecord | None:
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            record = await conn.fetchrow(self._sql.release, deployment_id)
+        return None if record is None else _to_release(record)
+
+    async def releases(self, project_id: str, limit: int = 20) -> list[ReleaseRecord]:
+        """The project's releases, newest first."""
+        if not 1 <= limit <= MAX_HISTORY:
+            raise ValueError(f"limit must be between 1 and {MAX_HISTORY}")
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            records = await conn.fetch(self._sql.releases, project_id, limit)
+        return [_to_release(r) for r in records]
+
+    async def last_good_release(
+        self, project_id: str, *, before_deployment_id: str | None = None
+    ) -> ReleaseRecord | None:
+        """The newest `deployed` release of the project, or None.
+
+        With `before_deployment_id`, that release is skipped, and so is everything newer
+        when it has a release of this project.
+        """
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            record = await conn.fetchrow(
+                self._sql.last_good_release, project_id, before_deployment_id
+            )
+        return None if record is None else _to_release(record)
+
     async def _fetchrow(self, sql: str, *args: Any) -> DeploymentRow | None:
         async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
             record = await conn.fetchrow(sql, *args)
@@ -270,3 +340,15 @@ class DeploymentStore:
 
 def _to_row(record: asyncpg.Record) -> DeploymentRow:
     return DeploymentRow.model_validate(dict(record))
+
+
+_JSON_COLUMNS = ("env", "secrets", "machines", "snapshot")
+
+
+def _to_release(record: asyncpg.Record) -> ReleaseRecord:
+    data = dict(record)
+    for column in _JSON_COLUMNS:
+        # asyncpg hands JSONB over as text unless a codec is set on every connection.
+        if isinstance(data[column], str):
+            data[column] = json.loads(data[column])
+    return ReleaseRecord.model_validate(data)

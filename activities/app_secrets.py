@@ -1,0 +1,135 @@
+"""The app's secrets, by reference: each value is read from SSM Parameter Store inside this
+activity and handed to Fly's secrets API, which makes it an environment variable of every
+machine booted from then on.
+
+A request names the parameters only. Values exist in this activity's memory for the time
+of one request to Fly; the result, heartbeats, logs and errors carry names, parameter
+names and SSM versions, never a value. Setting the same values again changes nothing, so
+a retried attempt is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities._errors import to_application_error
+from activities.secrets import SECRETS_UNAVAILABLE, CredentialStore, build_ssm_client
+from flyapi import FlyClient, FlyError, FlyUnauthorized
+from turbodeploy.models import AppSecretsInput, AppSecretsResult, SecretVersion
+from turbodeploy.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+    from mypy_boto3_ssm.type_defs import ParameterTypeDef
+
+# Error types, not values.
+SECRET_MISSING = "SecretMissing"  # noqa: S105
+SECRET_ACCESS_DENIED = "SecretAccessDenied"  # noqa: S105
+SECRET_INVALID = "SecretInvalid"  # noqa: S105
+
+# GetParameters takes at most this many names per call.
+_SSM_BATCH = 10
+# No retry fixes these: the IAM role, the KMS key policy or the request must change first.
+_DENIED_CODES = frozenset(
+    {"AccessDeniedException", "AccessDenied", "InvalidKeyId", "KMSAccessDeniedException"}
+)
+_INVALID_CODES = frozenset({"ValidationException", "InvalidParameterException"})
+
+
+class AppSecretActivities:
+    def __init__(
+        self,
+        fly: FlyClient,
+        credentials: CredentialStore,
+        settings: Settings,
+        *,
+        ssm_client: SSMClient | None = None,
+    ) -> None:
+        self._fly = fly
+        self._credentials = credentials
+        self._ssm = ssm_client if ssm_client is not None else build_ssm_client(settings)
+
+    @activity.defn(name="set_app_secrets")
+    async def set_app_secrets(self, input: AppSecretsInput) -> AppSecretsResult:
+        if not input.secrets:
+            return AppSecretsResult()
+        parameters = await self._read(sorted(set(input.secrets.values())))
+        missing = sorted({p for p in input.secrets.values() if p not in parameters})
+        if missing:
+            names = sorted(n for n, p in input.secrets.items() if p in missing)
+            raise ApplicationError(
+                f"SSM parameter(s) {', '.join(missing)} (for secret(s) {', '.join(names)}) "
+                f"do not exist in region {self._ssm.meta.region_name}",
+                type=SECRET_MISSING,
+                non_retryable=True,
+            )
+        for name, parameter in sorted(parameters.items()):
+            if parameter.get("Type") != "SecureString":
+                activity.logger.warning(
+                    "SSM parameter %s is a %s, not a SecureString: it is stored unencrypted",
+                    name,
+                    parameter.get("Type"),
+                )
+        app = input.app_name
+        action = f"Set secrets {', '.join(sorted(input.secrets))} on Fly app {app}"
+        try:
+            fly_version = await self._fly.set_secrets(
+                app, {n: parameters[p].get("Value", "") for n, p in input.secrets.items()}
+            )
+        except FlyUnauthorized as exc:
+            self._credentials.invalidate()
+            raise to_application_error(exc, action=action) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
+        result = AppSecretsResult(
+            secrets=[
+                SecretVersion(name=n, parameter=p, version=parameters[p].get("Version", 0))
+                for n, p in sorted(input.secrets.items())
+            ]
+        )
+        activity.logger.info(
+            "Fly app %s has secrets %s (secrets version %d)",
+            app,
+            ", ".join(f"{s.name} from {s.parameter} v{s.version}" for s in result.secrets),
+            fly_version,
+        )
+        return result
+
+    async def _read(self, names: list[str]) -> dict[str, ParameterTypeDef]:
+        """The parameters that exist among `names`, decrypted, by name."""
+        found: dict[str, ParameterTypeDef] = {}
+        for start in range(0, len(names), _SSM_BATCH):
+            batch = names[start : start + _SSM_BATCH]
+            try:
+                response = await asyncio.to_thread(
+                    self._ssm.get_parameters, Names=batch, WithDecryption=True
+                )
+            except ClientError as err:
+                raise _ssm_error(err, batch) from None
+            except BotoCoreError as err:
+                raise ApplicationError(
+                    f"SSM is unreachable reading {', '.join(batch)}: {type(err).__name__}",
+                    type=SECRETS_UNAVAILABLE,
+                ) from None
+            for parameter in response.get("Parameters", []):
+                found[parameter["Name"]] = parameter
+            activity.heartbeat(f"read {min(start + _SSM_BATCH, len(names))} of {len(names)}")
+        return found
+
+
+def _ssm_error(err: ClientError, names: list[str]) -> ApplicationError:
+    # Not chained (`from None` at the call): botocore's exception keeps the whole response.
+    error = err.response.get("Error", {})
+    code = error.get("Code", "")
+    message = f"SSM GetParameters {', '.join(names)} failed: {code}: {error.get('Message', '')}"
+    if code in _DENIED_CODES:
+        return ApplicationError(message, type=SECRET_ACCESS_DENIED, non_retryable=True)
+    if code in _INVALID_CODES:
+        return ApplicationError(message, type=SECRET_INVALID, non_retryable=True)
+    # Throttling, 5xx, and expired AWS credentials that the provider will refresh.
+    return ApplicationError(message, type=SECRETS_UNAVAILABLE)

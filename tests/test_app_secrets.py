@@ -1,0 +1,284 @@
+"""App secrets by reference: values from moto's SSM, set on the emulator's app, seen by its
+machines, and shown nowhere else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.app_secrets import AppSecretActivities
+from activities.secrets import CredentialStore
+from flyapi import FlyClient, FlyNotFound
+from turbodeploy import embedded
+from turbodeploy.models import AppSecretsInput, AppSecretsResult, SecretVersion
+from turbodeploy.settings import Settings
+
+IMAGE = "registry.fly.io/secrets-test:1"
+
+
+@pytest.fixture
+def settings(ssm_endpoint: str, flysim: Any) -> Settings:
+    return Settings(
+        aws_endpoint_url=ssm_endpoint,
+        aws_region="us-east-1",
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+    )
+
+
+@pytest.fixture
+def credentials(settings: Settings) -> CredentialStore:
+    return CredentialStore(settings)
+
+
+@pytest.fixture
+async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator[FlyClient]:
+    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
+        yield client
+
+
+@pytest.fixture
+def activities(
+    fly: FlyClient, credentials: CredentialStore, settings: Settings
+) -> AppSecretActivities:
+    return AppSecretActivities(fly, credentials, settings)
+
+
+@pytest.fixture
+def ssm(ssm_endpoint: str) -> Any:
+    return boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/apps/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def app_name(fly: FlyClient) -> str:
+    name = f"turbobackend-s{uuid.uuid4().hex[:12]}"
+    await fly.create_app(name, "personal")
+    return name
+
+
+@pytest.fixture
+def debug_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Everything logged at DEBUG: botocore's and httpx's wire logs included."""
+    caplog.set_level(logging.DEBUG)
+    yield caplog
+
+
+def _value() -> str:
+    """A secret value no other text of the run could contain by chance."""
+    return f"postgres://app:{uuid.uuid4().hex}@db.internal:5432/app"
+
+
+async def _machine(fly: FlyClient, app: str) -> str:
+    machine = await fly.create_machine(app, {"image": IMAGE, "env": {"PLAIN": "yes"}}, "iad")
+    return machine.id
+
+
+async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
+    activities: AppSecretActivities,
+    fly: FlyClient,
+    flysim: Any,
+    ssm: Any,
+    prefix: str,
+    app_name: str,
+    debug_logs: pytest.LogCaptureFixture,
+) -> None:
+    database_url, api_key = _value(), _value()
+    ssm.put_parameter(Name=f"{prefix}/db", Value=database_url, Type="SecureString")
+    ssm.put_parameter(Name=f"{prefix}/key", Value="old", Type="SecureString")
+    ssm.put_parameter(Name=f"{prefix}/key", Value=api_key, Type="SecureString", Overwrite=True)
+    before = await _machine(fly, app_name)
+    debug_logs.clear()  # the seeding above logged its own request bodies
+    heartbeats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: heartbeats.append(details)
+    request = AppSecretsInput(
+        app_name=app_name,
+        secrets={"DATABASE_URL": f"{prefix}/db", "API_KEY": f"{prefix}/key"},
+    )
+
+    result = await env.run(activities.set_app_secrets, request)
+
+    assert result == AppSecretsResult(
+        secrets=[
+            SecretVersion(name="API_KEY", parameter=f"{prefix}/key", version=2),
+            SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
+        ]
+    )
+    listed = {s.name: s.digest for s in await fly.list_secrets(app_name)}
+    assert set(listed) == {"API_KEY", "DATABASE_URL"}
+    assert all(listed.values())
+
+    # A machine booted after the secrets were set has them; one booted before gets them
+    # at its next boot. The config the API returns never holds them.
+    after = await _machine(fly, app_name)
+    runtime = flysim.machine_runtime_env(app_name, after)
+    assert runtime == {"PLAIN": "yes", "DATABASE_URL": database_url, "API_KEY": api_key}
+    assert "DATABASE_URL" not in flysim.machine_runtime_env(app_name, before)
+    machine_json = (await fly.get_machine(app_name, after)).model_dump_json()
+
+    snapshot = flysim.snapshot()
+    assert snapshot["secrets"][app_name]["secrets"] == [
+        {"name": "API_KEY", "digest": listed["API_KEY"]},
+        {"name": "DATABASE_URL", "digest": listed["DATABASE_URL"]},
+    ]
+    async with httpx.AsyncClient() as http:
+        state = (await http.get(flysim.base_url.replace("/v1", "/_sim/state"))).text
+    assert app_name in state
+    texts = {
+        "result": result.model_dump_json(),
+        "heartbeats": repr(heartbeats),
+        "logs": debug_logs.text,
+        "snapshot": json.dumps(snapshot),
+        "/_sim/state": state,
+        "request log": repr(flysim.request_log),
+        "machine config": machine_json,
+        "listing": repr(await fly.list_secrets(app_name)),
+        "vault": repr(flysim.secrets),
+    }
+    assert heartbeats and debug_logs.records
+    for where, text in texts.items():
+        for value in (database_url, api_key):
+            assert value not in text, f"a secret value appears in the {where}"
+            assert value.split(":")[2].split("@")[0] not in text, where
+
+    # A retried attempt changes nothing: same result, same secrets version.
+    version = snapshot["secrets"][app_name]["version"]
+    assert await env.run(activities.set_app_secrets, request) == result
+    assert flysim.snapshot()["secrets"][app_name]["version"] == version
+    assert {s.name: s.digest for s in await fly.list_secrets(app_name)} == listed
+
+
+async def test_a_machine_sees_secrets_from_its_next_boot(
+    activities: AppSecretActivities, fly: FlyClient, flysim: Any, ssm: Any, prefix: str,
+    app_name: str,
+) -> None:  # fmt: skip
+    value = _value()
+    ssm.put_parameter(Name=f"{prefix}/token", Value=value, Type="SecureString")
+    machine = await _machine(fly, app_name)
+    await ActivityEnvironment().run(
+        activities.set_app_secrets,
+        AppSecretsInput(app_name=app_name, secrets={"TOKEN": f"{prefix}/token"}),
+    )
+    assert "TOKEN" not in flysim.machine_runtime_env(app_name, machine)
+
+    current = await fly.get_machine(app_name, machine)
+    await fly.update_machine(app_name, machine, current.config, None, nonce=None)
+    assert flysim.machine_runtime_env(app_name, machine)["TOKEN"] == value
+
+
+async def test_a_missing_parameter_fails_for_good_and_sets_nothing(
+    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app_name: str
+) -> None:
+    present = _value()
+    ssm.put_parameter(Name=f"{prefix}/present", Value=present, Type="SecureString")
+
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(
+            activities.set_app_secrets,
+            AppSecretsInput(
+                app_name=app_name,
+                secrets={"PRESENT": f"{prefix}/present", "ABSENT": f"{prefix}/absent"},
+            ),
+        )
+
+    error = caught.value
+    assert (error.type, error.non_retryable) == ("SecretMissing", True)
+    assert f"{prefix}/absent" in str(error) and "ABSENT" in str(error)
+    assert f"{prefix}/present" not in str(error)
+    assert present not in str(error)
+    assert await fly.list_secrets(app_name) == []
+
+
+async def test_ssm_being_down_is_retryable(
+    fly: FlyClient, credentials: CredentialStore, app_name: str
+) -> None:
+    settings = Settings(
+        aws_endpoint_url=f"http://127.0.0.1:{embedded.free_port()}", aws_region="us-east-1"
+    )
+    activities = AppSecretActivities(fly, credentials, settings)
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(
+            activities.set_app_secrets,
+            AppSecretsInput(app_name=app_name, secrets={"TOKEN": "/apps/x/token"}),
+        )
+    assert (caught.value.type, caught.value.non_retryable) == ("SecretsUnavailable", False)
+
+
+async def test_an_unknown_app_fails_for_good_without_echoing_a_value(
+    activities: AppSecretActivities, ssm: Any, prefix: str
+) -> None:
+    # The emulator names the app in its 404; here the value is that very name.
+    missing_app = f"turbobackend-m{uuid.uuid4().hex[:12]}"
+    ssm.put_parameter(Name=f"{prefix}/echo", Value=missing_app, Type="SecureString")
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(
+            activities.set_app_secrets,
+            AppSecretsInput(app_name=missing_app, secrets={"ECHO": f"{prefix}/echo"}),
+        )
+    assert (caught.value.type, caught.value.non_retryable) == ("FlyNotFound", True)
+    assert "404 app not found: [redacted]" in str(caught.value)
+
+
+async def test_nothing_to_set_makes_no_call(activities: AppSecretActivities, flysim: Any) -> None:
+    calls = len(flysim.request_log)
+    result = await ActivityEnvironment().run(
+        activities.set_app_secrets, AppSecretsInput(app_name="turbobackend-none", secrets={})
+    )
+    assert result == AppSecretsResult()
+    assert len(flysim.request_log) == calls
+
+
+# ------------------------------------------------------------------ the emulator's API
+
+
+async def test_secrets_api_sets_lists_and_removes_by_name(
+    fly: FlyClient, flysim: Any, app_name: str, fly_token: str
+) -> None:
+    value = _value()
+    assert await fly.set_secrets(app_name, {"ONE": value, "TWO": "2"}) == 1
+    assert await fly.set_secrets(app_name, {"ONE": value}) == 1  # unchanged: same version
+    assert await fly.unset_secret(app_name, "TWO") == 2
+    assert await fly.unset_secret(app_name, "TWO") is None
+    assert [s.name for s in await fly.list_secrets(app_name)] == ["ONE"]
+
+    headers = {"Authorization": f"Bearer {fly_token}"}
+    base = f"{flysim.base_url}/apps/{app_name}/secrets"
+    async with httpx.AsyncClient(headers=headers) as http:
+        one = await http.post(f"{base}/THREE", json={"value": "3"})
+        assert one.status_code == 201 and one.json()["version"] == 3
+        assert one.json()["name"] == "THREE" and "value" not in one.json()
+        shown = await http.get(f"{base}/THREE")
+        assert shown.status_code == 200
+        assert set(shown.json()) == {"name", "digest", "created_at", "updated_at"}
+        assert (await http.get(base, params={"show_secrets": "true"})).status_code == 403
+        old = await http.get(base, params={"version": "1"})
+        assert [s["name"] for s in old.json()["secrets"]] == ["ONE", "TWO"]
+        bulk = await http.post(base, json={"values": {"ONE": None, "FOUR": "4"}})
+        assert [s["name"] for s in bulk.json()["secrets"]] == ["FOUR", "THREE"]
+        bad = await http.post(base, json={"values": {"FIVE": 5}})
+        assert bad.status_code == 400 and "FIVE" in bad.json()["error"]
+        assert (await http.post(base, json={"values": {"1X": "v"}})).status_code == 400
+        assert (await http.delete(f"{base}/NOPE")).status_code == 404
+        assert (await http.get(f"{base}/NOPE")).status_code == 404
+    assert value not in json.dumps(flysim.snapshot())
+
+    with pytest.raises(FlyNotFound):
+        await fly.list_secrets(f"{app_name}-gone")
+    # A deleted app's secrets go with it: a new app of the same name starts empty.
+    await fly.delete_app(app_name)
+    await fly.create_app(app_name, "personal")
+    assert await fly.list_secrets(app_name) == []

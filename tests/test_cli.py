@@ -1,0 +1,454 @@
+"""The `turbodeploy` command, run as a subprocess against the session's servers, with the
+worker composed as `python worker.py` composes it running in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import pytest_asyncio
+from click.testing import CliRunner
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from turbodeploy import embedded
+from turbodeploy.cli import main as turbodeploy_cli
+from turbodeploy.models import DeployProgress
+from turbodeploy.settings import Settings
+from turbodeploy.stack import publish_example
+from worker import create_worker
+
+IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"
+IMAGE_2 = "registry.fly.io/turbobackend-cli:deployment-2"
+# Every wait and poll of a deploy, in seconds, small enough for the emulator.
+FAST = json.dumps(
+    {
+        "health_deadline": 3,
+        "health_poll_initial": 0.02,
+        "health_poll_max": 0.1,
+        "health_request_timeout": 2,
+        "machine_wait_timeout": 3,
+        "machine_poll_interval": 0.02,
+        "app_visible_timeout": 2,
+        "app_visible_poll": 0.02,
+        # Cancellation reaches an activity with a heartbeat, sent at most every 80% of this.
+        "heartbeat_timeout": 1,
+    }
+)
+STEP_TICK = re.compile(r"^  ✓ (\w+)  \(\d+\.\ds\)$", re.MULTILINE)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def settings(
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    task_queue: str,
+    tmp_path: Path,
+    temporal_client: Client,
+) -> Settings:
+    return Settings(
+        temporal_address=temporal_client.service_client.config.target_host,
+        task_queue=task_queue,
+        database_url=postgres_url,
+        db_schema=f"t_{uuid.uuid4().hex[:8]}",
+        aws_endpoint_url=ssm_endpoint,
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+        work_dir=str(tmp_path / "work"),
+    )
+
+
+@pytest_asyncio.fixture
+async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with create_worker(temporal_client, settings) as w:
+        task = asyncio.create_task(w.run())
+        yield
+        await w.shutdown()
+        await task
+
+
+@pytest.fixture(autouse=True)
+def _calm_emulator(flysim: Any) -> None:
+    flysim.config.faults.error_rate = 0.0
+    flysim.config.faults.rate_limit_rate = 0.0
+    flysim.config.faults.drop_rate = 0.0
+    flysim.config.faults.latency_spike_rate = 0.0
+    flysim.config.unhealthy_images.clear()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> str:
+    return publish_example("nitro-hello", tmp_path / "repos")
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TURBODEPLOY_") and k not in ("DATABASE_URL", "PG_DB_SCHEMA")
+    }
+    env.update(
+        TURBODEPLOY_TEMPORAL_ADDRESS=settings.temporal_address,
+        TURBODEPLOY_TASK_QUEUE=settings.task_queue,
+        DATABASE_URL=settings.database_url or "",
+        TURBODEPLOY_DB_SCHEMA=settings.db_schema,
+        TURBODEPLOY_TEMPORAL_UI_URL="http://ui.test",
+    )
+    return env
+
+
+@pytest.fixture
+def cli(settings: Settings) -> Callable[..., Any]:
+    env = cli_env(settings)
+
+    async def run(*args: str, extra_env: dict[str, str] | None = None) -> Run:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "turbodeploy.cli",
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**env, **(extra_env or {})},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        assert proc.returncode is not None
+        return Run(proc.returncode, out.decode(), err.decode())
+
+    return run
+
+
+def machines(flysim: Any, app: str) -> list[dict[str, Any]]:
+    return [
+        m for m in flysim.snapshot()["machines"] if m["app"] == app and m["state"] != "destroyed"
+    ]
+
+
+async def test_deploy_wait_then_status_history_releases(
+    cli: Callable[..., Any],
+    worker: None,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+) -> None:
+    app = f"turbobackend-{project_id}"
+    url = settings.app_url(app)
+    run = await cli(
+        "deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST,
+        "--wait", "--poll-interval", "0.02",
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ticks = STEP_TICK.findall(run.out)
+    assert ticks[0] == "record_start"
+    assert {"credentials", "fly_config", "app", "rollout", "health"} <= set(ticks)
+    assert len(ticks) == len(set(ticks)), "each step is ticked once"
+    last = run.out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"✓ deployed {re.escape(url)}  \(\d+\.\ds\)", last), last
+    assert "\x1b[" not in run.out, "no terminal codes when stdout is not a terminal"
+
+    status = await cli("status", project_id, "--json")
+    assert status.code == 0, status.err
+    info = status.json()
+    assert info["workflow_id"] == f"deploy-{project_id}"
+    assert info["workflow_status"] == "COMPLETED"
+    assert info["record"]["status"] == "deployed"
+    assert info["record"]["url"] == url
+    assert info["ui"].startswith(f"http://ui.test/namespaces/default/workflows/deploy-{project_id}")
+
+    history = await cli("history", project_id, "--json")
+    assert history.code == 0, history.err
+    [row] = history.json()
+    assert row["status"] == "deployed" and row["image"] == IMAGE and row["url"] == url
+    deployment_id = row["deployment_id"]
+
+    releases = await cli("releases", project_id, "--json")
+    assert releases.code == 0, releases.err
+    [release] = releases.json()
+    assert release["deployment_id"] == deployment_id
+    assert release["status"] == "deployed"
+    assert release["image"] == IMAGE
+    assert release["machines"]
+
+    table = await cli("releases", project_id)
+    assert table.code == 0 and deployment_id in table.out and "deployed" in table.out
+    table = await cli("history", project_id)
+    assert table.code == 0 and deployment_id in table.out
+
+
+async def test_failed_deploy_exits_1_and_retry_deploys_again(
+    cli: Callable[..., Any],
+    worker: None,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+    flysim: Any,
+) -> None:
+    flysim.config.unhealthy_images.add(IMAGE)
+    run = await cli(
+        "deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST,
+        "--wait", "--json", "--poll-interval", "0.02",
+    )  # fmt: skip
+    assert run.code == 1, run.err
+    failed = run.json()  # stdout is JSON only
+    assert failed["status"] in ("failed", "rolled_back")
+    assert failed["error"]
+    assert failed["project_id"] == project_id
+    assert failed["workflow_id"] == f"deploy-{project_id}"
+    first_id = failed["deployment_id"]
+
+    status = await cli("status", project_id, "--json")
+    assert status.code == 1
+    assert status.json()["record"]["status"] == failed["status"]
+
+    flysim.config.unhealthy_images.clear()
+    retried = await cli("retry", project_id, "--wait", "--json", "--poll-interval", "0.02")
+    assert retried.code == 0, retried.err + retried.out
+    result = retried.json()
+    assert result["status"] == "deployed"
+    assert result["deployment_id"] != first_id
+    assert result["image"] == IMAGE
+    assert result["url"] == settings.app_url(f"turbobackend-{project_id}")
+
+
+async def test_rollback_to_the_previous_release(
+    cli: Callable[..., Any],
+    worker: None,
+    project_id: str,
+    repo: str,
+    flysim: Any,
+) -> None:
+    app = f"turbobackend-{project_id}"
+    for image in (IMAGE, IMAGE_2):
+        run = await cli(
+            "deploy", project_id, "--repo", repo, "--image", image, "--timings", FAST,
+            "--wait", "--json", "--poll-interval", "0.02",
+        )  # fmt: skip
+        assert run.code == 0, run.err
+    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE_2}
+
+    unknown = await cli("rollback", project_id, "--to", "d-unknown", "--wait", "--json")
+    assert unknown.code == 1
+    assert unknown.json()["status"] != "deployed"
+
+    back = await cli("rollback", project_id, "--timings", FAST, "--wait", "--poll-interval", "0.02")
+    assert back.code == 0, back.err + back.out
+    assert "✓ deployed" in back.out
+    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE}
+
+
+async def test_cancel_a_running_deploy(
+    cli: Callable[..., Any],
+    worker: None,
+    temporal_client: Client,
+    project_id: str,
+    repo: str,
+    flysim: Any,
+) -> None:
+    flysim.config.unhealthy_images.add(IMAGE)
+    # The unhealthy machine keeps the rollout waiting until it is cancelled.
+    slow = json.dumps({**json.loads(FAST), "machine_wait_timeout": 60, "health_deadline": 60})
+    started = await cli(
+        "deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", slow, "--json"
+    )  # fmt: skip
+    assert started.code == 0, started.err
+    assert started.json()["workflow_id"] == f"deploy-{project_id}"
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    for _ in range(500):
+        progress = await handle.query("progress", result_type=DeployProgress)
+        if progress.step in ("rollout", "health"):
+            break
+        await asyncio.sleep(0.02)
+    assert progress.step in ("rollout", "health")
+    await asyncio.sleep(0.3)
+
+    run = await cli("cancel", project_id, "--json")
+    assert run.code == 0, run.err
+    assert run.json() == {"project_id": project_id, "cancel_requested": True}
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(handle.result(), timeout=30)
+    status = (await cli("status", project_id, "--json")).json()
+    assert status["workflow_status"] == "CANCELED"
+    assert status["record"]["status"] == "cancelled"
+    again = await cli("cancel", project_id)
+    assert again.code == 1 and "no deploy" in again.err
+
+
+async def test_invalid_input_exits_2_and_nothing_starts(
+    temporal_client: Client, settings: Settings, project_id: str
+) -> None:
+    # Validation happens before any connection: click's runner, in this process, suffices.
+    runner = CliRunner(env=cli_env(settings))
+
+    def cli(*args: str) -> Run:
+        result = runner.invoke(turbodeploy_cli, list(args))
+        return Run(result.exit_code, result.stdout, result.stderr)
+
+    run = cli("deploy", "Not_A_Project", "--repo", "/tmp/x", "--json")
+    assert run.code == 2
+    assert "project_id" in run.json()["problems"][0]
+    run = cli("deploy", project_id, "--repo", "relative/path", "--region", "mars")
+    assert run.code == 2
+    assert "region" in run.err and "repo_url" in run.err
+    run = cli("deploy", project_id, "--repo", "/tmp/x", "--env", "NOEQUALS", "--json")
+    assert run.code == 2 and "NAME=VALUE" in run.json()["error"]
+    run = cli("deploy", project_id, "--repo", "/tmp/x", "--timings", "[1]")
+    assert run.code == 2
+    run = cli("deploy", project_id, "--repo", "/tmp/x", "--timings", '{"health_deadline": -1}')
+    assert run.code == 2 and "health_deadline must be positive" in run.err
+    run = cli("rollback", project_id, "--to", "Bad Id!", "--json")
+    assert run.code == 2 and run.json()["problems"]
+    for command in ("status", "history", "releases", "cancel", "retry"):
+        run = cli(command, "UPPER", "--json")
+        assert run.code == 2, command
+        assert "project id" in run.json()["error"]
+    run = cli("deploy")  # a usage error, from click
+    assert run.code == 2
+    with pytest.raises(RPCError, match="not found"):
+        await temporal_client.get_workflow_handle(f"deploy-{project_id}").describe()
+
+
+async def test_unknown_project_and_unreachable_server_exit_1(
+    cli: Callable[..., Any], project_id: str
+) -> None:
+    run = await cli("status", project_id, "--json")
+    assert run.code == 1
+    assert run.json() == {"error": f"no deploy of project {project_id} found"}
+    run = await cli("cancel", project_id)
+    assert run.code == 1
+    run = await cli("retry", project_id, "--json")
+    assert run.code == 1 and run.json()["error"]
+    # This test runs no worker: the records' schema does not exist yet.
+    history = await cli("history", project_id, "--json")
+    assert history.code == 1
+    assert "no deployment records in schema" in history.json()["error"]
+    dead = {"TURBODEPLOY_TEMPORAL_ADDRESS": f"127.0.0.1:{embedded.free_port()}"}
+    run = await cli("status", project_id, "--json", extra_env=dead)
+    assert run.code == 1
+    assert "cannot reach Temporal" in run.json()["error"]
+
+
+async def test_live_progress_on_a_terminal(
+    worker: None, settings: Settings, project_id: str, repo: str
+) -> None:
+    main_fd, child_fd = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turbodeploy.cli",
+        "deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST,
+        "--wait", "--poll-interval", "0.02",
+        stdout=child_fd, stderr=subprocess.PIPE, env={**cli_env(settings), "COLUMNS": "160"},
+    )  # fmt: skip
+    os.close(child_fd)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = asyncio.get_running_loop().run_in_executor(None, read)
+    code = await asyncio.wait_for(proc.wait(), timeout=120)
+    await asyncio.wait_for(reader, timeout=10)
+    os.close(main_fd)
+    output = b"".join(chunks).decode(errors="replace")
+    assert code == 0, output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert "\x1b[" in output, "a terminal gets the live display"
+    assert re.search(r"✓ rollout\s+\(\d+\.\ds\)", plain)
+    assert settings.app_url(f"turbobackend-{project_id}") in plain
+
+
+# ------------------------------------------------------------------------- turbodeploy up
+
+
+def _processes_using(path: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(path) in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+    return found
+
+
+def test_up_runs_the_stack_and_stops_on_sigint(tmp_path: Path) -> None:
+    state = tmp_path / "stack"
+    ports = {p: str(embedded.free_port()) for p in ("temporal", "ui", "flysim", "metrics")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TURBODEPLOY_") and k != "DATABASE_URL"
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "turbodeploy.cli", "up", "--state-dir", str(state),
+            "--temporal-port", ports["temporal"], "--ui-port", ports["ui"],
+            "--flysim-port", ports["flysim"], "--metrics-port", ports["metrics"],
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if line.startswith("ready"):
+                break
+        assert lines and lines[-1].startswith("ready"), "\n".join(lines) + proc.stderr.read()
+        text = "\n".join(lines)
+        assert f"export TURBODEPLOY_TEMPORAL_ADDRESS=127.0.0.1:{ports['temporal']}" in text
+        assert "export DATABASE_URL=" in text
+        assert f"http://127.0.0.1:{ports['ui']}" in text
+        assert f"http://127.0.0.1:{ports['metrics']}/metrics" in text
+        embedded.wait_for_port("127.0.0.1", int(ports["temporal"]), timeout=5)
+        embedded.wait_for_port("127.0.0.1", int(ports["flysim"]), timeout=5)
+        embedded.wait_for_port("127.0.0.1", int(ports["metrics"]), timeout=5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert _processes_using(state), "the servers run from the state directory"
+
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        rest = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code in (0, 130), proc.stderr.read() if proc.stderr else ""
+    assert "stopped" in rest
+    assert [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert _processes_using(state) == []
+    with pytest.raises(OSError):
+        embedded.wait_for_port("127.0.0.1", int(ports["temporal"]), timeout=0.5)

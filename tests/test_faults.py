@@ -1,0 +1,272 @@
+"""The Fly API misbehaves: transient faults are ridden out, hopeless answers fail at once,
+and one worker's deploys together stay within the configured request budget."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from harness import (
+    DEPLOY_FAILURES,
+    IMAGE,
+    app_machines,
+    deployment_rows,
+    failure_message,
+    fast_timings,
+    max_attempt,
+    max_requests_in_window,
+    reset_faults,
+)
+from temporalio.client import Client
+
+from turbodeploy.client import start_deploy
+from turbodeploy.models import DeployRequest, DeployResult, DeployStatus
+from turbodeploy.settings import Settings
+from turbodeploy.stack import publish_example
+from worker import create_worker
+
+
+@pytest.fixture(autouse=True)
+def _faults_reset(flysim: Any) -> Iterator[None]:
+    reset_faults(flysim)
+    yield
+    reset_faults(flysim)
+
+
+def _settings(
+    postgres_url: str, ssm_endpoint: str, flysim: Any, tmp_path: Path, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "task_queue": f"faults-{uuid.uuid4().hex[:10]}",
+        "database_url": postgres_url,
+        "db_schema": f"f_{uuid.uuid4().hex[:8]}",
+        "aws_endpoint_url": ssm_endpoint,
+        "fly_api_base_url": flysim.base_url,
+        "app_url_template": flysim.app_url_template,
+        "work_dir": str(tmp_path / "work"),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def _running(client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with create_worker(client, settings) as w:
+        task = asyncio.create_task(w.run())
+        try:
+            yield
+        finally:
+            await w.shutdown()
+            await task
+
+
+def _request(project_id: str, repo: str, **overrides: Any) -> DeployRequest:
+    fields: dict[str, Any] = {
+        "project_id": project_id,
+        "repo_url": repo,
+        "image": IMAGE,
+        "timings": fast_timings(),
+    }
+    fields.update(overrides)
+    return DeployRequest.model_validate(fields)
+
+
+def _new_project() -> str:
+    return f"f{uuid.uuid4().hex[:10]}"
+
+
+def _why(outcome: object) -> str:
+    cause = getattr(outcome, "cause", None)
+    return str(cause or outcome)[:400]
+
+
+async def _deploy_many(
+    client: Client, settings: Settings, tmp_path: Path, count: int, machine_count: int = 1
+) -> list[tuple[DeployRequest, DeployResult | BaseException]]:
+    requests = [
+        _request(
+            _new_project(),
+            publish_example("nitro-hello", tmp_path / f"repos-{i}"),
+            machine_count=machine_count,
+        )
+        for i in range(count)
+    ]
+    handles = [await start_deploy(client, r, task_queue=settings.task_queue) for r in requests]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 120
+    )
+    return list(zip(requests, results, strict=True))
+
+
+async def test_twenty_deploys_ride_out_5xx_429_spikes_and_drops(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    tmp_path: Path,
+) -> None:
+    faults = flysim.config.faults
+    faults.seed = 20240611
+    faults.error_rate = 0.3
+    faults.rate_limit_rate = 0.1
+    faults.retry_after = 1
+    faults.latency_spike_rate = 0.05
+    faults.latency_spike = 0.5
+    faults.drop_rate = 0.05
+    injected_before = dict(flysim.stats.faults_injected)
+    # No client-side budget: this test is about faults, not pacing.
+    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path, fly_api_rate=0)
+    async with _running(temporal_client, settings):
+        outcomes = await _deploy_many(temporal_client, settings, tmp_path, 20, machine_count=2)
+    reset_faults(flysim)
+
+    injected = {k: v - injected_before.get(k, 0) for k, v in flysim.stats.faults_injected.items()}
+    assert injected.get("rate_limit", 0) > 0 and injected.get("drop", 0) > 0, injected
+    assert sum(v for k, v in injected.items() if k.startswith("error_")) > 0, injected
+
+    failures = [(r.project_id, _why(o)) for r, o in outcomes if not isinstance(o, DeployResult)]
+    assert failures == [], f"{len(failures)} of 20 deploys failed: {failures}"
+    for request, outcome in outcomes:
+        assert isinstance(outcome, DeployResult)
+        assert outcome.status is DeployStatus.DEPLOYED
+        machines = app_machines(flysim, request.app_name)
+        assert len(machines) == 2, f"{request.app_name}: {[m['id'] for m in machines]}"
+        assert sorted(m["id"] for m in machines) == sorted(outcome.machine_ids)
+        rows = await deployment_rows(postgres_url, settings.db_schema, request.project_id)
+        assert [r["status"] for r in rows] == ["deployed"]
+
+
+async def test_invalid_machine_config_422_fails_in_one_attempt(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    tmp_path: Path,
+) -> None:
+    # The repository's own fly.toml asks for a port Fly refuses: the create answers 422.
+    repo = publish_example("nitro-hello", tmp_path / "repos")
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
+    (work / "fly.toml").write_text(
+        'app = "whatever"\n\n[[services]]\ninternal_port = 70000\nprotocol = "tcp"\n'
+    )
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "own fly.toml"], cwd=work, check=True)
+    subprocess.run(["git", "push", "-q"], cwd=work, check=True)
+
+    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path)
+    request = _request(_new_project(), repo)
+    async with _running(temporal_client, settings):
+        handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+        started = time.monotonic()
+        with pytest.raises(DEPLOY_FAILURES) as info:
+            await handle.result()
+        took = time.monotonic() - started
+    message = failure_message(info.value)
+    assert "422" in message or "internal_port" in message, message
+    assert took < 15, f"a hopeless 422 took {took:.1f}s to fail"
+    assert await max_attempt(handle) == 1, "the 422 was retried"
+    [row] = await deployment_rows(postgres_url, settings.db_schema, request.project_id)
+    assert row["status"] == "failed"
+    assert "internal_port" in row["error"], row["error"]
+
+
+async def test_rejected_token_401_fails_in_one_attempt(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    tmp_path: Path,
+) -> None:
+    parameter = f"/turbobackend/flyio/wrong-{uuid.uuid4().hex[:8]}"
+    wrong_token = "FlyV1 fm2_" + uuid.uuid4().hex * 3
+    boto3.client(
+        "ssm",
+        endpoint_url=ssm_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).put_parameter(Name=parameter, Value=wrong_token, Type="SecureString", Overwrite=True)
+    settings = _settings(
+        postgres_url, ssm_endpoint, flysim, tmp_path, fly_token_parameter=parameter
+    )
+    request = _request(_new_project(), publish_example("nitro-hello", tmp_path / "repos"))
+    async with _running(temporal_client, settings):
+        handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+        with pytest.raises(DEPLOY_FAILURES) as info:
+            await handle.result()
+    message = failure_message(info.value)
+    assert "401" in message or "unauthori" in message.lower(), message
+    assert wrong_token not in message
+    assert await max_attempt(handle) == 1, "the 401 was retried"
+    [row] = await deployment_rows(postgres_url, settings.db_schema, request.project_id)
+    assert row["status"] == "failed"
+    assert "401" in row["error"] or "unauthori" in row["error"].lower(), row["error"]
+    assert flysim.world.apps.get(request.app_name) is None
+
+
+async def test_app_of_another_org_403_fails_in_one_attempt(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    tmp_path: Path,
+) -> None:
+    request = _request(_new_project(), publish_example("nitro-hello", tmp_path / "repos"))
+    other_token = f"FlyV1 fm2_other-{uuid.uuid4().hex}"
+    flysim.config.tokens[other_token] = "someone-else"
+    created = httpx.post(
+        f"{flysim.base_url}/apps",
+        json={"app_name": request.app_name, "org_slug": "someone-else"},
+        headers={"Authorization": f"Bearer {other_token}"},
+    )
+    assert created.status_code == 201
+    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path)
+    async with _running(temporal_client, settings):
+        handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+        with pytest.raises(DEPLOY_FAILURES) as info:
+            await handle.result()
+    message = failure_message(info.value)
+    assert "another organi" in message, message
+    assert await max_attempt(handle) == 1, "the 403 was retried"
+    [row] = await deployment_rows(postgres_url, settings.db_schema, request.project_id)
+    assert row["status"] == "failed"
+    assert "another organi" in row["error"], row["error"]
+    assert [m for m in app_machines(flysim, request.app_name)] == []
+
+
+async def test_fifty_deploys_share_one_request_budget(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    tmp_path: Path,
+) -> None:
+    rate, burst = 40.0, 10
+    settings = _settings(
+        postgres_url, ssm_endpoint, flysim, tmp_path, fly_api_rate=rate, fly_api_burst=burst
+    )
+    async with _running(temporal_client, settings):
+        started = time.time()
+        outcomes = await _deploy_many(temporal_client, settings, tmp_path, 50)
+    failures = [_why(o) for _, o in outcomes if not isinstance(o, DeployResult)]
+    assert failures == []
+    times = [t for t, _, _, _ in list(flysim.request_log) if t >= started]
+    assert len(times) > 3 * (rate + burst), "enough requests to saturate the budget"
+    busiest = max_requests_in_window(times, 1.0)
+    assert busiest <= rate + burst, f"{busiest} requests within one second (budget {rate}+{burst})"
+
+
+def test_window_counter() -> None:
+    assert max_requests_in_window([0.0, 0.1, 0.5, 1.05, 1.2, 3.0], 1.0) == 3
+    assert max_requests_in_window([], 1.0) == 0

@@ -549,8 +549,9 @@ class ReleaseSnapshot(_Model):
 
 
 class RestoreInput(_Model):
-    """Put `snapshot` back: machines updated since are restored, machines created by
-    `deployment_id` (and not in the snapshot) are destroyed. Idempotent."""
+    """Make the app's `app` process group match `snapshot`: changed machines get their
+    snapshot config back, missing ones are recreated (marked with `deployment_id`, so a
+    retry finds them), and every other machine of the group is destroyed. Idempotent."""
 
     app_name: str
     deployment_id: str

@@ -513,8 +513,8 @@ class DeployProjectWorkflow:
         metrics.rollback_performed("automatic")
         d.image = snapshot.image or d.image
         d.machines = [
-            MachineOutcome(machine_id=m.machine_id, action="restored", region=m.region)
-            for m in snapshot.machines
+            MachineOutcome(machine_id=m, action="restored")
+            for m in restored.restored + restored.unchanged
         ]
         return True
 

@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Iterator
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -23,6 +22,7 @@ from turbodeploy.db import (
 )
 from turbodeploy.models import (
     DeployStatus,
+    LoadReleaseInput,
     RecordResultInput,
     RecordStartInput,
     RecordStartResult,
@@ -36,16 +36,6 @@ DEPLOYMENT_CONFLICT = "DeploymentConflict"
 DEPLOYMENT_RECORD_INVALID = "DeploymentRecordInvalid"
 RELEASE_NOT_FOUND = "ReleaseNotFound"
 RELEASE_NOT_RESTORABLE = "ReleaseNotRestorable"
-
-
-class LoadReleaseInput(BaseModel):
-    """The release to put back: `deployment_id`'s, or (None) the last deployed release
-    before the one running now."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    project_id: str
-    deployment_id: str | None = None
 
 
 class DeploymentActivities:

@@ -13,10 +13,11 @@ import pytest_asyncio
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.deployments import DeploymentActivities, LoadReleaseInput
+from activities.deployments import DeploymentActivities
 from turbodeploy.db import DeploymentConflict, DeploymentNotFound, DeploymentStore, create_pool
 from turbodeploy.models import (
     DeployStatus,
+    LoadReleaseInput,
     MachineOutcome,
     MachineSnapshot,
     ReleaseRecord,

@@ -1,0 +1,475 @@
+"""The measurements, in one run against one Temporal server and one worker configuration.
+
+Every ratio compares the deploy with something measured in the same run: the no-op
+baseline workflow (same number of activities, same worker options, same server) or the
+waits the emulator imposes (the critical path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from bench.report import Report
+from bench.stack import Stack, Usage, sampled_peak
+from turbodeploy.client import start_deploy
+from turbodeploy.models import DeployRequest, Strategy
+
+IMAGE = "registry.fly.io/turbobackend-bench:deployment-1"
+REDEPLOY_IMAGE = "registry.fly.io/turbobackend-bench:deployment-2"
+# How many deploys or baselines are started at once: enough to fill the worker, few enough
+# that the driver itself does not queue thousands of RPCs on the server.
+_START_CONCURRENCY = 50
+
+
+@dataclass(frozen=True)
+class Options:
+    single_runs: int = 5
+    concurrent: int = 200
+    in_flight: int = 1000
+    machines: int = 10
+    share_deploys: int = 100
+    # The realistic emulator: API latency, machine start, health checks passing after start.
+    api_latency: float = 0.05
+    start_delay: float = 2.0
+    healthy_after: float = 3.0
+    max_unavailable: float = 0.33
+
+
+@dataclass
+class Timed:
+    seconds: float
+    ok: bool
+    handle: WorkflowHandle[Any, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Run:
+    """Names that keep this run's projects and queues apart from any other run's."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    count: int = 0
+
+    def project(self) -> str:
+        self.count += 1
+        return f"b{self.tag}-{self.count}"
+
+
+class Benchmark:
+    def __init__(self, stack: Stack, options: Options, report: Report) -> None:
+        self.stack = stack
+        self.o = options
+        self.report = report
+        self.client: Client = stack.client
+        self.names = _Run()
+        self.queue = f"bench-{self.names.tag}"
+        self.baseline_queue = f"bench-baseline-{self.names.tag}"
+        self.activities = 0
+        # Paces start requests only; the runs themselves all proceed at once.
+        self._gate = asyncio.Semaphore(_START_CONCURRENCY)
+
+    # -------------------------------------------------------------------- driving
+
+    def _request(self, repo: str, **fields: Any) -> DeployRequest:
+        values: dict[str, Any] = {
+            "project_id": self.names.project(),
+            "repo_url": repo,
+            "image": IMAGE,
+        }
+        values.update(fields)
+        return DeployRequest.model_validate(values)
+
+    async def _deploy(self, request: DeployRequest) -> Timed:
+        started = time.perf_counter()
+        async with self._gate:
+            handle = await start_deploy(self.client, request, task_queue=self.queue)
+        # The run's own result, as the baseline's is read: no update round trip.
+        workflow = handle.workflow
+        try:
+            await workflow.result()
+        except Exception as exc:
+            return Timed(time.perf_counter() - started, False, workflow, _cause(exc))
+        return Timed(time.perf_counter() - started, True, workflow)
+
+    async def _baseline(self) -> Timed:
+        started = time.perf_counter()
+        async with self._gate:
+            handle = await self.client.start_workflow(
+                "BenchBaselineWorkflow",
+                self.activities,
+                id=f"baseline-{uuid.uuid4().hex}",
+                task_queue=self.baseline_queue,
+            )
+        try:
+            await handle.result()
+        except Exception as exc:
+            return Timed(time.perf_counter() - started, False, handle, _cause(exc))
+        return Timed(time.perf_counter() - started, True, handle)
+
+    async def _all_at_once(
+        self, runs: list[Callable[[], Awaitable[Timed]]]
+    ) -> tuple[float, list[Timed]]:
+        """Start every run (at most `_START_CONCURRENCY` start requests in the air), wait
+        for all; the elapsed time from the first start to the last result."""
+        started = time.perf_counter()
+        results = await asyncio.gather(*(run() for run in runs))
+        return time.perf_counter() - started, list(results)
+
+    # -------------------------------------------------------------------- phases
+
+    async def start(self) -> None:
+        self.stack.emulator.set_timing(0, 0, 0)
+        self.deploy_worker = self.stack.start_worker(self.queue, name="worker-1")
+        self.baseline_worker = self.stack.start_worker(
+            self.baseline_queue, baseline=True, name="baseline-worker"
+        )
+        await self.stack.wait_for_pollers(self.queue)
+        await self.stack.wait_for_pollers(self.baseline_queue)
+
+    async def single(self) -> None:
+        """One deploy at a time against a zero-latency emulator, beside the baseline."""
+        self.stack.emulator.set_timing(0, 0, 0)
+        repos = self.stack.new_repos(self.o.single_runs + 1)
+        warm = await self._deploy(self._request(repos.pop()))
+        _require(warm, "the warm-up deploy")
+        assert warm.handle is not None
+        self.activities = await _activity_count(warm.handle)
+        _require(await self._baseline(), "the warm-up baseline")
+        deploys: list[Timed] = []
+        baselines: list[Timed] = []
+        for repo in repos:
+            # Alternated, so drift (caches, the server's database) hits both alike.
+            baselines.append(await self._baseline())
+            deploys.append(await self._deploy(self._request(repo)))
+        ok_deploys = [d for d in deploys if d.ok]
+        base = statistics.median(b.seconds for b in baselines if b.ok)
+        self.report.info(
+            f"baseline: no-op workflow, {self.activities} activities (as a deploy)",
+            f"{base * 1000:.0f} ms",
+            f"median of {len(baselines)}",
+        )
+        if not ok_deploys:
+            self.report.ratio("single deploy ÷ baseline", None, "≤ 1.25", 1.25, "no deploy")
+            return
+        median = _median_run(ok_deploys)
+        steps = await _step_times(median.handle)
+        git = steps.get("prepare_fly_config", 0.0)
+        self.report.ratio(
+            "single deploy (zero-latency emulator) ÷ baseline",
+            median.seconds / base,
+            "≤ 1.25",
+            1.25,
+            f"{median.seconds * 1000:.0f} ms vs {base * 1000:.0f} ms; "
+            f"{len(ok_deploys)}/{len(deploys)} deployed",
+        )
+        self.report.info(
+            "  of which git (clone, commit, push of fly.toml)",
+            f"{git * 1000:.0f} ms",
+            f"{git / median.seconds:.0%} of the deploy",
+        )
+        self.report.ratio(
+            "  single deploy without git ÷ baseline",
+            (median.seconds - git) / base,
+            "(info)",
+            None,
+            "what the orchestration itself costs",
+        )
+        self.report.steps = steps
+        self.report.single_ms = {"deploy": median.seconds * 1000, "baseline": base * 1000}
+
+    async def concurrent(self) -> None:
+        """`concurrent` deploys at once, against as many baselines at once."""
+        n = self.o.concurrent
+        self.stack.emulator.set_timing(0, 0, 0)
+        base_elapsed, bases = await self._all_at_once([self._baseline for _ in range(n)])
+        repos = self.stack.new_repos(n)
+        usage = self.deploy_worker.usage()
+        elapsed, deploys = await self._all_at_once(
+            [lambda r=r: self._deploy(self._request(r)) for r in repos]
+        )
+        cpu = self.deploy_worker.usage().cpu - usage.cpu
+        ok = sum(d.ok for d in deploys)
+        base_rate = sum(b.ok for b in bases) / base_elapsed
+        rate = ok / elapsed
+        self.report.info(
+            f"baseline: {n} no-op workflows at once",
+            f"{base_rate:.1f} workflows/s",
+            f"{base_elapsed:.1f} s",
+        )
+        self.report.ratio(
+            f"{n} concurrent deploys: deploys/s ÷ baseline workflows/s",
+            rate / base_rate if ok == n else None,
+            "≥ 0.8",
+            0.8,
+            f"{rate:.1f} deploys/s, {ok}/{n} deployed in {elapsed:.1f} s; "
+            f"worker CPU {cpu / n * 1000:.0f} ms/deploy"
+            + _first_error(deploys),
+            higher_is_better=True,
+        )
+        self.report.scaling.append(
+            {"concurrent": n, "deploys_per_s": rate, "cpu_ms_per_deploy": cpu / n * 1000}
+        )
+
+    async def realistic(self) -> None:
+        """Redeploys with realistic emulator delays: wall time ÷ the provider's waits."""
+        o = self.o
+        walls: dict[tuple[Strategy, int], float] = {}
+        requests: dict[tuple[Strategy, int], int] = {}
+        for strategy in (Strategy.IMMEDIATE, Strategy.ROLLING):
+            for machines in sorted({1, o.machines}):
+                case = (strategy, machines)
+                wall, made, by_route = await self._redeploy(strategy, machines)
+                if wall is None:
+                    self.report.ratio(
+                        f"{strategy} redeploy, {machines} machine(s) ÷ critical path",
+                        None,
+                        "≤ 1.10",
+                        1.10,
+                        "deploy failed",
+                    )
+                    continue
+                walls[case], requests[case] = wall, made
+                path = self._critical_path(strategy, machines)
+                self.report.ratio(
+                    f"{strategy} redeploy, {machines} machine(s) ÷ critical path",
+                    wall / path,
+                    "≤ 1.10",
+                    1.10,
+                    f"{wall:.2f} s vs {path:.2f} s; {made} API requests",
+                )
+                self.report.requests[f"{strategy}/{machines}"] = by_route
+                self.report.scaling.append(
+                    {"strategy": str(strategy), "machines": machines, "wall_s": wall,
+                     "critical_path_s": path, "api_requests": made}
+                )  # fmt: skip
+        one, many = (Strategy.IMMEDIATE, 1), (Strategy.IMMEDIATE, o.machines)
+        if o.machines > 1 and one in walls and many in walls:
+            self.report.ratio(
+                f"immediate: {o.machines} machines ÷ 1 machine",
+                walls[many] / walls[one],
+                "≤ 1.2",
+                1.2,
+                f"{walls[many]:.2f} s vs {walls[one]:.2f} s",
+            )
+        self._requests_rows(requests)
+
+    def _requests_rows(self, requests: dict[tuple[Strategy, int], int]) -> None:
+        m = self.o.machines
+        for strategy, per_machine in ((Strategy.ROLLING, 5), (Strategy.IMMEDIATE, 3)):
+            one = requests.get((strategy, 1))
+            if one is None:
+                continue
+            flyctl_one = 1 + per_machine
+            self.report.info(
+                f"Fly API requests per {strategy} redeploy (1 machine)",
+                str(one),
+                f"flyctl: {flyctl_one}",
+            )
+            many = requests.get((strategy, m))
+            if many is None or m == 1:
+                continue
+            marginal = (many - one) / (m - 1)
+            self.report.ratio(
+                f"Fly API requests per machine, {strategy} (flyctl: {per_machine})",
+                marginal,
+                f"≤ {per_machine}",
+                float(per_machine),
+                f"({many} − {one}) / {m - 1} machines",
+                unit="",
+            )
+
+    async def _redeploy(
+        self, strategy: Strategy, machines: int
+    ) -> tuple[float | None, int, dict[str, int]]:
+        o, sim = self.o, self.stack.emulator
+        sim.set_timing(0, 0, 0)
+        repo = self.stack.new_repos(1)[0]
+        first = self._request(repo, machine_count=machines, strategy=strategy)
+        _require(await self._deploy(first), f"the first {strategy} deploy")
+        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
+        again = DeployRequest.model_validate(
+            {
+                **first.model_dump(exclude={"deployment_id"}),
+                "image": REDEPLOY_IMAGE,
+                "max_unavailable": o.max_unavailable,
+            }
+        )
+        before = sim.counters()
+        timed = await self._deploy(again)
+        after = sim.counters()
+        sim.set_timing(0, 0, 0)
+        if not timed.ok:
+            return None, 0, {}
+        routes = {
+            route: n - before["by_route"].get(route, 0)
+            for route, n in after["by_route"].items()
+            if n - before["by_route"].get(route, 0)
+        }
+        return timed.seconds, after["total_requests"] - before["total_requests"], routes
+
+    def _critical_path(self, strategy: Strategy, machines: int) -> float:
+        """What the provider makes any client wait: the API round trips that must follow one
+        another (read the app, list its machines, lease, release; per batch an update) and,
+        per batch of machines, the start and the time until its checks pass."""
+        o = self.o
+        if strategy is Strategy.IMMEDIATE or machines == 1:
+            batches = 1
+        else:
+            size = max(1, math.ceil(o.max_unavailable * machines))
+            batches = 1 + math.ceil((machines - 1) / size)
+        return 4 * o.api_latency + batches * (o.api_latency + o.start_delay + o.healthy_after)
+
+    async def in_flight(self) -> None:
+        """`in_flight` deploys open at once against the realistic emulator: worker memory
+        and CPU per deploy."""
+        o, n = self.o, self.o.in_flight
+        sim = self.stack.emulator
+        sim.set_timing(0, 0, 0)
+        repos = self.stack.new_repos(n)
+        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
+        open_now = peak_open = 0
+
+        async def tracked(repo: str) -> Timed:
+            nonlocal open_now, peak_open
+            open_now += 1
+            peak_open = max(peak_open, open_now)
+            try:
+                return await self._deploy(self._request(repo))
+            finally:
+                open_now -= 1
+
+        usage = self.deploy_worker.usage()
+        with sampled_peak(self.deploy_worker.pid) as samples:
+            elapsed, deploys = await self._all_at_once([lambda r=r: tracked(r) for r in repos])
+        after = self.deploy_worker.usage()
+        sim.set_timing(0, 0, 0)
+        ok = sum(d.ok for d in deploys)
+        peak = max(samples, default=after.rss_mb)
+        cpu = after.cpu - usage.cpu
+        self.report.ratio(
+            f"worker peak RSS, {n} deploys in flight (MB)",
+            peak if ok == n else None,
+            "≤ 400",
+            400.0,
+            f"{ok}/{n} deployed in {elapsed:.0f} s, {peak_open} open at once; "
+            f"RSS before {usage.rss_mb:.0f} MB, high-water mark {after.peak_rss_mb:.0f} MB"
+            + _first_error(deploys),
+            unit=" MB",
+        )
+        self.report.info(
+            f"worker CPU per deploy, {n} in flight",
+            f"{cpu / n * 1000:.0f} ms",
+            f"{cpu:.0f} CPU-s in total, {n / elapsed:.1f} deploys/s",
+        )
+        self.report.scaling.append(
+            {"concurrent": n, "deploys_per_s": n / elapsed, "cpu_ms_per_deploy": cpu / n * 1000,
+             "peak_rss_mb": peak, "realistic_emulator": True}
+        )  # fmt: skip
+
+    async def two_workers(self) -> None:
+        """A second `python worker.py` on the same task queue: who runs what."""
+        n = self.o.share_deploys
+        self.stack.emulator.set_timing(0, 0, 0)
+        second = self.stack.start_worker(self.queue, name="worker-2")
+        await self.stack.wait_for_pollers(self.queue, count=2)
+        workers = {"worker 1": self.deploy_worker, "worker 2": second}
+        pids = {str(w.pid): name for name, w in workers.items()}
+        before = {name: w.usage().cpu for name, w in workers.items()}
+        repos = self.stack.new_repos(n)
+        elapsed, deploys = await self._all_at_once(
+            [lambda r=r: self._deploy(self._request(r)) for r in repos]
+        )
+        cpu = {name: w.usage().cpu - before[name] for name, w in workers.items()}
+        ran: Counter[str] = Counter()
+        for d in deploys:
+            if d.handle is not None:
+                for identity in await _activity_identities(d.handle):
+                    ran[pids.get(identity.split("@", 1)[0], identity)] += 1
+        total = sum(ran.values()) or 1
+        shares = {name: ran[name] / total for name in workers}
+        ok = sum(d.ok for d in deploys)
+        self.report.ratio(
+            "two workers on one task queue: smaller share of the activities",
+            min(shares.values()),
+            "≥ 0.25",
+            0.25,
+            ", ".join(
+                f"{name} {ran[name]} activities ({shares[name]:.0%}), {cpu[name]:.1f} CPU-s"
+                for name in workers
+            )
+            + f"; {ok}/{n} deployed, {ok / elapsed:.1f} deploys/s",
+            higher_is_better=True,
+            unit="",
+        )
+
+
+# -------------------------------------------------------------------------- histories
+
+
+async def _activity_count(handle: WorkflowHandle[Any, Any]) -> int:
+    history = await handle.fetch_history()
+    return sum(1 for e in history.events if e.HasField("activity_task_scheduled_event_attributes"))
+
+
+async def _activity_identities(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    history = await handle.fetch_history()
+    return [
+        e.activity_task_started_event_attributes.identity
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+
+
+async def _step_times(handle: WorkflowHandle[Any, Any] | None) -> dict[str, float]:
+    """Seconds from schedule to completion of each activity type, summed."""
+    if handle is None:
+        return {}
+    history = await handle.fetch_history()
+    scheduled: dict[int, tuple[str, float]] = {}
+    times: dict[str, float] = {}
+    for e in history.events:
+        at = e.event_time.ToDatetime().timestamp()
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            name = e.activity_task_scheduled_event_attributes.activity_type.name
+            scheduled[e.event_id] = (name, at)
+        elif e.HasField("activity_task_completed_event_attributes"):
+            name, start = scheduled[e.activity_task_completed_event_attributes.scheduled_event_id]
+            times[name] = times.get(name, 0.0) + at - start
+    if history.events:
+        first, last = history.events[0], history.events[-1]
+        times["(whole run, server-side)"] = (
+            last.event_time.ToDatetime() - first.event_time.ToDatetime()
+        ) / timedelta(seconds=1)
+    return times
+
+
+def _median_run(runs: list[Timed]) -> Timed:
+    ordered = sorted(runs, key=lambda r: r.seconds)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _require(run: Timed, what: str) -> None:
+    if not run.ok:
+        raise RuntimeError(f"{what} failed: {run.error}")
+
+
+def _cause(exc: BaseException) -> str:
+    while getattr(exc, "cause", None) is not None:
+        exc = exc.cause  # type: ignore[attr-defined]
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _first_error(runs: list[Timed]) -> str:
+    failed = [r for r in runs if not r.ok]
+    return f"; first failure: {failed[0].error}" if failed else ""

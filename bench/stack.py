@@ -1,0 +1,352 @@
+"""The services one benchmark run uses: one Temporal dev server, PostgreSQL, SSM (moto), the
+Fly emulator in its own process, worker processes, and one git repository per project."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from bench.baseline import BASELINE_QUEUE_ENV
+from turbodeploy import embedded
+from turbodeploy.stack import publish_example
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------ emulator
+
+
+class Emulator:
+    """`python -m flysim` in its own process, so its work never shares a GIL with the
+    driver's; steered and read through its `/_sim` control API."""
+
+    def __init__(self, token: str, log_path: Path) -> None:
+        self.port = embedded.free_port()
+        env = {**_base_env(), "FLYSIM_TOKENS": f"{token}=personal"}
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flysim", "--port", str(self.port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        embedded.wait_for_port("127.0.0.1", self.port)
+        self._control = httpx.Client(base_url=f"http://127.0.0.1:{self.port}/_sim", timeout=60)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def app_url_template(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_apps/{{app}}"
+
+    def set_timing(self, api_latency: float, start_delay: float, healthy_after: float) -> None:
+        timing = {
+            "api_latency": api_latency,
+            "start_delay": start_delay,
+            "healthy_after": healthy_after,
+        }
+        self._control.post("/config", json={"timing": timing}).raise_for_status()
+
+    def counters(self) -> dict[str, Any]:
+        state: dict[str, Any] = self._control.get("/state").json()
+        return dict(state["counters"])
+
+    def stop(self) -> None:
+        self._control.close()
+        _stop_group(self.process)
+        self._log.close()
+
+
+# -------------------------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerProcess:
+    """A worker in its own process group: `python worker.py`, or the baseline worker."""
+
+    process: subprocess.Popen[bytes]
+    log: Any
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def usage(self) -> Usage:
+        return Usage.of(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _stop_group(self.process)
+        self.log.close()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds (the process and the children it reaped, i.e. git) and memory of one
+    process, from /proc."""
+
+    cpu: float
+    rss_mb: float
+    peak_rss_mb: float
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime, cutime, cstime are fields 14-17 of stat(5); `fields` starts at 3.
+        cpu = sum(int(v) for v in fields[11:15]) / _TICKS
+        memory = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                memory[name] = int(value.split()[0]) / 1024
+        return cls(cpu, memory.get("VmRSS", 0.0), memory.get("VmHWM", 0.0))
+
+
+# ---------------------------------------------------------------------------------- stack
+
+
+@dataclass
+class Stack:
+    client: Client
+    temporal_address: str
+    database_url: str
+    ssm_endpoint: str
+    emulator: Emulator
+    state_dir: Path
+    logs_dir: Path
+    worker_env: dict[str, str]
+    template_repo: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+    _repo_count: int = 0
+
+    def start_worker(
+        self, task_queue: str, *, baseline: bool = False, name: str = "worker"
+    ) -> WorkerProcess:
+        env = {**self.worker_env, "TURBODEPLOY_TASK_QUEUE": task_queue}
+        if baseline:
+            # The deploy worker it copies its options from is built, never run, and must
+            # not claim the baseline's queue.
+            env["TURBODEPLOY_TASK_QUEUE"] = f"{task_queue}-unused"
+            env[BASELINE_QUEUE_ENV] = task_queue
+        module = "bench.baseline" if baseline else "worker"
+        log = (self.logs_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        worker = WorkerProcess(process, log)
+        self.workers.append(worker)
+        return worker
+
+    async def wait_for_pollers(self, task_queue: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        request = DescribeTaskQueueRequest(
+            namespace=self.client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+        while True:
+            response = await self.client.workflow_service.describe_task_queue(request)
+            if len({p.identity for p in response.pollers}) >= count:
+                return
+            for worker in self.workers:
+                if worker.process.poll() is not None:
+                    raise RuntimeError(
+                        f"a worker exited with {worker.process.returncode}: "
+                        f"see {self.logs_dir}/*.log"
+                    )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no worker polls {task_queue} after {timeout:g}s")
+            await asyncio.sleep(0.1)
+
+    def new_repos(self, count: int) -> list[str]:
+        """`count` bare repositories of the example project, one per project: a deploy
+        commits fly.toml to its project's repository."""
+        repos_dir = self.state_dir / "repos"
+        paths = []
+        for _ in range(count):
+            self._repo_count += 1
+            dest = repos_dir / f"r{self._repo_count}.git"
+            shutil.copytree(self.template_repo, dest)
+            paths.append(str(dest))
+        return paths
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    state_dir: Path,
+    *,
+    temporal_address: str | None = None,
+    database_url: str | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    """Start every service (reusing a given Temporal server or database); stop them all."""
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    token = embedded.generate_fly_token()
+    with contextlib.ExitStack() as stop:
+        stop.enter_context(embedded.fake_aws_credentials())
+        env: WorkflowEnvironment | None = None
+        if temporal_address is None:
+            env = await WorkflowEnvironment.start_local(
+                dev_server_existing_path=embedded.temporal_cli(),
+                data_converter=pydantic_data_converter,
+                search_attributes=[
+                    SearchAttributeKey.for_keyword(n) for n in embedded.SEARCH_ATTRIBUTES
+                ],
+                dev_server_log_level="error",
+            )
+            client = env.client
+            temporal_address = client.service_client.config.target_host
+        else:
+            client = await Client.connect(
+                temporal_address, data_converter=pydantic_data_converter
+            )
+        try:
+            if database_url is None:
+                pg = await asyncio.to_thread(embedded.start_postgres, state_dir / "postgres")
+                stop.callback(pg.stop)
+                database_url = pg.url
+            moto = embedded.start_moto()
+            stop.callback(moto.stop)
+            embedded.seed_ssm(moto.endpoint_url, token=token)
+            emulator = Emulator(token, logs / "flysim.log")
+            stop.callback(emulator.stop)
+            del token  # from here on only moto and the emulator hold it
+            template = Path(publish_example("nitro-hello", state_dir / "template"))
+            stack = Stack(
+                client=client,
+                temporal_address=temporal_address,
+                database_url=database_url,
+                ssm_endpoint=moto.endpoint_url,
+                emulator=emulator,
+                state_dir=state_dir,
+                logs_dir=logs,
+                worker_env=_worker_env(
+                    temporal_address=temporal_address,
+                    database_url=database_url,
+                    db_schema=f"bench_{os.getpid()}_{int(time.time())}",
+                    ssm_endpoint=moto.endpoint_url,
+                    emulator=emulator,
+                    work_dir=state_dir / "work",
+                    extra=worker_env or {},
+                ),
+                template_repo=template,
+            )
+            try:
+                yield stack
+            finally:
+                for worker in stack.workers:
+                    worker.stop()
+        finally:
+            if env is not None:
+                await env.shutdown()
+
+
+def _worker_env(
+    *,
+    temporal_address: str,
+    database_url: str,
+    db_schema: str,
+    ssm_endpoint: str,
+    emulator: Emulator,
+    work_dir: Path,
+    extra: dict[str, str],
+) -> dict[str, str]:
+    """What `python worker.py` reads: the services of this run and the worker settings
+    under test, nothing inherited."""
+    env = {
+        **_base_env(),
+        "TURBODEPLOY_TEMPORAL_ADDRESS": temporal_address,
+        "DATABASE_URL": database_url,
+        "PG_DB_SCHEMA": db_schema,
+        "AWS_ENDPOINT_URL": ssm_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",  # moto accepts any credentials
+        "AWS_REGION": "us-east-1",
+        "TURBODEPLOY_FLY_API_BASE_URL": emulator.base_url,
+        "TURBODEPLOY_APP_URL_TEMPLATE": emulator.app_url_template,
+        "TURBODEPLOY_WORK_DIR": str(work_dir),
+        "TURBODEPLOY_LOG_LEVEL": "WARNING",
+        # Throughput is measured, not the client-side budget that protects the real API.
+        "TURBODEPLOY_FLY_API_RATE": "0",
+        "TURBODEPLOY_GRACEFUL_SHUTDOWN_SECONDS": "5",
+    }
+    env.update(extra)
+    return env
+
+
+def _base_env() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - git needs a HOME
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def sampled_peak(pid: int, interval: float = 0.25) -> Iterator[list[float]]:
+    """Sample the RSS of `pid` in a thread while inside; the samples land in the list."""
+    import threading
+
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError, ValueError):
+                samples.append(Usage.of(pid).rss_mb)
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join()

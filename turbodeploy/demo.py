@@ -16,7 +16,7 @@ from turbodeploy.logs import configure_logging
 from turbodeploy.models import DeployRequest
 from turbodeploy.stack import embedded_stack, publish_example
 
-console = Console()
+console = Console(soft_wrap=True)  # links must stay whole to be clickable
 
 
 async def run_demo(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ def start_postgres(data_dir: Path) -> Postgres:
     url = os.environ.get("DATABASE_URL") or os.environ.get("TURBODEPLOY_DATABASE_URL")
     if url:
         return Postgres(url)
+    # pgserver asks platformdirs for a runtime dir, which warns where XDG_RUNTIME_DIR is unset.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
     except ImportError as exc:  # pragma: no cover - dev extra missing

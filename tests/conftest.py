@@ -5,10 +5,12 @@ fresh servers, so the suite stays fast.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -18,6 +20,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from turbodeploy import embedded
+from turbodeploy.settings import Settings
+from worker import create_worker
 
 REFERENCE_DIR = Path(
     os.environ.get(
@@ -104,3 +108,54 @@ def task_queue() -> str:
 @pytest.fixture
 def project_id() -> str:
     return f"p{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- deploys
+
+
+@pytest.fixture
+def settings(
+    postgres_url: str,
+    ssm_endpoint: str,
+    flysim: Any,
+    task_queue: str,
+    tmp_path: Path,
+    temporal_client: Client,
+) -> Settings:
+    """Worker settings pointing at the session servers, with a schema of the test's own."""
+    return Settings(
+        temporal_address=temporal_client.service_client.config.target_host,
+        task_queue=task_queue,
+        database_url=postgres_url,
+        db_schema=f"t_{uuid.uuid4().hex[:8]}",
+        aws_endpoint_url=ssm_endpoint,
+        fly_api_base_url=flysim.base_url,
+        app_url_template=flysim.app_url_template,
+        work_dir=str(tmp_path / "work"),
+        # The shared request budget has tests of its own (test_faults.py).
+        fly_api_rate=0,
+    )
+
+
+@pytest_asyncio.fixture
+async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
+    """A worker composed as `python worker.py` composes it, on the test's task queue."""
+    async with create_worker(temporal_client, settings) as w:
+        task = asyncio.create_task(w.run())
+        yield
+        await w.shutdown()
+        await task
+
+
+@pytest.fixture
+def calm_emulator(flysim: Any) -> Iterator[Any]:
+    """The emulator without faults, delays or unhealthy images, before and after a test."""
+
+    def calm() -> None:
+        flysim.config.faults = type(flysim.config.faults)()
+        flysim.config.timing = type(flysim.config.timing)()
+        flysim.config.unhealthy_images.clear()
+
+    calm()
+    yield flysim
+    calm()

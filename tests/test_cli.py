@@ -13,15 +13,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import pytest_asyncio
 from click.testing import CliRunner
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -31,7 +29,6 @@ from turbodeploy.cli import main as turbodeploy_cli
 from turbodeploy.models import DeployProgress
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
-from worker import create_worker
 
 IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"
 IMAGE_2 = "registry.fly.io/turbobackend-cli:deployment-2"
@@ -63,43 +60,9 @@ class Run:
         return json.loads(self.out)
 
 
-@pytest.fixture
-def settings(
-    postgres_url: str,
-    ssm_endpoint: str,
-    flysim: Any,
-    task_queue: str,
-    tmp_path: Path,
-    temporal_client: Client,
-) -> Settings:
-    return Settings(
-        temporal_address=temporal_client.service_client.config.target_host,
-        task_queue=task_queue,
-        database_url=postgres_url,
-        db_schema=f"t_{uuid.uuid4().hex[:8]}",
-        aws_endpoint_url=ssm_endpoint,
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-        work_dir=str(tmp_path / "work"),
-    )
-
-
-@pytest_asyncio.fixture
-async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with create_worker(temporal_client, settings) as w:
-        task = asyncio.create_task(w.run())
-        yield
-        await w.shutdown()
-        await task
-
-
 @pytest.fixture(autouse=True)
-def _calm_emulator(flysim: Any) -> None:
-    flysim.config.faults.error_rate = 0.0
-    flysim.config.faults.rate_limit_rate = 0.0
-    flysim.config.faults.drop_rate = 0.0
-    flysim.config.faults.latency_spike_rate = 0.0
-    flysim.config.unhealthy_images.clear()
+def _calm(calm_emulator: Any) -> None:
+    pass
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@ emulator, with the worker composed exactly as `python worker.py` composes it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,14 +13,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import pytest_asyncio
 from temporalio.client import Client
 
 from turbodeploy.client import DeployFailed, start_deploy
 from turbodeploy.models import DeployRequest, DeployStatus, DeployTimings
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
-from worker import create_worker
 
 FAST = DeployTimings(
     health_deadline=timedelta(seconds=3),
@@ -36,30 +32,6 @@ FAST = DeployTimings(
     lease_ttl=timedelta(seconds=30),
 )
 IMAGE = "registry.fly.io/turbobackend-test:deployment-1"
-
-
-@pytest.fixture
-def settings(
-    postgres_url: str, ssm_endpoint: str, flysim: Any, task_queue: str, tmp_path: Path
-) -> Settings:
-    return Settings(
-        task_queue=task_queue,
-        database_url=postgres_url,
-        db_schema=f"t_{uuid.uuid4().hex[:8]}",
-        aws_endpoint_url=ssm_endpoint,
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-        work_dir=str(tmp_path / "work"),
-    )
-
-
-@pytest_asyncio.fixture
-async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with create_worker(temporal_client, settings) as w:
-        task = asyncio.create_task(w.run())
-        yield
-        await w.shutdown()
-        await task
 
 
 @pytest.fixture
@@ -83,12 +55,8 @@ def make_request(project_id: str, repo: str) -> Callable[..., DeployRequest]:
 
 
 @pytest.fixture(autouse=True)
-def _calm_emulator(flysim: Any) -> None:
-    flysim.config.faults.error_rate = 0.0
-    flysim.config.faults.rate_limit_rate = 0.0
-    flysim.config.faults.drop_rate = 0.0
-    flysim.config.faults.latency_spike_rate = 0.0
-    flysim.config.unhealthy_images.clear()
+def _calm(calm_emulator: Any) -> None:
+    pass
 
 
 async def rows(settings: Settings, project_id: str) -> list[asyncpg.Record]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import pytest_asyncio
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
 
@@ -31,7 +29,6 @@ from turbodeploy.client import (
 from turbodeploy.models import DeployRequest, DeployStatus, DeployStep, DeployTimings
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
-from worker import create_worker
 
 FAST = DeployTimings(
     health_deadline=timedelta(seconds=2),
@@ -49,37 +46,9 @@ V2 = "registry.fly.io/turbobackend-test:deployment-v2"
 BROKEN = "registry.fly.io/turbobackend-test:deployment-broken"
 
 
-@pytest.fixture
-def settings(
-    postgres_url: str, ssm_endpoint: str, flysim: Any, task_queue: str, tmp_path: Path
-) -> Settings:
-    return Settings(
-        task_queue=task_queue,
-        database_url=postgres_url,
-        db_schema=f"t_{uuid.uuid4().hex[:8]}",
-        aws_endpoint_url=ssm_endpoint,
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-        work_dir=str(tmp_path / "work"),
-        fly_api_rate=0,
-    )
-
-
-@pytest_asyncio.fixture
-async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with create_worker(temporal_client, settings) as w:
-        task = asyncio.create_task(w.run())
-        yield
-        await w.shutdown()
-        await task
-
-
 @pytest.fixture(autouse=True)
-def _calm_emulator(flysim: Any) -> None:
-    flysim.config.faults = type(flysim.config.faults)()
-    flysim.config.unhealthy_images.clear()
-    flysim.config.unhealthy_images.add(BROKEN)
-    flysim.config.timing = type(flysim.config.timing)()
+def _calm(calm_emulator: Any) -> None:
+    calm_emulator.config.unhealthy_images.add(BROKEN)
 
 
 @pytest.fixture

@@ -266,14 +266,7 @@ class DeployProjectWorkflow:
     async def _steps(self, d: _Deploy, request: DeployRequest) -> None:
         """The deploy itself, in the order a person would do it by hand."""
         timings = request.timings
-        credentials = await self._step_run(
-            DeployStep.CREDENTIALS,
-            "resolve_credentials",
-            None,
-            CredentialsResult,
-            policies.CREDENTIALS,
-            "Resolve the Fly API token from SSM",
-        )
+        credentials = await self._credentials()
         config = await self._step_run(
             DeployStep.FLY_CONFIG,
             "prepare_fly_config",
@@ -368,27 +361,13 @@ class DeployProjectWorkflow:
                 f"{request.machine_count} machine(s))",
             )
             d.machines, d.image_digest = rollout.machines, rollout.image_digest
-        health = await self._step_run(
-            DeployStep.HEALTH,
-            "check_app_health",
-            HealthCheckInput(url=d.url, timings=timings),
-            HealthCheckResult,
-            policies.health(timings),
-            f"Check {d.url}/api/health",
-        )
+        health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
         self._detail = f"healthy after {health.attempts} request(s)"
 
     async def _rollback_steps(self, d: _Deploy, request: RollbackRequest) -> None:
         """Put a recorded release back: its machines' image, config and env, verified."""
         timings = request.timings
-        await self._step_run(
-            DeployStep.CREDENTIALS,
-            "resolve_credentials",
-            None,
-            CredentialsResult,
-            policies.CREDENTIALS,
-            "Resolve the Fly API token from SSM",
-        )
+        await self._credentials()
         target = request.to_deployment_id or "the release before the current one"
         release = await self._step_run(
             DeployStep.FLY_CONFIG,
@@ -426,14 +405,7 @@ class DeployProjectWorkflow:
             MachineOutcome(machine_id=m, action="restored")
             for m in restored.restored + restored.unchanged
         ]
-        health = await self._step_run(
-            DeployStep.HEALTH,
-            "check_app_health",
-            HealthCheckInput(url=d.url, timings=timings),
-            HealthCheckResult,
-            policies.health(timings),
-            f"Check {d.url}/api/health",
-        )
+        health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
         metrics.rollback_performed("manual")
         self._detail = (
             f"release {release.deployment_id} restored, healthy after {health.attempts} request(s)"
@@ -496,14 +468,8 @@ class DeployProjectWorkflow:
             d.error = f"{d.error}; removed {len(restored.destroyed)} machine(s) of the first deploy"
             return False
         try:
-            await self._step_run(
-                DeployStep.ROLLBACK,
-                "check_app_health",
-                HealthCheckInput(url=d.url, timings=timings),
-                HealthCheckResult,
-                policies.health(timings),
-                f"Check {d.url}/api/health after the rollback",
-                shielded=True,
+            await self._check_health(
+                d, DeployStep.ROLLBACK, f"Check {d.url}/api/health after the rollback"
             )
         except BaseException as err:
             if not _is_failure(err):
@@ -517,6 +483,29 @@ class DeployProjectWorkflow:
             for m in restored.restored + restored.unchanged
         ]
         return True
+
+    async def _credentials(self) -> CredentialsResult:
+        return await self._step_run(
+            DeployStep.CREDENTIALS,
+            "resolve_credentials",
+            None,
+            CredentialsResult,
+            policies.CREDENTIALS,
+            "Resolve the Fly API token from SSM",
+        )
+
+    async def _check_health(self, d: _Deploy, step: DeployStep, summary: str) -> HealthCheckResult:
+        timings = d.request.timings
+        return await self._step_run(
+            step,
+            "check_app_health",
+            HealthCheckInput(url=d.url, timings=timings),
+            HealthCheckResult,
+            policies.health(timings),
+            summary,
+            # Verifying a rollback finishes even when a cancellation arrives meanwhile.
+            shielded=step is DeployStep.ROLLBACK,
+        )
 
     async def _snapshot(self, d: _Deploy, when: str) -> ReleaseSnapshot:
         before = when == "before the rollout"

@@ -1,0 +1,73 @@
+"""The benchmark in miniature: every phase runs against real services and the table holds a
+row, with a measured value, for every ratio. Nothing here asserts a duration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+import bench
+
+MEASURES = [
+    "baseline: no-op workflow",
+    "single deploy (zero-latency emulator) ÷ baseline",
+    "of which git",
+    "single deploy without git ÷ baseline",
+    "baseline: 3 no-op workflows at once",
+    "3 concurrent deploys: deploys/s ÷ baseline workflows/s",
+    "immediate redeploy, 1 machine(s) ÷ critical path",
+    "immediate redeploy, 2 machine(s) ÷ critical path",
+    "rolling redeploy, 1 machine(s) ÷ critical path",
+    "rolling redeploy, 2 machine(s) ÷ critical path",
+    "immediate: 2 machines ÷ 1 machine",
+    "Fly API requests per rolling redeploy (1 machine)",
+    "Fly API requests per machine, rolling",
+    "Fly API requests per immediate redeploy (1 machine)",
+    "Fly API requests per machine, immediate",
+    "worker peak RSS, 3 deploys in flight (MB)",
+    "worker CPU per deploy, 3 in flight",
+    "two workers on one task queue",
+    "whole benchmark",
+]
+
+
+def test_tiny_benchmark_prints_every_row(
+    temporal_client: Client,
+    postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "bench.json"
+    code = bench.main(
+        [
+            "--single-runs", "1",
+            "--concurrent", "3",
+            "--in-flight", "3",
+            "--machines", "2",
+            "--share-deploys", "3",
+            "--api-latency", "0.005",
+            "--start-delay", "0.05",
+            "--healthy-after", "0.05",
+            "--temporal-address", temporal_client.service_client.config.target_host,
+            "--database-url", postgres_url,
+            "--state-dir", str(tmp_path / "state"),
+            "--json", str(out),
+        ]
+    )  # fmt: skip
+
+    assert code in (0, 1), "the benchmark itself failed"
+    rows = json.loads(out.read_text())["rows"]
+    for measure in MEASURES:
+        matching = [r for r in rows if measure in r["measure"]]
+        assert matching, f"no row for {measure!r}"
+        # A failed deploy shows as an em dash: every phase must have deployed.
+        assert all(r["value"] != "—" for r in matching), matching
+    targets = [r for r in rows if r["target"] and r["target"] != "(info)"]
+    assert all(r["met"] in (True, False) for r in targets)
+    assert (code == 0) == all(r["met"] for r in targets)
+    table = capsys.readouterr().out
+    assert table.startswith("| measure | value | target | met | detail |")
+    assert table.count("\n|") == len(rows) + 1

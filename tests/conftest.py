@@ -6,6 +6,7 @@ fresh servers, so the suite stays fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -159,3 +160,29 @@ def calm_emulator(flysim: Any) -> Iterator[Any]:
     calm()
     yield flysim
     calm()
+
+
+def readable_history(history: Any) -> str:
+    """A workflow history as text a person could read: the exported JSON plus every payload
+    decoded (the export holds payload bodies base64-encoded, where a plain search for a
+    secret would find nothing)."""
+    import base64
+    import binascii
+    import json
+
+    exported = history.to_json_dict()
+    decoded: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "data" and isinstance(value, str):
+                    with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+                        decoded.append(base64.b64decode(value, validate=True).decode("utf-8"))
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(exported)
+    return json.dumps(exported) + "\n" + "\n".join(decoded)

@@ -237,10 +237,11 @@ async def max_attempt(handle: Any, activity_type: str | None = None) -> int:
 
 
 async def history_json(handle: Any) -> str:
-    import json
+    """The exported history with every payload decoded (see conftest.readable_history)."""
+    from conftest import readable_history
 
     history = await workflow_of(handle).fetch_history()
-    return json.dumps(history.to_json_dict())
+    return readable_history(history)
 
 
 # ------------------------------------------------------------------------------ readers

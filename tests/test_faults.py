@@ -264,7 +264,12 @@ async def test_fifty_deploys_share_one_request_budget(
     times = [t for t, _, _, _ in list(flysim.request_log) if t >= started]
     assert len(times) > 3 * (rate + burst), "enough requests to saturate the budget"
     busiest = max_requests_in_window(times, 1.0)
-    assert busiest <= rate + burst, f"{busiest} requests within one second (budget {rate}+{burst})"
+    # The limiter spaces requests where they are sent; the emulator stamps them where they
+    # arrive. Requests sent 1 s apart can arrive up to `jitter` closer on a loaded machine,
+    # so a 1 s window at the emulator may hold what the client sent in 1 s + jitter.
+    jitter = 0.05
+    allowed = burst + rate * (1 + jitter)
+    assert busiest <= allowed, f"{busiest} requests within one second (budget {rate}+{burst})"
 
 
 def test_window_counter() -> None:

@@ -15,6 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.report import Report
 
 __all__ = ["main"]
 
@@ -51,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
     p.add_argument("--state-dir", type=Path, help="keep logs and repositories here")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the deploy worker with py-spy during each phase (pip install py-spy)",
+    )
     return p
 
 
@@ -74,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.all_met else 1
 
 
-async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -> object:
+async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -> Report:
     from bench.report import Report
     from bench.runner import Benchmark, Options
-    from bench.stack import running_stack
+    from bench.stack import profiled, running_stack
 
     options = Options(
         single_runs=args.single_runs,
@@ -103,7 +113,8 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         # The single-deploy phase also counts a deploy's activities for the baselines.
         for phase in ("single", *(p for p in _PHASES if p in phases and p != "single")):
             _say(f"bench: {phase} …")
-            await getattr(bench, phase)()
+            with profiled(bench.deploy_worker.pid, args.profile, phase):
+                await getattr(bench, phase)()
     elapsed = time.perf_counter() - began
     report.ratio(
         "whole benchmark, services included (minutes)",

@@ -38,7 +38,7 @@ class Report:
         detail: str = "",
         *,
         higher_is_better: bool = False,
-        unit: str = "×",
+        unit: str = "\N{MULTIPLICATION SIGN}",
     ) -> None:
         """A measured number against its target; `value` None means it could not be
         measured (a failed deploy), which counts as not met when there is a target."""
@@ -46,10 +46,7 @@ class Report:
             met = None if limit is None else False
             self.rows.append(Row(measure, "—", target, met, detail))
             return
-        if limit is None:
-            met = None
-        else:
-            met = value >= limit if higher_is_better else value <= limit
+        met = None if limit is None else (value >= limit if higher_is_better else value <= limit)
         shown = f"{value:.0f}{unit}" if value >= 100 else f"{value:.2f}{unit}"
         self.rows.append(Row(measure, shown, target, met, detail))
 
@@ -63,7 +60,7 @@ class Report:
             "| --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
-            met = "" if r.met is None and not r.target else ("yes" if r.met else "NO")
+            met = "" if r.met is None else ("yes" if r.met else "NO")
             lines.append(
                 f"| {r.measure} | {r.value} | {r.target} | {met} | {r.detail.replace('|', '/')} |"
             )

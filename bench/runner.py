@@ -8,6 +8,7 @@ waits the emulator imposes (the critical path).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import statistics
 import time
@@ -21,7 +22,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
-from bench.stack import Stack, Usage, sampled_peak
+from bench.stack import Stack, sampled_peak
 from turbodeploy.client import start_deploy
 from turbodeploy.models import DeployRequest, Strategy
 
@@ -101,6 +102,9 @@ class Benchmark:
         except Exception as exc:
             return Timed(time.perf_counter() - started, False, workflow, _cause(exc))
         return Timed(time.perf_counter() - started, True, workflow)
+
+    async def _deploy_repo(self, repo: str) -> Timed:
+        return await self._deploy(self._request(repo))
 
     async def _baseline(self) -> Timed:
         started = time.perf_counter()
@@ -196,7 +200,7 @@ class Benchmark:
         repos = self.stack.new_repos(n)
         usage = self.deploy_worker.usage()
         elapsed, deploys = await self._all_at_once(
-            [lambda r=r: self._deploy(self._request(r)) for r in repos]
+            [functools.partial(self._deploy_repo, r) for r in repos]
         )
         cpu = self.deploy_worker.usage().cpu - usage.cpu
         ok = sum(d.ok for d in deploys)
@@ -213,8 +217,7 @@ class Benchmark:
             "≥ 0.8",
             0.8,
             f"{rate:.1f} deploys/s, {ok}/{n} deployed in {elapsed:.1f} s; "
-            f"worker CPU {cpu / n * 1000:.0f} ms/deploy"
-            + _first_error(deploys),
+            f"worker CPU {cpu / n * 1000:.0f} ms/deploy" + _first_error(deploys),
             higher_is_better=True,
         )
         self.report.scaling.append(
@@ -246,7 +249,7 @@ class Benchmark:
                     wall / path,
                     "≤ 1.10",
                     1.10,
-                    f"{wall:.2f} s vs {path:.2f} s; {made} API requests",
+                    f"{wall:.2f} s vs {path:.2f} s (+{wall - path:.2f} s); {made} API requests",
                 )
                 self.report.requests[f"{strategy}/{machines}"] = by_route
                 self.report.scaling.append(
@@ -285,7 +288,7 @@ class Benchmark:
                 marginal,
                 f"≤ {per_machine}",
                 float(per_machine),
-                f"({many} − {one}) / {m - 1} machines",
+                f"({many} - {one}) / {m - 1} machines",
                 unit="",
             )
 
@@ -351,7 +354,9 @@ class Benchmark:
 
         usage = self.deploy_worker.usage()
         with sampled_peak(self.deploy_worker.pid) as samples:
-            elapsed, deploys = await self._all_at_once([lambda r=r: tracked(r) for r in repos])
+            elapsed, deploys = await self._all_at_once(
+                [functools.partial(tracked, r) for r in repos]
+            )
         after = self.deploy_worker.usage()
         sim.set_timing(0, 0, 0)
         ok = sum(d.ok for d in deploys)
@@ -388,7 +393,7 @@ class Benchmark:
         before = {name: w.usage().cpu for name, w in workers.items()}
         repos = self.stack.new_repos(n)
         elapsed, deploys = await self._all_at_once(
-            [lambda r=r: self._deploy(self._request(r)) for r in repos]
+            [functools.partial(self._deploy_repo, r) for r in repos]
         )
         cpu = {name: w.usage().cpu - before[name] for name, w in workers.items()}
         ran: Counter[str] = Counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -171,8 +172,8 @@ class Stack:
         self.workers.append(worker)
         return worker
 
-    async def wait_for_pollers(self, task_queue: str, count: int = 1, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_pollers(self, task_queue: str, count: int = 1, within: float = 60) -> None:
+        deadline = time.monotonic() + within
         request = DescribeTaskQueueRequest(
             namespace=self.client.namespace,
             task_queue=TaskQueue(name=task_queue),
@@ -189,7 +190,7 @@ class Stack:
                         f"see {self.logs_dir}/*.log"
                     )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no worker polls {task_queue} after {timeout:g}s")
+                raise TimeoutError(f"no worker polls {task_queue} after {within:g}s")
             await asyncio.sleep(0.1)
 
     def new_repos(self, count: int) -> list[str]:
@@ -232,14 +233,14 @@ async def running_stack(
             client = env.client
             temporal_address = client.service_client.config.target_host
         else:
-            client = await Client.connect(
-                temporal_address, data_converter=pydantic_data_converter
-            )
+            client = await Client.connect(temporal_address, data_converter=pydantic_data_converter)
         try:
             if database_url is None:
                 pg = await asyncio.to_thread(embedded.start_postgres, state_dir / "postgres")
                 stop.callback(pg.stop)
                 database_url = pg.url
+            # moto's HTTP server logs every request; the table is what a reader wants.
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
             moto = embedded.start_moto()
             stop.callback(moto.stop)
             embedded.seed_ssm(moto.endpoint_url, token=token)
@@ -350,3 +351,30 @@ def sampled_peak(pid: int, interval: float = 0.25) -> Iterator[list[float]]:
     finally:
         done.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def profiled(pid: int, directory: Path | None, name: str) -> Iterator[None]:
+    """py-spy samples `pid` while inside; its folded stacks land in `directory/name.txt`."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if directory is None or spy is None:
+        if directory is not None:
+            print("bench: py-spy not found, not profiling", file=sys.stderr)
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    recorder = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+         "--output", str(directory / f"{name}.txt")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            recorder.wait()

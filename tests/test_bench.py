@@ -4,11 +4,14 @@ row, with a measured value, for every ratio. Nothing here asserts a duration."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
+# `python -m bench` runs from the project root; the tests may run from anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench
 
 MEASURES = [

@@ -760,6 +760,15 @@ def up(
     )
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Measure deploys against a no-op baseline and the emulator's waits (BENCHMARKS.md)."""
+    from bench import main as run_bench
+
+    raise SystemExit(run_bench(list(args)))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=4280, show_default=True, type=int)

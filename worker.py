@@ -69,8 +69,9 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         ),
         on_response=metrics.record_fly_response,
         retry=RequestRetry(attempts=settings.fly_api_request_attempts),
+        max_connections=settings.max_concurrent_activities,
     )
-    health = HealthActivities()
+    health = HealthActivities(max_connections=settings.max_concurrent_activities)
     notify = NotifyActivities(settings)
     records = DeploymentActivities(store, settings)
     apps = FlyAppActivities(fly, credentials, settings)
@@ -101,6 +102,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             ],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+            max_cached_workflows=settings.max_cached_workflows,
             graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         )
     finally:

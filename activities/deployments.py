@@ -68,6 +68,8 @@ class DeploymentActivities:
     @activity.defn(name="record_deploy_result")
     async def record_result(self, input: RecordResultInput) -> None:
         with _classified_errors():
+            if input.release is not None:
+                await self._store.record_release(input.release)
             await self._store.record_result(
                 input.deployment_id,
                 input.status,

@@ -33,9 +33,16 @@ class _HealthProgress(BaseModel):
 
 
 class HealthActivities:
-    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient | None = None, *, max_connections: int = 100
+    ) -> None:
         # No credentials ever go through this client: it talks to the public app URL.
-        self._http = http or httpx.AsyncClient(follow_redirects=False)
+        self._http = http or httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

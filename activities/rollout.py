@@ -76,6 +76,7 @@ _PER_MACHINE_KEYS = (SLOT_KEY, CREATED_IN_KEY, *_TRANSIENT_KEYS)
 # on the next request, and the public health check makes that request.
 ASLEEP_STATES = frozenset({"stopped", "suspended"})
 _DEAD_STATES = frozenset({"failed", "destroyed", "destroying"})
+_FIRST_CHECK_POLL_SECONDS = 0.1
 _MIN_HEARTBEAT_SECONDS = 0.05
 _MAX_HEARTBEAT_SECONDS = 10.0
 _STOP_WAIT_MAX_SECONDS = 60.0
@@ -356,6 +357,9 @@ class MachineSession:
         if not has_checks(config):
             return
         self.set_progress(machine.id, "waiting for health checks")
+        # Checks usually pass within a second or two of the start: ask early, then back off
+        # to the configured interval, so polling adds little to the critical path.
+        delay = min(_FIRST_CHECK_POLL_SECONDS, self.timings.machine_poll_interval.total_seconds())
         while True:
             current = await self.read(
                 f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
@@ -380,7 +384,8 @@ class MachineSession:
                     f"checks within {_human(timeout)}: {summary or 'no check has reported yet'}",
                     current,
                 )
-            await asyncio.sleep(self.timings.machine_poll_interval.total_seconds())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.timings.machine_poll_interval.total_seconds())
 
     # ---------------------------------------------------------------------------- misc
 

@@ -76,6 +76,7 @@ class FlyClient:
         user_agent: str = DEFAULT_USER_AGENT,
         on_response: ResponseHook | None = None,
         retry: RequestRetry | None = None,
+        max_connections: int = 100,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._retry = retry
@@ -89,6 +90,11 @@ class FlyClient:
             timeout=timeout,
             headers={"User-Agent": user_agent, "Accept": "application/json"},
             follow_redirects=False,
+            # Keep every connection alive that concurrent deploys use: httpx's default of 20
+            # kept-alive connections churns TLS handshakes under load.
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
 
     def __repr__(self) -> str:

@@ -451,6 +451,8 @@ class RecordResultInput(_Model):
     image: str | None = None
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
+    # Recorded in the same step when the deploy reached the rollout.
+    release: ReleaseRecord | None = None
 
 
 class CredentialsResult(_Model):

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # Worker
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 100
+    # Workflows kept in memory between tasks; an evicted one is replayed from its history
+    # on its next task (cheap for a deploy's short history), trading CPU for memory.
+    max_cached_workflows: int = 1000
     graceful_shutdown_seconds: float = 30.0
     # Prometheus metrics (Temporal SDK and deploy metrics), e.g. "0.0.0.0:9464"; off if unset.
     metrics_bind_address: str | None = None

@@ -11,6 +11,7 @@ referred to by name so that this module imports nothing with side effects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -97,6 +98,7 @@ class _Deploy:
     fly_toml: str | None = None
     image: str | None = None
     snapshot: ReleaseSnapshot | None = None  # the machines before the rollout touched them
+    released: ReleaseSnapshot | None = None  # the machines as the release left them
     machines: list[MachineOutcome] = field(default_factory=list)
     image_digest: str | None = None
     secrets: list[SecretVersion] = field(default_factory=list)
@@ -226,12 +228,16 @@ class DeployProjectWorkflow:
             )
         else:
             d = _Deploy(request=request, strategy=Strategy.ROLLING, machine_count=1)
+        # Independent of each other, so they run together: one step less to wait for.
+        credentials = asyncio.ensure_future(self._credentials())
         started = await self._record_start(request, DeployStep.RECORD_START, mark_step=True)
         d.url = started.url
         try:
+            self._step = DeployStep.CREDENTIALS
+            org = (await credentials).org_slug
             self._raise_if_cancelled()
             if isinstance(request, DeployRequest):
-                await self._steps(d, request)
+                await self._steps(d, request, org)
             else:
                 await self._rollback_steps(d, request)
             status = DeployStatus.DEPLOYED
@@ -240,8 +246,6 @@ class DeployProjectWorkflow:
                 raise
             status = await self._recover(d, err)
 
-        if d.snapshot is not None and d.fly_toml is not None and d.image is not None:
-            await self._record_release(d, status)
         await self._record_result(d, status)
         result = DeployResult(
             deployment_id=request.deployment_id,
@@ -263,10 +267,9 @@ class DeployProjectWorkflow:
         )
         return result
 
-    async def _steps(self, d: _Deploy, request: DeployRequest) -> None:
+    async def _steps(self, d: _Deploy, request: DeployRequest, org_slug: str) -> None:
         """The deploy itself, in the order a person would do it by hand."""
         timings = request.timings
-        credentials = await self._credentials()
         config = await self._step_run(
             DeployStep.FLY_CONFIG,
             "prepare_fly_config",
@@ -287,12 +290,10 @@ class DeployProjectWorkflow:
         await self._step_run(
             DeployStep.APP,
             "ensure_fly_app",
-            EnsureAppInput(
-                app_name=request.app_name, org_slug=credentials.org_slug, timings=timings
-            ),
+            EnsureAppInput(app_name=request.app_name, org_slug=org_slug, timings=timings),
             EnsureAppResult,
             policies.app(timings),
-            f"Ensure Fly app {request.app_name} in org {credentials.org_slug}",
+            f"Ensure Fly app {request.app_name} in org {org_slug}",
         )
         if request.secrets:
             secrets = await self._step_run(
@@ -361,13 +362,12 @@ class DeployProjectWorkflow:
                 f"{request.machine_count} machine(s))",
             )
             d.machines, d.image_digest = rollout.machines, rollout.image_digest
-        health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
+        health = await self._verify(d)
         self._detail = f"healthy after {health.attempts} request(s)"
 
     async def _rollback_steps(self, d: _Deploy, request: RollbackRequest) -> None:
         """Put a recorded release back: its machines' image, config and env, verified."""
         timings = request.timings
-        await self._credentials()
         target = request.to_deployment_id or "the release before the current one"
         release = await self._step_run(
             DeployStep.FLY_CONFIG,
@@ -405,7 +405,7 @@ class DeployProjectWorkflow:
             MachineOutcome(machine_id=m, action="restored")
             for m in restored.restored + restored.unchanged
         ]
-        health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
+        health = await self._verify(d)
         metrics.rollback_performed("manual")
         self._detail = (
             f"release {release.deployment_id} restored, healthy after {health.attempts} request(s)"
@@ -516,19 +516,31 @@ class DeployProjectWorkflow:
             ReleaseSnapshot,
             policies.snapshot(d.request.timings),
             f"Snapshot machines of {d.request.app_name} {when}",
+            # The one taken beside the health check must not take over the current step.
+            mark_step=before,
             shielded=not before,
         )
 
-    async def _record_release(self, d: _Deploy, status: DeployStatus) -> None:
-        assert d.fly_toml is not None and d.image is not None
-        request = d.request
-        after = d.snapshot
-        if status is DeployStatus.DEPLOYED:
-            after = await self._snapshot(d, "as released")
-        await self._step_run(
-            DeployStep.RELEASE,
-            "record_release",
-            ReleaseRecord(
+    async def _verify(self, d: _Deploy) -> HealthCheckResult:
+        """The health check, with the snapshot of the release taken beside it."""
+        snapshot = asyncio.ensure_future(self._snapshot(d, "as released"))
+        try:
+            health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
+        except BaseException:
+            # Never leave it running unobserved; its result no longer matters.
+            with contextlib.suppress(Exception):
+                await snapshot
+            raise
+        d.released = await snapshot
+        return health
+
+    async def _record_result(self, d: _Deploy, status: DeployStatus) -> None:
+        """The final status, and the release bundle when the deploy reached the rollout."""
+        self._status = status
+        release = None
+        if d.snapshot is not None and d.fly_toml is not None and d.image is not None:
+            request = d.request
+            release = ReleaseRecord(
                 deployment_id=request.deployment_id,
                 project_id=request.project_id,
                 app_name=request.app_name,
@@ -541,16 +553,9 @@ class DeployProjectWorkflow:
                 env=d.env,
                 secrets=d.secrets,
                 machines=d.machines,
-                snapshot=after,
-            ),
-            None,
-            policies.RECORD,
-            f"Record release {request.deployment_id} ({status})",
-            shielded=True,
-        )
-
-    async def _record_result(self, d: _Deploy, status: DeployStatus) -> None:
-        self._status = status
+                # What runs now: the new release, or the old one put back.
+                snapshot=d.released if status is DeployStatus.DEPLOYED else d.snapshot,
+            )
         await self._step_run(
             DeployStep.RECORD_RESULT,
             "record_deploy_result",
@@ -561,6 +566,7 @@ class DeployProjectWorkflow:
                 image=d.image,
                 machine_ids=[m.machine_id for m in d.machines],
                 error=d.error,
+                release=release,
             ),
             None,
             policies.RECORD,

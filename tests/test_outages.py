@@ -33,11 +33,11 @@ from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 from worker import create_worker
 
-# Long enough that the last writes of the deploy meet a stopped database and has to be
-# retried a few times; short enough for the suite.
-OUTAGE_SECONDS = 10.0
-# The steps that write to PostgreSQL after the deployment row exists.
-DATABASE_WRITES = ("record_release", "record_deploy_result")
+# As long as a database restart or failover takes: the last write of the deploy meets a
+# stopped database and is retried until it is back.
+OUTAGE_SECONDS = 20.0
+# The step that writes to PostgreSQL after the deployment row exists (with the release).
+DATABASE_WRITES = ("record_deploy_result",)
 
 
 class _Postgres:

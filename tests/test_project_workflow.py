@@ -106,34 +106,46 @@ async def wait_for_step(client: Client, project_id: str, step: DeployStep) -> No
     raise AssertionError(f"deploy never reached step {step}")
 
 
-async def test_unhealthy_release_is_rolled_back_automatically(
+@pytest.mark.parametrize("strategy", ["rolling", "immediate", "canary", "bluegreen"])
+async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
+    strategy: str,
     temporal_client: Client,
     settings: Settings,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
 ) -> None:
-    first = await (
+    tq = settings.task_queue
+    await (
+        await start_deploy(temporal_client, make_request(machine_count=2), task_queue=tq)
+    ).result()
+    # A healthy release rolls out with the strategy.
+    good = await (
         await start_deploy(
-            temporal_client, make_request(machine_count=2), task_queue=settings.task_queue
+            temporal_client,
+            make_request(image=V2, strategy=strategy, machine_count=2),
+            task_queue=tq,
         )
     ).result()
-    assert serving_image(flysim, first.app_name) == V1
+    assert serving_image(flysim, good.app_name) == V2
+    assert {m["config"]["image"] for m in machines(flysim, good.app_name)} == {V2}
+    assert leases(flysim, good.app_name) == []
+    before = sorted(m["id"] for m in machines(flysim, good.app_name))
 
-    bad = make_request(image=BROKEN, machine_count=2)
+    # An unhealthy one is rolled back: the previous release serves again.
+    bad = make_request(image=BROKEN, strategy=strategy, machine_count=2)
     with pytest.raises(DeployFailed) as info:
-        await (await start_deploy(temporal_client, bad, task_queue=settings.task_queue)).result()
+        await (await start_deploy(temporal_client, bad, task_queue=tq)).result()
     assert info.value.result.status is DeployStatus.ROLLED_BACK
-    assert "unhealthy" in (info.value.result.error or "").lower()
+    assert info.value.result.error
 
-    # The app serves the previous release, on the same machines, and nothing stays leased.
-    assert serving_image(flysim, first.app_name) == V1
-    assert {m["config"]["image"] for m in machines(flysim, first.app_name)} == {V1}
-    assert sorted(m["id"] for m in machines(flysim, first.app_name)) == sorted(first.machine_ids)
-    assert leases(flysim, first.app_name) == []
+    assert serving_image(flysim, good.app_name) == V2
+    assert {m["config"]["image"] for m in machines(flysim, good.app_name)} == {V2}
+    assert sorted(m["id"] for m in machines(flysim, good.app_name)) == before
+    assert leases(flysim, good.app_name) == []
     recorded = await rows(settings, bad.project_id)
     assert recorded[bad.deployment_id]["status"] == "rolled_back"
-    assert "unhealthy" in recorded[bad.deployment_id]["error"].lower()
+    assert recorded[bad.deployment_id]["error"] == info.value.result.error
     description = await deploy_handle(temporal_client, bad.project_id).describe()
     assert description.status == WorkflowExecutionStatus.FAILED
 

@@ -37,7 +37,6 @@ from temporalio.exceptions import ApplicationError
 
 from activities._errors import to_application_error
 from flyapi import (
-    FlyAPIError,
     FlyClient,
     FlyError,
     FlyForbidden,
@@ -79,11 +78,6 @@ _DEAD_STATES = frozenset({"failed", "destroyed", "destroying"})
 _MIN_HEARTBEAT_SECONDS = 0.05
 _MAX_HEARTBEAT_SECONDS = 10.0
 _STOP_WAIT_MAX_SECONDS = 60.0
-# Reads and lease releases are safe to repeat: a passing 429 or 5xx is retried in place
-# rather than failing the attempt (a lease left behind blocks the next one for its ttl).
-_REPEATS = 3
-_REPEAT_DELAY_SECONDS = 0.2
-_REPEAT_DELAY_MAX_SECONDS = 5.0
 
 _T = TypeVar("_T")
 
@@ -147,7 +141,7 @@ class MachineSession:
 
     async def find(self, matches: Callable[[Machine], bool]) -> list[Machine]:
         with contextlib.suppress(FlyError):
-            listed = await _repeated(lambda: self.fly.list_machines(self.app))
+            listed = await self.fly.list_machines(self.app)
             return [m for m in listed if matches(m) and in_group(m)]
         return []
 
@@ -216,7 +210,7 @@ class MachineSession:
 
     async def _release(self, machine_id: str, nonce: str) -> None:
         try:
-            await _repeated(lambda: self.fly.release_lease(self.app, machine_id, nonce))
+            await self.fly.release_lease(self.app, machine_id, nonce)
         except FlyError as exc:
             # It expires on its own after the ttl; the next deploy only waits longer.
             activity.logger.warning(
@@ -417,26 +411,14 @@ class MachineSession:
     async def read(
         action: str, request: Callable[[], Awaitable[_T]], *, missing_ok: bool = False
     ) -> _T:
-        """A request without side effects, repeated in place while it fails retryably."""
+        """A request without side effects. A passing 429 or 5xx is retried by the client
+        itself (`flyapi.RequestRetry`, as the worker configures it), not here."""
         try:
-            return await _repeated(request)
+            return await request()
         except FlyError as exc:
             if missing_ok and isinstance(exc, FlyNotFound):
                 raise
             raise to_application_error(exc, action=action) from None
-
-
-async def _repeated(request: Callable[[], Awaitable[_T]]) -> _T:
-    for attempt in range(1, _REPEATS + 1):
-        try:
-            return await request()
-        except FlyError as exc:
-            if not exc.retryable or attempt == _REPEATS:
-                raise
-            hint = exc.retry_after if isinstance(exc, FlyAPIError) else None
-            delay = hint if hint is not None else _REPEAT_DELAY_SECONDS * 2 ** (attempt - 1)
-            await asyncio.sleep(min(delay, _REPEAT_DELAY_MAX_SECONDS))
-    raise AssertionError("unreachable")
 
 
 async def all_or_first_error(awaitables: Iterable[Awaitable[_T]]) -> list[_T]:

@@ -20,6 +20,8 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.secrets import CredentialStore
+from flyapi import FlyClient
 from turbodeploy import embedded
 from turbodeploy.settings import Settings
 from worker import create_worker
@@ -113,6 +115,30 @@ def project_id() -> str:
 
 # --------------------------------------------------------------------------- deploys
 
+# A rendered-style fly.toml with one HTTP service and a health check, for activity tests.
+FLY_TOML = """
+app = "placeholder"
+primary_region = "iad"
+
+[http_service]
+  internal_port = 3000
+  force_https = true
+  auto_stop_machines = "stop"
+  auto_start_machines = true
+  min_machines_running = 0
+
+  [[http_service.checks]]
+    grace_period = "1s"
+    interval = "15s"
+    timeout = "5s"
+    method = "GET"
+    path = "/api/health"
+
+[[vm]]
+  size = "shared-cpu-1x"
+  memory = "256mb"
+"""
+
 
 @pytest.fixture
 def settings(
@@ -146,6 +172,19 @@ async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[N
         yield
         await w.shutdown()
         await task
+
+
+@pytest.fixture
+def credentials(settings: Settings) -> CredentialStore:
+    return CredentialStore(settings)
+
+
+@pytest_asyncio.fixture
+async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator[FlyClient]:
+    """A Fly client as the worker builds it: the token is read per request, inside activity
+    code only. No request retries, so a test sees each provider error as it comes."""
+    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
+        yield client
 
 
 @pytest.fixture

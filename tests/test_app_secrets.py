@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -23,27 +23,6 @@ from turbodeploy.models import AppSecretsInput, AppSecretsResult, SecretVersion
 from turbodeploy.settings import Settings
 
 IMAGE = "registry.fly.io/secrets-test:1"
-
-
-@pytest.fixture
-def settings(ssm_endpoint: str, flysim: Any) -> Settings:
-    return Settings(
-        aws_endpoint_url=ssm_endpoint,
-        aws_region="us-east-1",
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-    )
-
-
-@pytest.fixture
-def credentials(settings: Settings) -> CredentialStore:
-    return CredentialStore(settings)
-
-
-@pytest.fixture
-async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator[FlyClient]:
-    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
-        yield client
 
 
 @pytest.fixture

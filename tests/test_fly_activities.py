@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import boto3
 import pytest
+from conftest import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -21,29 +22,6 @@ from turbodeploy.flytoml import machine_config
 from turbodeploy.models import DeployTimings, EnsureAppInput, RolloutInput
 from turbodeploy.settings import Settings
 
-FLY_TOML = """
-app = "placeholder"
-primary_region = "iad"
-
-[http_service]
-  internal_port = 3000
-  force_https = true
-  auto_stop_machines = "stop"
-  auto_start_machines = true
-  min_machines_running = 0
-
-  [[http_service.checks]]
-    grace_period = "1s"
-    interval = "15s"
-    timeout = "5s"
-    method = "GET"
-    path = "/api/health"
-
-[[vm]]
-  size = "shared-cpu-1x"
-  memory = "256mb"
-"""
-
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),
     machine_poll_interval=timedelta(milliseconds=20),
@@ -54,28 +32,6 @@ TIMINGS = DeployTimings(
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def settings(ssm_endpoint: str, flysim: Any) -> Settings:
-    return Settings(
-        aws_endpoint_url=ssm_endpoint,
-        aws_region="us-east-1",
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-    )
-
-
-@pytest.fixture
-def credentials(settings: Settings) -> CredentialStore:
-    return CredentialStore(settings)
-
-
-@pytest.fixture
-async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator[FlyClient]:
-    # As the worker builds it: the token is read per request, inside activity code only.
-    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
-        yield client
 
 
 @pytest.fixture

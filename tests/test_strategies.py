@@ -12,18 +12,18 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
+from conftest import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.restore import ReleaseActivities
 from activities.rollout import CANARY_KEY, GREEN_KEY, RESTORED_BY_KEY, RolloutActivities
-from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
 from turbodeploy.models import (
     DeployTimings,
@@ -35,29 +35,6 @@ from turbodeploy.models import (
     Strategy,
 )
 from turbodeploy.settings import Settings
-
-FLY_TOML = """
-app = "placeholder"
-primary_region = "iad"
-
-[http_service]
-  internal_port = 3000
-  force_https = true
-  auto_stop_machines = "stop"
-  auto_start_machines = true
-  min_machines_running = 0
-
-  [[http_service.checks]]
-    grace_period = "1s"
-    interval = "15s"
-    timeout = "5s"
-    method = "GET"
-    path = "/api/health"
-
-[[vm]]
-  size = "shared-cpu-1x"
-  memory = "256mb"
-"""
 
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),
@@ -74,23 +51,6 @@ UPDATING = [Strategy.ROLLING, Strategy.IMMEDIATE, Strategy.CANARY]  # keep the m
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def settings(ssm_endpoint: str, flysim: Any) -> Settings:
-    return Settings(
-        aws_endpoint_url=ssm_endpoint,
-        aws_region="us-east-1",
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-    )
-
-
-@pytest.fixture
-async def fly(settings: Settings) -> AsyncIterator[FlyClient]:
-    credentials = CredentialStore(settings)
-    async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
-        yield client
 
 
 @pytest.fixture

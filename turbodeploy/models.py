@@ -392,9 +392,7 @@ class DeployStep(StrEnum):
     ROLLOUT = "rollout"
     HEALTH = "health"
     ROLLBACK = "rollback"
-    RELEASE = "release"
     RECORD_RESULT = "record_result"
-    NOTIFY = "notify"
     DONE = "done"
 
 

@@ -510,7 +510,8 @@ class DeployProjectWorkflow:
     async def _snapshot(self, d: _Deploy, when: str) -> ReleaseSnapshot:
         before = when == "before the rollout"
         return await self._step_run(
-            DeployStep.ROLLOUT if before else DeployStep.RELEASE,
+            # The one "as released" runs beside the health check, as part of that step.
+            DeployStep.ROLLOUT if before else DeployStep.HEALTH,
             "snapshot_release",
             SnapshotInput(app_name=d.request.app_name),
             ReleaseSnapshot,

@@ -321,7 +321,7 @@ class DeployProjectWorkflow:
                 f"Build {request.app_name} at {config.commit_sha[:12]} with flyctl",
             )
             d.image = built.image
-        d.snapshot = await self._snapshot(d, "before the rollout")
+        d.snapshot = await self._snapshot(d, before_rollout=True)
         if request.strategy is Strategy.FLYCTL:
             handed = await self._step_run(
                 DeployStep.ROLLOUT,
@@ -386,7 +386,7 @@ class DeployProjectWorkflow:
         d.image, d.fly_toml, d.commit_sha = release.image, release.fly_toml, release.commit_sha
         d.image_digest, d.env, d.secrets = release.image_digest, release.env, release.secrets
         d.strategy, d.machine_count = release.strategy, len(release.snapshot.machines)
-        d.snapshot = await self._snapshot(d, "before the rollout")
+        d.snapshot = await self._snapshot(d, before_rollout=True)
         restored = await self._step_run(
             DeployStep.ROLLOUT,
             "restore_release",
@@ -507,8 +507,9 @@ class DeployProjectWorkflow:
             shielded=step is DeployStep.ROLLBACK,
         )
 
-    async def _snapshot(self, d: _Deploy, when: str) -> ReleaseSnapshot:
-        before = when == "before the rollout"
+    async def _snapshot(self, d: _Deploy, *, before_rollout: bool) -> ReleaseSnapshot:
+        before = before_rollout
+        when = "before the rollout" if before else "as released"
         return await self._step_run(
             # The one "as released" runs beside the health check, as part of that step.
             DeployStep.ROLLOUT if before else DeployStep.HEALTH,
@@ -524,7 +525,7 @@ class DeployProjectWorkflow:
 
     async def _verify(self, d: _Deploy) -> HealthCheckResult:
         """The health check, with the snapshot of the release taken beside it."""
-        snapshot = asyncio.ensure_future(self._snapshot(d, "as released"))
+        snapshot = asyncio.ensure_future(self._snapshot(d, before_rollout=False))
         try:
             health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
         except BaseException:

@@ -145,10 +145,8 @@ async def start_deploy(
     task_queue: str = TASK_QUEUE,
     search_attributes: bool = True,
 ) -> DeployHandle:
-    """Start deploying `request`; returns at once with a handle to follow it.
-
-    Raises `DeployError` when the request cannot be deployed as given (nothing is started).
-    """
+    """Start deploying `request` (queued behind a running deploy of the same project);
+    returns at once with a handle to follow it. The request was validated when it was built."""
     return await submit(client, request, task_queue=task_queue, search_attributes=search_attributes)
 
 

@@ -32,7 +32,6 @@ NON_RETRYABLE = [
     "FlyTomlError",
     "MachineUnhealthy",
     "HealthCheckFailed",
-    "InvalidRequest",
     "DeploymentNotFound",
     "DeploymentConflict",
     "DeploymentRecordInvalid",

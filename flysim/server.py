@@ -255,21 +255,28 @@ class FlySim:
         method: str = scope["method"]
         path: str = scope["path"]
         stats.by_route[(method, self._route_template(scope))] += 1
-        status_seen = 0
+        logged = False
+
+        def log(status: int) -> None:
+            nonlocal logged
+            logged = True
+            stats.by_status[status] += 1
+            self.request_log.append((now, method, path, status))
+            if len(self.request_log) > _LOG_LIMIT:
+                del self.request_log[: _LOG_LIMIT // 2]
 
         async def counting_send(message: Message) -> None:
-            nonlocal status_seen
-            if message["type"] == "http.response.start":
-                status_seen = int(message["status"])
+            # Counted before the response leaves, so a client that has its answer
+            # always finds the request in the log and the counters.
+            if message["type"] == "http.response.start" and not logged:
+                log(int(message["status"]))
             await send(message)
 
         try:
             await self._gate_inner(scope, receive, raw_send, counting_send, inner)
         finally:
-            stats.by_status[status_seen] += 1
-            self.request_log.append((now, method, path, status_seen))
-            if len(self.request_log) > _LOG_LIMIT:
-                del self.request_log[: _LOG_LIMIT // 2]
+            if not logged:
+                log(0)  # dropped connection or a handler that never answered
 
     async def _gate_inner(
         self, scope: Scope, receive: Receive, raw_send: Send, send: Send, inner: Any

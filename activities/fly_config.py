@@ -52,38 +52,38 @@ class FlyConfigActivities:
         beat.step("cloning")
         async with gitrepo.cloned(
             input.repo_url, input.branch, work_dir=self._settings.work_dir or None
-        ) as checkout:
-            existing = gitrepo.read_file(checkout, FLY_TOML)
+        ) as clone:
+            existing = gitrepo.read_file(clone, FLY_TOML)
             rendered = flytoml.render_fly_toml(
                 app_name=input.app_name, region=input.region, env=input.env, existing=existing
             )
             changed: list[str] = []
             if rendered != existing:
-                gitrepo.write_file(checkout, FLY_TOML, rendered)
+                gitrepo.write_file(clone, FLY_TOML, rendered)
                 changed.append(FLY_TOML)
             generate = dockerfile.wants_generated_dockerfile(
-                has_dockerfile=gitrepo.has_file(checkout, dockerfile.DOCKERFILE),
-                has_package_json=gitrepo.has_file(checkout, dockerfile.PACKAGE_JSON),
+                has_dockerfile=gitrepo.has_file(clone, dockerfile.DOCKERFILE),
+                has_package_json=gitrepo.has_file(clone, dockerfile.PACKAGE_JSON),
                 fly_toml=rendered,
             )
             if generate:
-                gitrepo.write_file(checkout, dockerfile.DOCKERFILE, dockerfile.render_dockerfile())
+                gitrepo.write_file(clone, dockerfile.DOCKERFILE, dockerfile.render_dockerfile())
                 changed.append(dockerfile.DOCKERFILE)
-                if not gitrepo.has_file(checkout, dockerfile.DOCKERIGNORE):
+                if not gitrepo.has_file(clone, dockerfile.DOCKERIGNORE):
                     gitrepo.write_file(
-                        checkout, dockerfile.DOCKERIGNORE, dockerfile.render_dockerignore()
+                        clone, dockerfile.DOCKERIGNORE, dockerfile.render_dockerignore()
                     )
                     changed.append(dockerfile.DOCKERIGNORE)
             beat.step("committing")
             committed = bool(changed) and await gitrepo.commit_if_changed(
-                checkout,
+                clone,
                 changed,
                 message=_commit_message(input, changed),
                 author=self._author,
             )
             if committed:
                 beat.step("pushing")
-                outcome = await gitrepo.push(checkout, author=self._author)
+                outcome = await gitrepo.push(clone, author=self._author)
                 sha, committed = outcome.sha, outcome.pushed
                 if outcome.rebased:
                     activity.logger.info(
@@ -91,7 +91,7 @@ class FlyConfigActivities:
                         input.branch,
                     )
             else:
-                sha = checkout.base_sha
+                sha = clone.base_sha
             activity.logger.info(
                 "fly.toml for %s at %s (%s)%s",
                 input.app_name,

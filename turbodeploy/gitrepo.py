@@ -1,4 +1,13 @@
-"""Git operations on a shallow checkout of one branch, without blocking the event loop.
+"""Git operations on one branch of a remote repository, without blocking the event loop.
+
+Two ways in:
+
+* `cloned` (for committing files to a branch) clones the branch tip bare, with depth 1 and
+  no work tree. Files are read from its objects; a commit of changed files is built in
+  process (with dulwich), written into the clone's object store and sent with `git push`.
+  One git process when nothing changes, two when something is pushed.
+* `cloned_commit` (for tools that need files on disk) checks one commit out into a work
+  tree.
 
 Every command runs as `git` directly (never through a shell) with user-supplied refs and
 paths after `--` or in `--opt=value` form, without terminal prompts, in the C locale so
@@ -13,11 +22,23 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import Final, cast
+
+from dulwich.errors import (
+    ChecksumMismatch,
+    FileFormatException,
+    NotGitRepository,
+    WrongObjectException,
+)
+from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
+from dulwich.refs import HEADREF, Ref
+from dulwich.repo import Repo
 
 DEFAULT_TIMEOUT: Final = 300.0
 PUSH_ATTEMPTS: Final = 3
@@ -40,12 +61,10 @@ class GitIdentity:
 
 @dataclass(frozen=True)
 class Checkout:
-    """A working tree of `branch` of `repo_url`, cloned with depth 1, or of one commit
-    (then `branch` is empty: nothing can be pushed from it)."""
+    """A working tree of one commit of `repo_url` (nothing can be pushed from it)."""
 
     path: Path
     repo_url: str
-    branch: str
     base_sha: str  # the commit that was checked out
 
 
@@ -102,7 +121,7 @@ def _classify(action: str, stderr: str) -> GitError:
     return GitError(f"{action} failed: {detail}", retryable=True)
 
 
-def _git_env(identity: GitIdentity | None) -> dict[str, str]:
+def _git_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         GIT_TERMINAL_PROMPT="0",
@@ -113,13 +132,6 @@ def _git_env(identity: GitIdentity | None) -> dict[str, str]:
         GIT_CONFIG_NOSYSTEM="1",
     )
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
-    if identity is not None:
-        env.update(
-            GIT_AUTHOR_NAME=identity.name,
-            GIT_AUTHOR_EMAIL=identity.email,
-            GIT_COMMITTER_NAME=identity.name,
-            GIT_COMMITTER_EMAIL=identity.email,
-        )
     return env
 
 
@@ -147,7 +159,6 @@ async def _run(
     args: Sequence[str],
     *,
     cwd: Path | None = None,
-    identity: GitIdentity | None = None,
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
 ) -> _Result:
@@ -157,7 +168,7 @@ async def _run(
             *_SAFE_CONFIG,
             *args,
             cwd=cwd,
-            env=_git_env(identity),
+            env=_git_env(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -209,13 +220,10 @@ async def _git(
     args: Sequence[str],
     *,
     cwd: Path | None = None,
-    identity: GitIdentity | None = None,
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
 ) -> str:
-    result = await _run(
-        args, cwd=cwd, identity=identity, limit_seconds=limit_seconds, action=action
-    )
+    result = await _run(args, cwd=cwd, limit_seconds=limit_seconds, action=action)
     if result.returncode != 0:
         raise _classify(action, result.stderr or result.stdout)
     return result.stdout
@@ -224,19 +232,403 @@ async def _git(
 # --------------------------------------------------------------------------- public API
 
 
+class BranchClone:
+    """The tip of `branch` of `repo_url`, cloned bare (no work tree) with depth 1 to `path`.
+
+    Files are read from the tip's objects. `write_file` keeps new content in memory,
+    `commit_if_changed` makes it one commit in the clone's object store and `push` sends
+    that commit to the branch. The objects needed are few (the root tree, a file or two),
+    so they are read and written in process, on the event loop.
+    """
+
+    def __init__(self, path: Path, repo_url: str, branch: str) -> None:
+        self.path = path
+        self.repo_url = repo_url
+        self.branch = branch
+        self._repo = _open(path)
+        self._trees: dict[ObjectID, Tree] = {}
+        self._staged: dict[str, bytes] = {}
+        self._pending: _Pending | None = None
+        try:
+            self.base_sha = self._ref(HEADREF).decode("ascii")  # the commit that was cloned
+            self._base_tree = self._commit(ObjectID(self.base_sha.encode())).tree
+        except BaseException:
+            self._repo.close()
+            raise
+
+    def _close(self) -> None:
+        self._repo.close()
+
+    def _ref(self, name: Ref) -> ObjectID:
+        with _reading(self.path):
+            return self._repo.refs[name]
+
+    def _object(self, sha: ObjectID) -> ShaFile:
+        with _reading(self.path):
+            return self._repo.object_store[sha]
+
+    def _commit(self, sha: ObjectID) -> Commit:
+        obj = self._object(sha)
+        if not isinstance(obj, Commit):
+            raise GitError(f"{sha.decode()} is not a commit", retryable=False)
+        return obj
+
+    def _tree(self, sha: ObjectID) -> Tree:
+        tree = self._trees.get(sha)
+        if tree is None:
+            obj = self._object(sha)
+            if not isinstance(obj, Tree):
+                raise GitError(f"{sha.decode()} is not a tree", retryable=False)
+            tree = self._trees[sha] = obj
+        return tree
+
+    def _lookup(self, rel: str, root: ObjectID | None = None) -> _Entry | None:
+        """The entry at `rel` in the tree `root` (the cloned commit's by default)."""
+        mode, sha = stat.S_IFDIR, root or self._base_tree
+        for part in rel.split("/"):
+            if not stat.S_ISDIR(mode):
+                return None
+            found = _entry(self._tree(sha), part.encode())
+            if found is None:
+                return None
+            mode, sha = found
+        return mode, sha
+
+    def _blob(self, sha: ObjectID) -> bytes:
+        obj = self._object(sha)
+        if not isinstance(obj, Blob):
+            raise GitError(f"{sha.decode()} is not a file's content", retryable=False)
+        return obj.as_raw_string()
+
+    def _build(
+        self,
+        parent: ObjectID,
+        entries: Mapping[str, _Entry],
+        blobs: Iterable[Blob],
+        fields: _Fields,
+    ) -> ObjectID:
+        """Write a commit on `parent` whose tree is the parent's with `entries` replaced."""
+        new: list[ShaFile] = list(blobs)
+        tree = self._tree_with(self._commit(parent).tree, entries, new)
+        commit = Commit()
+        commit.tree = tree
+        commit.parents = [parent]
+        commit.author, commit.author_time, commit.author_timezone = fields.author
+        commit.committer, commit.commit_time, commit.commit_timezone = fields.committer
+        commit.message = fields.message
+        new.append(commit)  # last: a commit is never stored before what it names
+        store = self._repo.object_store
+        try:
+            for obj in new:
+                if obj.id not in store:
+                    store.add_object(obj)
+        except OSError as exc:
+            raise GitError(
+                f"writing the commit into {self.path} failed: {exc}", retryable=True
+            ) from exc
+        return commit.id
+
+    def _tree_with(
+        self, tree_id: ObjectID | None, entries: Mapping[str, _Entry], new: list[ShaFile]
+    ) -> ObjectID:
+        tree = Tree() if tree_id is None else cast(Tree, self._tree(tree_id).copy())
+        below: dict[bytes, dict[str, _Entry]] = {}
+        for rel, entry in entries.items():
+            first, _, rest = rel.partition("/")
+            if rest:
+                below.setdefault(first.encode(), {})[rest] = entry
+            else:
+                tree[first.encode()] = entry
+        for name, sub in below.items():
+            current = _entry(tree, name)
+            if current is not None and not stat.S_ISDIR(current[0]):
+                raise GitError(f"{name.decode()} is not a directory", retryable=False)
+            tree[name] = (stat.S_IFDIR, self._tree_with(current and current[1], sub, new))
+        new.append(tree)
+        return tree.id
+
+
 @contextlib.asynccontextmanager
 async def cloned(
     repo_url: str, branch: str, *, work_dir: str | Path | None = None
-) -> AsyncIterator[Checkout]:
-    """A fresh shallow checkout of `branch`, removed when the block exits (even on cancel)."""
+) -> AsyncIterator[BranchClone]:
+    """A fresh bare clone of the tip of `branch`, removed when the block exits (even on
+    cancel): one git process."""
+    _check_ref(branch)
     parent = Path(work_dir) if work_dir else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="turbodeploy-", dir=parent))
+    clone: BranchClone | None = None
     try:
-        yield await clone_branch(repo_url, branch, scratch / "repo")
+        dest = scratch / "repo.git"
+        await _git(
+            [
+                "clone", "--quiet", "--template=", "--bare", "--depth=1", "--single-branch",
+                "--no-tags", f"--branch={branch}", "--", repo_url, str(dest),
+            ],
+            action=f"cloning branch {branch!r} of {_redact(repo_url)}",
+        )  # fmt: skip
+        clone = BranchClone(dest, repo_url, branch)
+        yield clone
     finally:
-        await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
+        if clone is not None:
+            clone._close()
+        # A bare clone of depth 1 is a handful of files: removed at once, even on cancel.
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_file(clone: BranchClone, relpath: str) -> str | None:
+    """The text of a file of the clone (as written, when it was), or None when it does not
+    exist. Line ends read as from a file opened in text mode: CRLF and CR become LF."""
+    rel = _relpath(relpath)
+    data = clone._staged.get(rel)
+    if data is None:
+        entry = clone._lookup(rel)
+        if entry is None:
+            return None
+        if not stat.S_ISREG(entry[0]):
+            raise GitError(f"{relpath} is not a regular file", retryable=False)
+        data = clone._blob(entry[1])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GitError(f"{relpath} is not UTF-8 text", retryable=False) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def has_file(clone: BranchClone, relpath: str) -> bool:
+    """Whether the clone holds anything (a file, a directory, a link) at `relpath`."""
+    rel = _relpath(relpath)
+    if rel in clone._staged or any(p.startswith(f"{rel}/") for p in clone._staged):
+        return True
+    return clone._lookup(rel) is not None
+
+
+def write_file(clone: BranchClone, relpath: str, content: str) -> None:
+    """Set the content of a file (kept in memory until `commit_if_changed`)."""
+    rel = _relpath(relpath)
+    entry = clone._lookup(rel)
+    if entry is not None and not stat.S_ISREG(entry[0]):
+        raise GitError(f"{relpath} is not a regular file", retryable=False)
+    clone._staged[rel] = content.encode("utf-8")
+
+
+async def commit_if_changed(
+    clone: BranchClone, paths: Sequence[str], *, message: str, author: GitIdentity
+) -> bool:
+    """Commit the written `paths` when their content differs from the cloned commit; True
+    when a commit was made. One commit per clone."""
+    if clone._pending is not None:
+        raise GitError("this clone already holds a commit to push", retryable=False)
+    base = ObjectID(clone.base_sha.encode())
+    blobs: list[Blob] = []
+    before: dict[str, _Entry | None] = {}
+    after: dict[str, _Entry] = {}
+    for rel in dict.fromkeys(_relpath(p) for p in paths):
+        if rel not in clone._staged:
+            continue  # not written: unchanged
+        blob = Blob.from_string(clone._staged[rel])
+        old = clone._lookup(rel)
+        # As `git add` would stage it: the executable bit of the file it replaces is kept.
+        entry = (_EXECUTABLE if old is not None and old[0] & 0o100 else _REGULAR, blob.id)
+        if entry != old:
+            blobs.append(blob)
+            before[rel], after[rel] = old, entry
+    if not after:
+        return False
+    now = int(time.time())
+    signature = (_ident(author), now, _utc_offset(now))
+    fields = _Fields(message=_clean_message(message), author=signature, committer=signature)
+    sha = clone._build(base, after, blobs, fields)
+    clone._pending = _Pending(sha=sha, before=before, after=after, fields=fields)
+    return True
+
+
+async def push(
+    clone: BranchClone, *, author: GitIdentity, attempts: int = PUSH_ATTEMPTS
+) -> PushOutcome:
+    """Push the clone's commit to its branch.
+
+    When the branch moved meanwhile, fetch its tip, make our commit again on it (in
+    process) and try again, at most `attempts` times. If the branch changed a file we
+    committed (someone edited the same file), stop: a retry must start from the new
+    content rather than push a mix. If it already holds exactly our content, there is
+    nothing left to push. `author` commits the replayed change (as its committer).
+    """
+    pending = clone._pending
+    if pending is None:
+        return PushOutcome(sha=clone.base_sha, pushed=False, rebased=False)
+    ref = f"refs/heads/{clone.branch}"
+    tracking = f"refs/remotes/origin/{clone.branch}"
+    rebased = False
+    for attempt in range(1, attempts + 1):
+        sha = pending.sha.decode()
+        result = await _run(
+            ["push", "--porcelain", "--no-verify", "--", "origin", f"{sha}:{ref}"],
+            cwd=clone.path,
+            action="pushing",
+        )
+        if result.returncode == 0:
+            return PushOutcome(sha=sha, pushed=True, rebased=rebased)
+        output = result.stdout + result.stderr
+        if not _is_non_fast_forward(output):
+            raise _classify(f"pushing to branch {clone.branch!r}", result.stderr or output)
+        if attempt == attempts:
+            raise GitError(
+                f"pushing to branch {clone.branch!r} failed: the branch kept moving "
+                f"during {attempts} attempts; {_trim(output)}",
+                retryable=True,
+            )
+        await _git(
+            ["fetch", "--quiet", "--depth=1", "--no-tags", "--", "origin", f"+{ref}:{tracking}"],
+            cwd=clone.path,
+            action=f"fetching branch {clone.branch!r}",
+        )
+        tip = clone._ref(Ref(tracking.encode()))
+        rebased = True
+        replayed = _replay(clone, pending, tip, author)
+        if replayed is None:
+            # The branch already holds exactly our change: nothing left to push.
+            return PushOutcome(sha=tip.decode(), pushed=False, rebased=True)
+        pending = clone._pending = replayed
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ helpers
+
+_REGULAR: Final = 0o100644
+_EXECUTABLE: Final = 0o100755
+_Entry = tuple[int, ObjectID]  # a tree entry: mode and object id
+_Signature = tuple[bytes, int, int]  # `Name <email>`, seconds since the epoch, UTC offset
+
+
+@dataclass(frozen=True)
+class _Fields:
+    message: bytes
+    author: _Signature
+    committer: _Signature
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A commit of ours that the branch does not have yet."""
+
+    sha: ObjectID
+    before: dict[str, _Entry | None]  # the changed paths in the commit it was made on
+    after: dict[str, _Entry]  # and in ours
+    fields: _Fields
+
+
+def _entry(tree: Tree, name: bytes) -> _Entry | None:
+    try:
+        return tree[name]
+    except KeyError:
+        return None
+
+
+def _replay(
+    clone: BranchClone, pending: _Pending, tip: ObjectID, author: GitIdentity
+) -> _Pending | None:
+    """Our change made again on `tip`, or None when `tip` already holds it."""
+    tip_tree = clone._commit(tip).tree
+    theirs = {rel: clone._lookup(rel, tip_tree) for rel in pending.after}
+    todo = {rel: ours for rel, ours in pending.after.items() if theirs[rel] != ours}
+    if not todo:
+        return None
+    if edited := sorted(rel for rel in todo if theirs[rel] != pending.before[rel]):
+        raise GitError(
+            f"branch {clone.branch!r} changed {', '.join(edited)} while we were committing; "
+            "the change must be made again on the new content",
+            retryable=True,
+        )
+    now = int(time.time())
+    fields = _Fields(
+        message=pending.fields.message,
+        author=pending.fields.author,  # as `git rebase` does: the author and date stay
+        committer=(_ident(author), now, _utc_offset(now)),
+    )
+    sha = clone._build(tip, todo, (), fields)  # the blobs are stored already
+    return _Pending(sha=sha, before=theirs, after=pending.after, fields=fields)
+
+
+def _open(path: Path) -> Repo:
+    with _reading(path):
+        repo = Repo(str(path))
+    fmt = repo.object_store.object_format.name
+    if fmt != "sha1":
+        # Committing writes object ids: only the format this module hashes with is handled.
+        repo.close()
+        raise GitError(
+            f"the repository uses {fmt.upper()} object ids; only SHA-1 repositories are supported",
+            retryable=False,
+        )
+    return repo
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Failures to read the clone's objects, as retryable errors (a new clone may do)."""
+    try:
+        yield
+    except (
+        KeyError,
+        OSError,
+        ChecksumMismatch,
+        FileFormatException,
+        WrongObjectException,
+        NotGitRepository,
+    ) as exc:
+        raise GitError(f"reading the clone at {path} failed: {exc!r}", retryable=True) from exc
+
+
+# What git strips from both ends of an identity's name and email (ident.c's `crud`).
+_CRUD: Final = "".join(chr(c) for c in range(33)) + ",:;<>\"\\'"
+_DELIMITERS: Final = str.maketrans("", "", "\n<>")
+
+
+def _ident(who: GitIdentity) -> bytes:
+    """`Name <email>` cleaned up exactly as git cleans an identity it reads from its
+    environment."""
+    name = who.name.strip(_CRUD).translate(_DELIMITERS)
+    email = who.email.strip(_CRUD).translate(_DELIMITERS)
+    if not name:
+        raise GitError(f"empty ident name (for <{email}>) not allowed", retryable=False)
+    return f"{name} <{email}>".encode()
+
+
+def _utc_offset(when: int) -> int:
+    """The local time zone's offset at `when`, in seconds (git records the local zone)."""
+    return time.localtime(when).tm_gmtoff
+
+
+def _clean_message(message: str) -> bytes:
+    """The message as `git commit --message` stores it: trailing whitespace removed from
+    each line, runs of blank lines made one, none at either end, a final newline."""
+    lines: list[str] = []
+    blank = False
+    for line in message.split("\n"):
+        line = line.rstrip(" \t\r\v\f")
+        if not line:
+            blank = bool(lines)
+            continue
+        if blank:
+            lines.append("")
+            blank = False
+        lines.append(line)
+    if not lines:
+        raise GitError("the commit message is empty", retryable=False)
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def _relpath(relpath: str) -> str:
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts[0] == ".git":
+        raise GitError(f"{relpath!r} is not a path inside the repository", retryable=False)
+    return rel.as_posix()
+
+
+# ------------------------------------------------------------------ a checkout of a commit
 
 
 @contextlib.asynccontextmanager
@@ -293,157 +685,12 @@ async def fetch_commit(repo_url: str, sha: str, dest: Path) -> Checkout:
         cwd=dest,
         action=f"checking out commit {sha}",
     )
-    return Checkout(path=dest, repo_url=repo_url, branch="", base_sha=await head_sha(dest))
+    return Checkout(path=dest, repo_url=repo_url, base_sha=await _head_sha(dest))
 
 
-async def clone_branch(repo_url: str, branch: str, dest: Path) -> Checkout:
-    """Clone only the tip of `branch` into `dest` (which must not exist yet)."""
-    _check_ref(branch)
-    what = f"cloning branch {branch!r} of {_redact(repo_url)}"
-    await _git(
-        [
-            "clone", "--quiet", "--depth=1", "--single-branch", "--no-tags",
-            f"--branch={branch}", "--", repo_url, str(dest),
-        ],
-        action=what,
-    )  # fmt: skip
-    sha = await head_sha(dest)
-    return Checkout(path=dest, repo_url=repo_url, branch=branch, base_sha=sha)
-
-
-def read_file(checkout: Checkout, relpath: str) -> str | None:
-    """The text of a file of the checkout, or None when it does not exist."""
-    path = _inside(checkout, relpath)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        raise GitError(f"{relpath} is not UTF-8 text", retryable=False) from None
-
-
-def has_file(checkout: Checkout, relpath: str) -> bool:
-    """Whether the checkout holds anything (a file, a directory, a link) at `relpath`."""
-    return os.path.lexists(_inside(checkout, relpath))
-
-
-def write_file(checkout: Checkout, relpath: str, content: str) -> None:
-    path = _inside(checkout, relpath)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content, encoding="utf-8", newline="\n")
-
-
-async def commit_if_changed(
-    checkout: Checkout, paths: Sequence[str], *, message: str, author: GitIdentity
-) -> bool:
-    """Commit `paths` when their content differs from HEAD; True when a commit was made."""
-    rels = [str(_inside(checkout, p).relative_to(checkout.path)) for p in paths]
-    await _git(["add", "--", *rels], cwd=checkout.path, action="staging changes")
-    diff = await _run(
-        ["diff", "--cached", "--quiet", "--", *rels], cwd=checkout.path, action="comparing"
-    )
-    if diff.returncode == 0:
-        return False
-    if diff.returncode != 1:
-        raise _classify("comparing with the last commit", diff.stderr)
-    await _git(
-        ["commit", "--quiet", "--no-verify", f"--message={message}", "--", *rels],
-        cwd=checkout.path,
-        identity=author,
-        action="committing",
-    )
-    return True
-
-
-async def push(
-    checkout: Checkout, *, author: GitIdentity, attempts: int = PUSH_ATTEMPTS
-) -> PushOutcome:
-    """Push the checkout's new commits to its branch.
-
-    When the branch moved meanwhile, fetch its tip, replay our commits on it and try again,
-    at most `attempts` times. Our commits are exactly those after `base_sha`, so the replay
-    needs no common history (the clone is shallow). If the replay changes the content of a
-    file we committed (someone edited the same file), stop: a retry must start from the
-    new content rather than push a mix.
-    """
-    if not checkout.branch:
-        raise GitError("a checkout of a single commit cannot be pushed", retryable=False)
-    cwd = checkout.path
-    ref = f"refs/heads/{checkout.branch}"
-    tracking = f"refs/remotes/origin/{checkout.branch}"
-    base = checkout.base_sha
-    ours = await head_sha(cwd)
-    if ours == base:
-        return PushOutcome(sha=base, pushed=False, rebased=False)
-    changed = (
-        await _git(["diff", "--name-only", base, ours, "--"], cwd=cwd, action="listing changes")
-    ).split()
-    rebased = False
-    for attempt in range(1, attempts + 1):
-        result = await _run(
-            ["push", "--porcelain", "--no-verify", "--", "origin", f"HEAD:{ref}"],
-            cwd=cwd,
-            action="pushing",
-        )
-        if result.returncode == 0:
-            return PushOutcome(sha=await head_sha(cwd), pushed=True, rebased=rebased)
-        output = result.stdout + result.stderr
-        if not _is_non_fast_forward(output):
-            raise _classify(f"pushing to branch {checkout.branch!r}", result.stderr or output)
-        if attempt == attempts:
-            raise GitError(
-                f"pushing to branch {checkout.branch!r} failed: the branch kept moving "
-                f"during {attempts} attempts; {_trim(output)}",
-                retryable=True,
-            )
-        await _git(
-            ["fetch", "--quiet", "--depth=1", "--no-tags", "--", "origin", f"+{ref}:{tracking}"],
-            cwd=cwd,
-            action=f"fetching branch {checkout.branch!r}",
-        )
-        tip = (
-            await _git(["rev-parse", "--verify", f"{tracking}^{{commit}}"], cwd=cwd,
-                       action="reading the remote tip")
-        ).strip()  # fmt: skip
-        before = await head_sha(cwd)
-        replay = await _run(
-            ["rebase", "--quiet", "--no-autostash", f"--onto={tip}", base],
-            cwd=cwd,
-            identity=author,
-            action="rebasing",
-        )
-        if replay.returncode != 0:
-            await _run(["rebase", "--abort"], cwd=cwd, action="aborting the rebase")
-            raise GitError(
-                f"branch {checkout.branch!r} changed {', '.join(changed)} while we were "
-                f"committing; {_trim(replay.stderr or replay.stdout)}",
-                retryable=True,
-            )
-        rebased = True
-        base = tip
-        after = await head_sha(cwd)
-        if after == tip:
-            # The branch already holds exactly our change: nothing left to push.
-            return PushOutcome(sha=tip, pushed=False, rebased=True)
-        drift = await _run(
-            ["diff", "--quiet", before, after, "--", *changed], cwd=cwd, action="comparing"
-        )
-        if drift.returncode != 0:
-            raise GitError(
-                f"branch {checkout.branch!r} changed {', '.join(changed)} while we were "
-                "committing; the change must be made again on the new content",
-                retryable=True,
-            )
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def head_sha(repo: Checkout | Path) -> str:
-    cwd = repo.path if isinstance(repo, Checkout) else repo
-    out = await _git(["rev-parse", "--verify", "HEAD"], cwd=cwd, action="reading HEAD")
+async def _head_sha(repo: Path) -> str:
+    out = await _git(["rev-parse", "--verify", "HEAD"], cwd=repo, action="reading HEAD")
     return out.strip()
-
-
-# ------------------------------------------------------------------------------ helpers
 
 
 def _is_non_fast_forward(output: str) -> bool:
@@ -468,10 +715,3 @@ def _check_sha(sha: str) -> None:
 def _check_ref(branch: str) -> None:
     if not branch or branch.startswith("-") or any(c.isspace() for c in branch):
         raise GitError(f"{branch!r} is not a valid branch name", retryable=False)
-
-
-def _inside(checkout: Checkout, relpath: str) -> Path:
-    rel = PurePosixPath(relpath)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts[0] == ".git":
-        raise GitError(f"{relpath!r} is not a path inside the repository", retryable=False)
-    return checkout.path.joinpath(*rel.parts)

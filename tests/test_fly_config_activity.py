@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fly_config import FlyConfigActivities
-from turbodeploy import dockerfile, gitrepo
+from turbodeploy import dockerfile, flytoml, gitrepo
 from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
 from turbodeploy.settings import Settings
 
@@ -493,3 +496,362 @@ async def test_no_dockerfile_is_generated_for_a_prebuilt_image_in_fly_toml(
     assert result.dockerfile_generated is False
     assert tomllib.loads(result.fly_toml)["build"]["image"] == "registry.example.com/team/api:1.2"
     assert "Dockerfile" not in git(remote.bare, "ls-tree", "--name-only", "main").split()
+
+
+# ------------------------------------------------- the commit, built without a work tree
+
+AUTHOR = gitrepo.GitIdentity("Deploy Bot", "bot@example.com")
+
+
+def rendered_fly_toml(**overrides: Any) -> str:
+    """What the activity renders for `config_input` of a repository without fly.toml."""
+    values: dict[str, Any] = {"app_name": "turbobackend-p1", "region": "iad"}
+    values["env"] = {"GREETING": "hi"}
+    values.update(overrides)
+    return flytoml.render_fly_toml(existing=None, **values)
+
+
+def ls_tree(remote: Remote, rev: str = "main") -> dict[str, str]:
+    """Every entry of a commit's tree, recursively: path -> "mode type id"."""
+    out = git(remote.bare, "ls-tree", "-r", "-t", "--full-tree", rev)
+    return {line.split("\t")[1]: line.split("\t")[0] for line in out.splitlines()}
+
+
+def raw_commit(remote: Remote, rev: str = "main") -> str:
+    return git(remote.bare, "cat-file", "commit", rev)
+
+
+async def test_the_commit_is_the_one_git_commit_would_make(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A zone with a half-hour offset, and an identity with the decorations git strips.
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        odd = gitrepo.GitIdentity(' "Deploy Bot", ', "<bot@example.com>")
+        message = "Subject line  \n\n\n\nBody first line\t\nsecond line\n\n"
+        before = remote.tip()
+        async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
+            gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
+            assert await gitrepo.commit_if_changed(clone, ["fly.toml"], message=message, author=odd)
+            outcome = await gitrepo.push(clone, author=odd)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+    assert outcome == gitrepo.PushOutcome(sha=remote.tip(), pushed=True, rebased=False)
+    fields = git(remote.bare, "log", "-1", "--format=%an|%ae|%cn|%ce|%ai|%ci|%P", "main")
+    an, ae, cn, ce, adate, cdate, parent = fields.split("|")
+    assert (an, ae, cn, ce, parent) == (
+        "Deploy Bot",
+        "bot@example.com",
+        "Deploy Bot",
+        "bot@example.com",
+        before,
+    )
+    assert adate == cdate and adate.endswith("+0530")
+    assert git(remote.bare, "log", "-1", "--format=%B", "main") == (
+        "Subject line\n\nBody first line\nsecond line"
+    )
+    # git itself, given the same tree, parent, identity, date and message, writes an
+    # object with the same id: ours is byte for byte what `git commit` would store.
+    epoch = git(remote.bare, "log", "-1", "--format=%at", "main")
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": odd.name,
+        "GIT_AUTHOR_EMAIL": odd.email,
+        "GIT_COMMITTER_NAME": odd.name,
+        "GIT_COMMITTER_EMAIL": odd.email,
+        "GIT_AUTHOR_DATE": f"@{epoch} +0530",
+        "GIT_COMMITTER_DATE": f"@{epoch} +0530",
+    }
+    tree = git(remote.bare, "rev-parse", "main^{tree}")
+    again = subprocess.run(
+        ["git", "commit-tree", tree, "-p", before, "-F", "-"],
+        cwd=remote.bare,
+        env=env,
+        input="Subject line\n\nBody first line\nsecond line\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert again == remote.tip()
+    git(remote.bare, "fsck", "--strict", "--no-dangling")
+
+
+def make_odd_remote(root: Path) -> Remote:
+    """A project whose tree has an executable fly.toml, an executable script, a symlink,
+    nested directories and a submodule."""
+    remote = make_remote(
+        root, {**NITRO_TREE, "fly.toml": 'app = "x"\n', "bin/run.sh": "#!/bin/sh\n"}
+    )
+    seed = remote.seed
+    (seed / "fly.toml").chmod(0o755)
+    (seed / "bin" / "run.sh").chmod(0o755)
+    os.symlink("server/routes/index.ts", seed / "entry.ts")
+    git(seed, "add", "--all")
+    git(seed, "update-index", "--add", "--cacheinfo", f"160000,{remote.tip()},vendor/lib")
+    git(seed, "commit", "--quiet", "-m", "Odd entries")
+    git(seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+    return remote
+
+
+async def test_other_tree_entries_and_the_executable_bit_are_kept(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    remote = make_odd_remote(tmp_path)
+    before = ls_tree(remote)
+    assert before["fly.toml"].startswith("100755 blob")
+    assert before["entry.ts"].startswith("120000 blob")
+    assert before["vendor/lib"].startswith("160000 commit")
+
+    result = await run(activities, config_input(remote))
+
+    assert result.committed is True and result.dockerfile_generated is True
+    after = ls_tree(remote)
+    added = {"Dockerfile", ".dockerignore"}
+    assert set(after) == set(before) | added
+    # Only fly.toml changed (its content, not its mode); every other entry is the same
+    # object with the same mode, and the directories holding nothing new too.
+    assert {p for p in before if after[p] != before[p]} == {"fly.toml"}
+    assert after["fly.toml"].startswith("100755 blob")
+    assert after["Dockerfile"].startswith("100644 blob")
+    assert after[".dockerignore"].startswith("100644 blob")
+    assert remote.show("fly.toml") == result.fly_toml
+    git(remote.bare, "fsck", "--strict", "--no-dangling")
+
+
+async def test_a_symlinked_fly_toml_is_refused(
+    tmp_path: Path, activities: FlyConfigActivities, work_dir: Path
+) -> None:
+    remote = make_remote(tmp_path, {**NITRO_TREE, "deploy/fly.toml": 'app = "x"\n'})
+    os.symlink("deploy/fly.toml", remote.seed / "fly.toml")
+    git(remote.seed, "add", "--all")
+    git(remote.seed, "commit", "--quiet", "-m", "Link")
+    git(remote.seed, "push", "--quiet", "origin", "HEAD:refs/heads/main")
+    before = remote.tip()
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote))
+
+    assert caught.value.type == "GitError" and caught.value.non_retryable is True
+    assert "fly.toml is not a regular file" in caught.value.message
+    assert remote.tip() == before
+    assert list(work_dir.iterdir()) == []
+
+
+async def test_a_crlf_fly_toml_is_merged(tmp_path: Path, activities: FlyConfigActivities) -> None:
+    own = USER_FLY_TOML.replace("\n", "\r\n")
+    remote = make_remote(tmp_path, {**NITRO_TREE})
+    commit_raw(remote, {"fly.toml": own.encode()}, "Own fly.toml, CRLF")
+
+    result = await run(activities, config_input(remote))
+
+    assert result.merged_existing is True
+    assert "\r" not in remote.show("fly.toml")
+    assert tomllib.loads(remote.show("fly.toml"))["deploy"] == {"strategy": "bluegreen"}
+
+
+async def test_a_branch_moved_by_another_file_gets_our_commit_on_top(
+    remote: Remote, tmp_path: Path
+) -> None:
+    async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
+        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
+        assert await gitrepo.commit_if_changed(
+            clone, ["fly.toml"], message="Deploy config", author=AUTHOR
+        )
+        upstream = remote.commit_upstream({"server/routes/index.ts": "// moved\n"}, "Move")
+        upstream_tree = ls_tree(remote)
+
+        outcome = await gitrepo.push(clone, author=AUTHOR)
+
+    assert outcome == gitrepo.PushOutcome(sha=remote.tip(), pushed=True, rebased=True)
+    assert git(remote.bare, "rev-list", "--parents", "-n1", "main").split() == [
+        remote.tip(),
+        upstream,
+    ]
+    assert git(remote.bare, "diff", "--name-only", upstream, "main") == "fly.toml"
+    after = ls_tree(remote)
+    assert {p: e for p, e in after.items() if p != "fly.toml"} == upstream_tree
+    assert remote.show("fly.toml") == 'app = "a"\n'
+    assert remote.show("server/routes/index.ts") == "// moved\n"
+    assert git(remote.bare, "log", "-1", "--format=%s|%an <%ae>|%cn <%ce>", "main") == (
+        "Deploy config|Deploy Bot <bot@example.com>|Deploy Bot <bot@example.com>"
+    )
+    git(remote.bare, "fsck", "--strict", "--no-dangling")
+
+
+async def test_a_branch_that_changed_our_file_meanwhile_is_a_retryable_error(
+    remote: Remote, tmp_path: Path
+) -> None:
+    async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
+        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
+        gitrepo.write_file(clone, "Dockerfile", "FROM node:20\n")
+        assert await gitrepo.commit_if_changed(
+            clone, ["fly.toml", "Dockerfile"], message="m", author=AUTHOR
+        )
+        upstream = remote.commit_upstream({"fly.toml": 'app = "theirs"\n'}, "Theirs")
+
+        with pytest.raises(gitrepo.GitError) as caught:
+            await gitrepo.push(clone, author=AUTHOR)
+
+    assert caught.value.retryable is True
+    assert str(caught.value) == (
+        "branch 'main' changed fly.toml while we were committing; "
+        "the change must be made again on the new content"
+    )
+    assert remote.tip() == upstream
+    assert remote.show("fly.toml") == 'app = "theirs"\n'
+
+
+async def test_a_branch_already_holding_our_change_needs_no_push(
+    remote: Remote, tmp_path: Path
+) -> None:
+    async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
+        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
+        assert await gitrepo.commit_if_changed(clone, ["fly.toml"], message="m", author=AUTHOR)
+        upstream = remote.commit_upstream({"fly.toml": 'app = "a"\n'}, "Same, by someone else")
+
+        outcome = await gitrepo.push(clone, author=AUTHOR)
+
+    assert outcome == gitrepo.PushOutcome(sha=upstream, pushed=False, rebased=True)
+    assert remote.tip() == upstream
+    assert remote.subjects()[0] == "Same, by someone else"
+
+
+async def test_a_branch_holding_part_of_our_change_gets_the_rest(
+    remote: Remote, tmp_path: Path
+) -> None:
+    async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
+        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
+        gitrepo.write_file(clone, "Dockerfile", "FROM node:20\n")
+        assert await gitrepo.commit_if_changed(
+            clone, ["fly.toml", "Dockerfile"], message="m", author=AUTHOR
+        )
+        upstream = remote.commit_upstream({"fly.toml": 'app = "a"\n'}, "Same fly.toml")
+
+        outcome = await gitrepo.push(clone, author=AUTHOR)
+
+    assert outcome.pushed and outcome.rebased and outcome.sha == remote.tip()
+    assert git(remote.bare, "rev-parse", "main~1") == upstream
+    assert git(remote.bare, "diff", "--name-only", upstream, "main") == "Dockerfile"
+    assert remote.show("Dockerfile") == "FROM node:20\n"
+
+
+async def test_the_activity_finds_its_content_already_pushed_by_someone_else(
+    remote: Remote, activities: FlyConfigActivities
+) -> None:
+    commit_raw(remote, {"Dockerfile": USER_DOCKERFILE}, "Own Dockerfile")
+    upstream: list[str] = []
+
+    def on_heartbeat(*details: Any) -> None:
+        if details[0] == "pushing" and not upstream:
+            upstream.append(
+                remote.commit_upstream({"fly.toml": rendered_fly_toml()}, "Same fly.toml")
+            )
+
+    result = await run(activities, config_input(remote), on_heartbeat)
+
+    assert upstream and result.committed is False
+    assert result.commit_sha == upstream[0] == remote.tip()
+    assert remote.subjects()[0] == "Same fly.toml"
+    assert remote.show("fly.toml") == result.fly_toml
+
+
+async def test_git_runs_once_when_up_to_date_and_twice_when_pushing(
+    remote: Remote, activities: FlyConfigActivities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[str] = []
+    real = asyncio.create_subprocess_exec
+
+    async def counting(program: str, *args: Any, **kwargs: Any) -> Any:
+        at = 0
+        while args[at] == "-c":  # the safety settings before git's command
+            at += 2
+        commands.append(f"{program} {args[at]}")
+        return await real(program, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", counting)
+    await run(activities, config_input(remote))
+    first = list(commands)
+    commands.clear()
+    await run(activities, config_input(remote))
+    second = list(commands)
+
+    assert first == ["git clone", "git push"]
+    assert second == ["git clone"]
+
+
+def _git_children() -> list[str]:
+    """Processes whose parent is this one, other than zombies: "pid command"."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append(f"{stat_file.parent.name} {stat_file.read_text().split()[1]}")
+    return found
+
+
+async def test_cancellation_during_the_push_kills_git_and_cleans_up(
+    remote: Remote,
+    tmp_path: Path,
+    activities: FlyConfigActivities,
+    work_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An ssh "server" that serves the clone from the local remote and never answers a push.
+    pid_file = tmp_path / "receive.pid"
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        f'  *receive-pack*) echo $$ > "{pid_file}"; exec sleep 60 ;;\n'
+        f'  *) exec git upload-pack "{remote.bare}" ;;\n'
+        "esac\n"
+    )
+    fake_ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(fake_ssh))
+    monkeypatch.setenv("GIT_SSH_VARIANT", "simple")
+    before = remote.tip()
+    input = config_input(remote, repo_url="ssh://git@example.invalid/project.git")
+    env = ActivityEnvironment()
+    task = asyncio.ensure_future(env.run(activities.prepare_fly_config, input))
+    for _ in range(250):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+    assert _git_children()  # git push, waiting on the "server"
+
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        await asyncio.sleep(0.02)
+    assert not _alive(pid)
+    assert _git_children() == []
+    assert list(work_dir.iterdir()) == []
+    assert remote.tip() == before
+
+
+async def test_a_sha256_repository_is_refused(
+    tmp_path: Path, activities: FlyConfigActivities, work_dir: Path
+) -> None:
+    seed, bare = tmp_path / "seed", tmp_path / "remote.git"
+    git(tmp_path, "init", "--quiet", "--object-format=sha256", "-b", "main", str(seed))
+    (seed / "package.json").write_text(NITRO_TREE["package.json"])
+    git(seed, "add", "--all")
+    git(seed, "commit", "--quiet", "-m", "Initial")
+    git(tmp_path, "clone", "--quiet", "--bare", str(seed), str(bare))
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(Remote(bare, seed)))
+
+    assert caught.value.type == "GitError" and caught.value.non_retryable is True
+    assert "SHA-1" in caught.value.message
+    assert list(work_dir.iterdir()) == []

@@ -5,7 +5,9 @@ Two ways in:
 * `cloned` (for committing files to a branch) clones the branch tip bare, with depth 1 and
   no work tree. Files are read from its objects; a commit of changed files is built in
   process (with dulwich), written into the clone's object store and sent with `git push`.
-  One git process when nothing changes, two when something is pushed.
+  One git process when nothing changes, two when something is pushed. Only SHA-1
+  repositories are handled (a SHA-256 one is refused, not retryable), and content is
+  committed as given: no .gitattributes filter (eol, lfs) runs on it as `git add` would.
 * `cloned_commit` (for tools that need files on disk) checks one commit out into a work
   tree.
 

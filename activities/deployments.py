@@ -21,6 +21,7 @@ from turbodeploy.db import (
     DeploymentStore,
 )
 from turbodeploy.models import (
+    CheckWindow,
     DeployStatus,
     LoadReleaseInput,
     RecordResultInput,
@@ -57,13 +58,18 @@ class DeploymentActivities:
                 branch=input.branch,
                 image=input.image,
             )
+            last = await self._store.last_good_release(input.project_id)
         if row.status is not DeployStatus.DEPLOYING:
             activity.logger.warning(
                 "deployment %s is already %s; its record is left as it is",
                 row.deployment_id,
                 row.status,
             )
-        return RecordStartResult(url=row.url, started_at=row.deployed_at)
+        return RecordStartResult(
+            url=row.url,
+            started_at=row.deployed_at,
+            checks_hint=CheckWindow.typical(last.machines) if last else None,
+        )
 
     @activity.defn(name="record_deploy_result")
     async def record_result(self, input: RecordResultInput) -> None:

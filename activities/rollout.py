@@ -48,6 +48,7 @@ from flyapi import (
 )
 from turbodeploy.flytoml import machine_config, overlay_managed
 from turbodeploy.models import (
+    CheckWindow,
     DeployTimings,
     MachineOutcome,
     RolloutInput,
@@ -99,10 +100,19 @@ class MachineSession:
     """One activity attempt's work on one app's machines: the leases it holds, its
     heartbeats and its progress."""
 
-    def __init__(self, fly: FlyClient, app: str, timings: DeployTimings) -> None:
+    def __init__(
+        self,
+        fly: FlyClient,
+        app: str,
+        timings: DeployTimings,
+        checks_hint: CheckWindow | None = None,
+    ) -> None:
         self.fly = fly
         self.app = app
         self.timings = timings
+        # When checks are expected to pass after a start: the last release's, then what
+        # this session's own machines showed.
+        self.checks_hint = checks_hint
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
         self.progress = RolloutProgress()
@@ -207,6 +217,13 @@ class MachineSession:
     async def release_all(self) -> None:
         leases, self.leases = self.leases, {}
         await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
+
+    async def release(self, machine_id: str) -> None:
+        """Hand back one machine the rollout is done with (as flyctl does), so the leases
+        still to refresh are only those of machines still being worked on."""
+        nonce = self.leases.pop(machine_id, None)
+        if nonce is not None:
+            await asyncio.shield(self._release(machine_id, nonce))
 
     async def _release(self, machine_id: str, nonce: str) -> None:
         try:
@@ -322,8 +339,11 @@ class MachineSession:
 
     # --------------------------------------------------------------------------- waits
 
-    async def wait_healthy(self, machine: Machine, config: Mapping[str, Any]) -> None:
-        """Wait for this version of the machine to start, then for all its checks to pass."""
+    async def wait_healthy(self, machine: Machine, config: Mapping[str, Any]) -> CheckWindow | None:
+        """Wait for this version of the machine to start, then for all its checks to pass.
+
+        Returns when the checks passed after the start (None without checks).
+        """
         timeout = self.timings.machine_wait_timeout
         deadline = time.monotonic() + timeout.total_seconds()
         where = f"machine {machine.id} of Fly app {self.app}"
@@ -348,20 +368,34 @@ class MachineSession:
                     current,
                 )
         if not has_checks(config):
-            return
+            return None
         self.set_progress(machine.id, "waiting for health checks")
+        started = time.monotonic()
+        pace = CheckPace(
+            self.checks_hint,
+            interval=self.timings.machine_poll_interval.total_seconds(),
+            near=self.timings.machine_poll_near_interval.total_seconds(),
+        )
+        failing_until = 0.0
         while True:
+            now = time.monotonic()
+            await asyncio.sleep(min(pace.delay(now - started), max(deadline - now, 0)))
+            sent = time.monotonic() - started
             current = await self.read(
                 f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
             )
             if current.checks and all(c.passing for c in current.checks):
+                window = CheckWindow(failing_until=failing_until, passing_at=pace.observed(sent))
                 activity.logger.info(
-                    "Machine %s of Fly app %s passes its %d check(s)",
+                    "Machine %s of Fly app %s passes its %d check(s), %.1fs after its start",
                     machine.id,
                     self.app,
                     len(current.checks),
+                    window.passing_at,
                 )
-                return
+                self.checks_hint = window
+                return window
+            failing_until = sent
             if time.monotonic() >= deadline:
                 failing = [c for c in current.checks if not c.passing]
                 summary = "; ".join(
@@ -374,9 +408,6 @@ class MachineSession:
                     f"checks within {_human(timeout)}: {summary or 'no check has reported yet'}",
                     current,
                 )
-            # A fixed interval: backing off overshoots checks that pass a few seconds after
-            # the start (measured: +0.6 s per machine and more requests; BENCHMARKS.md).
-            await asyncio.sleep(self.timings.machine_poll_interval.total_seconds())
 
     # ---------------------------------------------------------------------------- misc
 
@@ -469,7 +500,7 @@ class _Rollout:
         self._input = input
         self._app = input.app_name
         self._deployment = input.deployment_id
-        self._s = MachineSession(fly, input.app_name, input.timings)
+        self._s = MachineSession(fly, input.app_name, input.timings, input.checks_hint)
         self._digests: dict[str, str | None] = {}
 
     async def run(self) -> RolloutResult:
@@ -664,14 +695,23 @@ class _Rollout:
             activity.logger.info(
                 "Machine %s of Fly app %s already runs %s", machine.id, self._app, self._deployment
             )
+        checks = None
         if wait and machine.state not in ASLEEP_STATES:
-            await self._s.wait_healthy(machine, machine.config or step.config)
+            checks = await self._s.wait_healthy(machine, machine.config or step.config)
+        await self._s.release(machine.id)
         self._s.mark_done(machine.id)
-        return self._outcome(machine, action, previous)
+        return self._outcome(machine, action, previous, checks)
 
-    def _outcome(self, machine: Machine, action: str, previous: Machine | None) -> MachineOutcome:
+    def _outcome(
+        self,
+        machine: Machine,
+        action: str,
+        previous: Machine | None,
+        checks: CheckWindow | None = None,
+    ) -> MachineOutcome:
         self._digests[machine.id] = _image_digest(machine)
         return MachineOutcome(
+            checks_passed=checks,
             machine_id=machine.id,
             action=action,
             instance_id=machine.instance_id,
@@ -747,9 +787,11 @@ class _Rollout:
             )
             for green in created:
                 greens[_slot(green) or 0] = green
-            await all_or_first_error(
-                self._s.wait_healthy(g, g.config) for _, g in sorted(greens.items())
+            ordered = sorted(greens.items())
+            windows = await all_or_first_error(
+                self._s.wait_healthy(g, g.config) for _, g in ordered
             )
+            checks = {g.id: w for (_, g), w in zip(ordered, windows, strict=True)}
             self._s.set_progress(", ".join(g.id for g in greens.values()), "moving traffic")
             await all_or_first_error(self._uncordon(g) for g in greens.values())
         except BaseException:
@@ -762,7 +804,7 @@ class _Rollout:
         outcomes = []
         for _, green in sorted(greens.items()):
             self._s.mark_done(green.id)
-            outcomes.append(self._outcome(green, "created", None))
+            outcomes.append(self._outcome(green, "created", None, checks.get(green.id)))
         return outcomes
 
     async def _create_green(self, slot: int, blue: Machine | None) -> Machine:
@@ -814,6 +856,43 @@ class _Rollout:
 
 
 # ---------------------------------------------------------------------------------------
+
+
+class CheckPace:
+    """When to read a machine's checks next, from when they passed in the last release.
+
+    Without a hint: at once, then every `interval`. With one: first when the checks passed
+    last time, then every `near` for one more `interval` (the app may boot a little slower
+    this time), then every `interval`. A fixed interval rather than a backoff: backing off
+    overshoots checks that pass a few seconds after the start (measured: BENCHMARKS.md).
+    """
+
+    def __init__(self, hint: CheckWindow | None, *, interval: float, near: float) -> None:
+        self._hint = hint
+        self._interval = interval
+        self._near = min(near, interval)
+        self._reads = 0
+
+    def delay(self, elapsed: float) -> float:
+        """Seconds to wait before the next read, `elapsed` seconds after the start."""
+        first = self._reads == 0
+        self._reads += 1
+        if self._hint is None:
+            return 0.0 if first else self._interval
+        expected = self._hint.passing_at
+        if elapsed < expected:
+            return expected - elapsed
+        if elapsed < expected + self._interval:
+            return 0.0 if first else self._near
+        return self._interval
+
+    def observed(self, sent: float) -> float:
+        """When the checks passed, given the send time of the read that saw them pass."""
+        if self._hint is not None and self._reads == 1:
+            # The first read, made when expected, passed: the checks passed by then. Its
+            # send time is a little later; kept, it would creep up deploy after deploy.
+            return min(sent, self._hint.passing_at)
+        return sent
 
 
 def in_group(m: Machine) -> bool:

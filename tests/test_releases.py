@@ -16,10 +16,12 @@ from temporalio.testing import ActivityEnvironment
 from activities.deployments import DeploymentActivities
 from turbodeploy.db import DeploymentConflict, DeploymentNotFound, DeploymentStore, create_pool
 from turbodeploy.models import (
+    CheckWindow,
     DeployStatus,
     LoadReleaseInput,
     MachineOutcome,
     MachineSnapshot,
+    RecordStartInput,
     ReleaseRecord,
     ReleaseSnapshot,
     SecretVersion,
@@ -326,3 +328,39 @@ async def test_a_release_without_snapshot_cannot_be_loaded(
         )
     assert caught.value.type == "ReleaseNotRestorable"
     assert "no snapshot" in str(caught.value)
+
+
+async def test_record_started_hands_on_when_checks_passed_in_the_last_good_release(
+    store: DeploymentStore, activities: DeploymentActivities, project_id: str
+) -> None:
+    env = ActivityEnvironment()
+
+    def start() -> RecordStartInput:
+        return RecordStartInput(
+            deployment_id=_deployment_id(),
+            project_id=project_id,
+            app_name=f"turbobackend-{project_id}",
+            workflow_id=f"deploy-{project_id}",
+            run_id="r",
+        )
+
+    assert (await env.run(activities.record_started, start())).checks_hint is None
+    good = await _deploy(store, project_id, created_at=1_700_000_000)
+    machines = [
+        MachineOutcome(
+            machine_id=f"m{n}",
+            action="updated",
+            checks_passed=CheckWindow(failing_until=at - 0.2, passing_at=at),
+        )
+        for n, at in enumerate([4.0, 2.5, 3.0])
+    ]
+    await store.record_release(good.model_copy(update={"machines": machines}))
+    failed = await _deploy(store, project_id, created_at=1_700_000_100, status=DeployStatus.FAILED)
+    slow = [m.model_copy(update={"checks_passed": CheckWindow(failing_until=0, passing_at=60)})
+            for m in machines]  # fmt: skip
+    await store.record_release(failed.model_copy(update={"machines": slow}))
+
+    started = await env.run(activities.record_started, start())
+    assert started.checks_hint == CheckWindow(failing_until=2.8, passing_at=3.0)
+    stored = await store.release(good.deployment_id)
+    assert stored is not None and stored.machines == machines  # kept in the bundle

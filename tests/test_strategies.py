@@ -23,10 +23,18 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.restore import ReleaseActivities
-from activities.rollout import CANARY_KEY, GREEN_KEY, RESTORED_BY_KEY, RolloutActivities
+from activities.rollout import (
+    CANARY_KEY,
+    GREEN_KEY,
+    RESTORED_BY_KEY,
+    CheckPace,
+    RolloutActivities,
+)
 from flyapi import FlyClient, Machine
 from turbodeploy.models import (
+    CheckWindow,
     DeployTimings,
+    MachineOutcome,
     ReleaseSnapshot,
     RestoreInput,
     RolloutInput,
@@ -853,3 +861,85 @@ async def test_api_requests_per_machine(
     }[strategy]
     fixed = {Strategy.CANARY: 4}.get(strategy, 0) + 2  # two listings; the canary's own
     assert len(requests) <= per_machine * count + fixed
+
+
+async def test_check_reads_wait_for_when_checks_passed_last_time(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    flysim: Any,
+    sim_timing: Any,
+    app: str,
+    image: str,
+) -> None:
+    """Checks pass 0.6 s after each start. Without a hint the first machine reads them
+    every 0.1 s; the machines after it, and every machine of the next release, read them
+    when they passed before: once, or a few times at the near interval."""
+    sim_timing.healthy_after = 0.6
+    timings = TIMINGS.model_copy(
+        update={
+            "machine_poll_interval": timedelta(milliseconds=100),
+            "machine_poll_near_interval": timedelta(milliseconds=20),
+            "lease_ttl": timedelta(seconds=60),
+        }
+    )
+
+    def check_reads(since: float) -> Counter[str]:
+        return Counter(
+            path.rsplit("/", 1)[1]
+            for at, method, path, _ in list(flysim.request_log)
+            if at >= since
+            and method == "GET"
+            and path.startswith(f"/v1/apps/{app}/machines/")
+            and path.count("/") == 5
+        )
+
+    since = time.time()
+    first = await _release(
+        env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=3, timings=timings)
+    )
+    reads = check_reads(since)
+    windows = [m.checks_passed for m in first.machines]
+    assert all(w is not None and 0.5 <= w.passing_at < 5 for w in windows), windows
+    unhinted, *hinted = (reads[m.machine_id] for m in first.machines)
+    assert unhinted >= 5, reads  # 0, 0.1, ..., 0.5 all see the check still waiting
+    assert all(n <= 3 for n in hinted), reads
+
+    hint = CheckWindow.typical(first.machines)
+    assert hint is not None and hint.passing_at >= 0.5
+    since = time.time()
+    second = await _release(
+        env,
+        rollout,
+        _input(app, f"{image}:v2", "d-2", machine_count=3, timings=timings, checks_hint=hint),
+    )
+    reads = check_reads(since)
+    assert all(reads[m.machine_id] <= 3 for m in second.machines), reads
+    assert all(m.checks_passed is not None for m in second.machines)
+
+
+def test_check_pace() -> None:
+    unhinted = CheckPace(None, interval=1.0, near=0.2)
+    assert [unhinted.delay(t) for t in (0.0, 0.01, 1.0)] == [0.0, 1.0, 1.0]
+    assert unhinted.observed(2.01) == 2.01
+
+    pace = CheckPace(CheckWindow(failing_until=2.0, passing_at=3.0), interval=1.0, near=0.2)
+    assert pace.delay(0.0) == 3.0  # nothing to read before the checks passed last time
+    assert pace.observed(3.004) == 3.0  # passed at once: no creeping later
+    assert pace.delay(3.01) == 0.2  # a little slower this time: read often for a while
+    assert pace.delay(4.5) == 1.0  # much slower: back to the interval
+    assert pace.observed(4.6) == 4.6
+
+    late = CheckPace(CheckWindow(failing_until=0.0, passing_at=0.5), interval=1.0, near=5.0)
+    assert late.delay(0.7) == 0.0  # started reading after the expected time: read at once
+    assert late.delay(0.8) == 1.0  # the near interval is never longer than the interval
+
+
+def test_typical_window_is_the_median_machine() -> None:
+    def outcome(passing_at: float | None) -> MachineOutcome:
+        window = None if passing_at is None else CheckWindow(failing_until=0, passing_at=passing_at)
+        return MachineOutcome(machine_id="m", action="updated", checks_passed=window)
+
+    assert CheckWindow.typical([]) is None
+    assert CheckWindow.typical([outcome(None)]) is None
+    window = CheckWindow.typical([outcome(9.0), outcome(None), outcome(1.0), outcome(3.0)])
+    assert window is not None and window.passing_at == 3.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -205,6 +206,10 @@ class DeployTimings(_Model):
     # How long a machine may take to reach `started` and pass its checks (flyctl: 5 min).
     machine_wait_timeout: timedelta = timedelta(minutes=5)
     machine_poll_interval: timedelta = timedelta(seconds=1)
+    # Around the time a machine's checks passed in the app's last release, its checks are
+    # read this often instead, so a deploy neither waits a whole interval too long nor
+    # spends requests reading checks that cannot have passed yet.
+    machine_poll_near_interval: timedelta = timedelta(milliseconds=200)
     # How long a newly created app may take to become visible (flyctl polls up to a minute).
     app_visible_timeout: timedelta = timedelta(minutes=1)
     app_visible_poll: timedelta = timedelta(milliseconds=500)
@@ -440,6 +445,8 @@ class RecordStartInput(_Model):
 class RecordStartResult(_Model):
     url: str
     started_at: int  # epoch seconds
+    # From the project's last deployed release, for the rollout's health-check reads.
+    checks_hint: CheckWindow | None = None
 
 
 class RecordResultInput(_Model):
@@ -502,6 +509,29 @@ class RolloutInput(_Model):
     strategy: Strategy = Strategy.ROLLING
     max_unavailable: float = 0.33
     timings: DeployTimings = Field(default_factory=DeployTimings)
+    # When the machines of the app's last release passed their checks: the first read of
+    # a new machine's checks waits until then.
+    checks_hint: CheckWindow | None = None
+
+
+class CheckWindow(_Model):
+    """When a machine's health checks first passed, in seconds after it was seen started.
+
+    They passed after `failing_until` (the last read that saw a check not passing; 0 when
+    the first read already passed) and by `passing_at` (the read that saw them pass).
+    """
+
+    failing_until: float = Field(ge=0)
+    passing_at: float = Field(ge=0)
+
+    @staticmethod
+    def typical(machines: Iterable[MachineOutcome]) -> CheckWindow | None:
+        """The median machine's window (by `passing_at`): what the next deploy expects."""
+        windows = sorted(
+            (m.checks_passed for m in machines if m.checks_passed is not None),
+            key=lambda w: w.passing_at,
+        )
+        return windows[(len(windows) - 1) // 2] if windows else None
 
 
 class MachineOutcome(_Model):
@@ -511,6 +541,9 @@ class MachineOutcome(_Model):
     region: str | None = None
     previous_instance_id: str | None = None
     previous_version: str | None = None
+    # None when the rollout did not wait for this machine's checks (none defined, the
+    # machine was left stopped, or the strategy does not wait).
+    checks_passed: CheckWindow | None = None
 
 
 class RolloutResult(_Model):

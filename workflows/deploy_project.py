@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         AppSecretsResult,
         BuildInput,
         BuildResult,
+        CheckWindow,
         CredentialsResult,
         DeploymentNotice,
         DeployProgress,
@@ -94,6 +95,7 @@ class _Deploy:
     machine_count: int
     env: dict[str, str] = field(default_factory=dict)
     url: str = ""
+    checks_hint: CheckWindow | None = None  # from the project's last release
     commit_sha: str | None = None
     fly_toml: str | None = None
     image: str | None = None
@@ -231,7 +233,7 @@ class DeployProjectWorkflow:
         # Independent of each other, so they run together: one step less to wait for.
         credentials = asyncio.ensure_future(self._credentials())
         started = await self._record_start(request, DeployStep.RECORD_START, mark_step=True)
-        d.url = started.url
+        d.url, d.checks_hint = started.url, started.checks_hint
         try:
             self._step = DeployStep.CREDENTIALS
             org = (await credentials).org_slug
@@ -355,6 +357,7 @@ class DeployProjectWorkflow:
                     strategy=request.strategy,
                     max_unavailable=request.max_unavailable,
                     timings=timings,
+                    checks_hint=d.checks_hint,
                 ),
                 RolloutResult,
                 policies.rollout(timings, request.machine_count),

@@ -26,7 +26,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -859,32 +859,43 @@ class _Rollout:
 
 
 class CheckPace:
-    """When to read a machine's checks next, from when they passed in the last release.
+    """When to read a machine's checks, from when they passed in the last release.
 
     Without a hint: at once, then every `interval`. With one: first when the checks passed
-    last time, then every `near` for one more `interval` (the app may boot a little slower
-    this time), then every `interval`. A fixed interval rather than a backoff: backing off
+    last time, then every `near` for a while (the app may boot a little slower this time:
+    a quarter of the expected time, at least two near reads, at most one interval), then
+    every `interval`. Reads keep to that grid of times after the start, so the time each
+    read takes does not add up. A fixed interval rather than a backoff: backing off
     overshoots checks that pass a few seconds after the start (measured: BENCHMARKS.md).
     """
 
     def __init__(self, hint: CheckWindow | None, *, interval: float, near: float) -> None:
         self._hint = hint
-        self._interval = interval
-        self._near = min(near, interval)
+        self._times = self._grid(hint, interval, min(near, interval))
+        self._last = -1.0
         self._reads = 0
 
+    @staticmethod
+    def _grid(hint: CheckWindow | None, interval: float, near: float) -> Iterator[float]:
+        if hint is None:
+            yield from (k * interval for k in itertools.count())
+            return
+        expected = hint.passing_at
+        near_until = expected + min(interval, max(2 * near, expected / 4))
+        yield from itertools.takewhile(
+            lambda t: t < near_until, (expected + k * near for k in itertools.count())
+        )
+        yield from (near_until + k * interval for k in itertools.count())
+
     def delay(self, elapsed: float) -> float:
-        """Seconds to wait before the next read, `elapsed` seconds after the start."""
-        first = self._reads == 0
+        """Seconds to wait before the next read, `elapsed` seconds after the start.
+
+        A read that took longer than the grid step is followed by the next one at once.
+        """
         self._reads += 1
-        if self._hint is None:
-            return 0.0 if first else self._interval
-        expected = self._hint.passing_at
-        if elapsed < expected:
-            return expected - elapsed
-        if elapsed < expected + self._interval:
-            return 0.0 if first else self._near
-        return self._interval
+        at = next(t for t in self._times if t > self._last)
+        self._last = max(at, elapsed)
+        return max(at - elapsed, 0.0)
 
     def observed(self, sent: float) -> float:
         """When the checks passed, given the send time of the read that saw them pass."""

@@ -296,11 +296,12 @@ class Benchmark:
         self, strategy: Strategy, machines: int
     ) -> tuple[float | None, int, dict[str, int]]:
         o, sim = self.o, self.stack.emulator
-        sim.set_timing(0, 0, 0)
+        # The release before behaves as the app always does (boot time included): what
+        # the rollout learns from it is what it would learn in production.
+        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
         repo = self.stack.new_repos(1)[0]
         first = self._request(repo, machine_count=machines, strategy=strategy)
         _require(await self._deploy(first), f"the first {strategy} deploy")
-        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
         again = DeployRequest.model_validate(
             {
                 **first.model_dump(exclude={"deployment_id"}),

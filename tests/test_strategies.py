@@ -919,19 +919,26 @@ async def test_check_reads_wait_for_when_checks_passed_last_time(
 
 def test_check_pace() -> None:
     unhinted = CheckPace(None, interval=1.0, near=0.2)
-    assert [unhinted.delay(t) for t in (0.0, 0.01, 1.0)] == [0.0, 1.0, 1.0]
+    # On a grid of whole intervals after the start: slow reads do not push it later.
+    assert [unhinted.delay(t) for t in (0.0, 0.25, 1.5)] == [0.0, 0.75, 0.5]
+    assert unhinted.delay(3.5) == 0.0  # a read that took longer than a step: next at once
     assert unhinted.observed(2.01) == 2.01
 
     pace = CheckPace(CheckWindow(failing_until=2.0, passing_at=3.0), interval=1.0, near=0.2)
     assert pace.delay(0.0) == 3.0  # nothing to read before the checks passed last time
     assert pace.observed(3.004) == 3.0  # passed at once: no creeping later
-    assert pace.delay(3.01) == 0.2  # a little slower this time: read often for a while
-    assert pace.delay(4.5) == 1.0  # much slower: back to the interval
+    # A little slower this time: every 0.2 s until a quarter of 3 s later, then each 1 s.
+    assert [round(pace.delay(t), 3) for t in (3.05, 3.25, 3.45, 3.65, 3.8)] == [
+        0.15, 0.15, 0.15, 0.1, 0.95
+    ]  # fmt: skip
     assert pace.observed(4.6) == 4.6
 
-    late = CheckPace(CheckWindow(failing_until=0.0, passing_at=0.5), interval=1.0, near=5.0)
-    assert late.delay(0.7) == 0.0  # started reading after the expected time: read at once
-    assert late.delay(0.8) == 1.0  # the near interval is never longer than the interval
+    fast = CheckPace(CheckWindow(failing_until=0.0, passing_at=0.01), interval=1.0, near=0.2)
+    assert [round(fast.delay(t), 3) for t in (0.0, 0.02, 0.22, 0.42)] == [0.01, 0.19, 0.19, 0.99]
+
+    wide = CheckPace(CheckWindow(failing_until=0.0, passing_at=0.5), interval=1.0, near=5.0)
+    assert wide.delay(0.7) == 0.0  # started reading after the expected time: read at once
+    assert wide.delay(0.8) == 0.7  # the near interval is never longer than the interval
 
 
 def test_typical_window_is_the_median_machine() -> None:

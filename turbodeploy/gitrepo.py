@@ -376,8 +376,9 @@ async def cloned(
     finally:
         if clone is not None:
             clone._close()
-        # A bare clone of depth 1 is a handful of files: removed at once, even on cancel.
-        shutil.rmtree(scratch, ignore_errors=True)
+        # Off the event loop: with many deploys at once, unlinking even a handful of files
+        # each took a measurable share of the loop (BENCHMARKS.md). Shielded: also on cancel.
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
 
 
 def read_file(clone: BranchClone, relpath: str) -> str | None:

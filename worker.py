@@ -69,7 +69,8 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         ),
         on_response=metrics.record_fly_response,
         retry=RequestRetry(attempts=settings.fly_api_request_attempts),
-        max_connections=settings.max_concurrent_activities,
+        max_connections=settings.fly_api_max_connections,
+        max_waiting=settings.max_concurrent_activities,
     )
     health = HealthActivities(max_connections=settings.max_concurrent_activities)
     notify = NotifyActivities(settings)

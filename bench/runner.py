@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 import statistics
 import time
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
-from bench.stack import Stack, sampled_peak
+from bench.stack import Stack, machine_cpu, sampled_peak
 from turbodeploy.client import start_deploy
 from turbodeploy.models import DeployRequest, Strategy
 
@@ -196,12 +197,16 @@ class Benchmark:
         """`concurrent` deploys at once, against as many baselines at once."""
         n = self.o.concurrent
         self.stack.emulator.set_timing(0, 0, 0)
+        machine, base_usage = machine_cpu(), self.baseline_worker.usage()
         base_elapsed, bases = await self._all_at_once([self._baseline for _ in range(n)])
+        base_machine = machine_cpu() - machine
+        base_worker = self.baseline_worker.usage().cpu - base_usage.cpu
         repos = self.stack.new_repos(n)
-        usage = self.deploy_worker.usage()
+        machine, usage = machine_cpu(), self.deploy_worker.usage()
         elapsed, deploys = await self._all_at_once(
             [functools.partial(self._deploy_repo, r) for r in repos]
         )
+        deploy_machine = machine_cpu() - machine
         cpu = self.deploy_worker.usage().cpu - usage.cpu
         ok = sum(d.ok for d in deploys)
         base_rate = sum(b.ok for b in bases) / base_elapsed
@@ -220,9 +225,31 @@ class Benchmark:
             f"worker CPU {cpu / n * 1000:.0f} ms/deploy" + _first_error(deploys),
             higher_is_better=True,
         )
-        self.report.scaling.append(
-            {"concurrent": n, "deploys_per_s": rate, "cpu_ms_per_deploy": cpu / n * 1000}
+
+        # Where the CPU went: everything shares the machine's cores, so the work each side
+        # costs the machine bounds the ratio above, whatever the worker does.
+        def per_run(seconds: float) -> str:
+            return f"{seconds / n * 1000:.0f} ms"
+
+        self.report.info(
+            "  machine CPU per baseline workflow, all processes",
+            per_run(base_machine),
+            f"baseline worker {per_run(base_worker)}, the rest (Temporal server, driver) "
+            f"{per_run(base_machine - base_worker)}; {base_machine / base_elapsed:.2f} "
+            f"of {os.cpu_count()} CPUs busy",
         )
+        self.report.info(
+            "  machine CPU per deploy, all processes",
+            per_run(deploy_machine),
+            f"deploy worker and its git {per_run(cpu)}, the rest (Temporal server, "
+            f"PostgreSQL, emulator, driver) {per_run(deploy_machine - cpu)}; "
+            f"{deploy_machine / elapsed:.2f} of {os.cpu_count()} CPUs busy",
+        )
+        self.report.scaling.append(
+            {"concurrent": n, "deploys_per_s": rate, "cpu_ms_per_deploy": cpu / n * 1000,
+             "machine_cpu_ms_per_deploy": deploy_machine / n * 1000,
+             "machine_cpu_ms_per_baseline": base_machine / n * 1000}
+        )  # fmt: skip
 
     async def realistic(self) -> None:
         """Redeploys with realistic emulator delays: wall time ÷ the provider's waits."""

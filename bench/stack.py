@@ -132,6 +132,14 @@ class Usage:
         return cls(cpu, memory.get("VmRSS", 0.0), memory.get("VmHWM", 0.0))
 
 
+def machine_cpu() -> float:
+    """CPU seconds every process on the machine has used so far (all cores, /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait.
+    busy = [int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4)]
+    return sum(busy) / _TICKS
+
+
 # ---------------------------------------------------------------------------------- stack
 
 

@@ -76,7 +76,8 @@ class FlyClient:
         user_agent: str = DEFAULT_USER_AGENT,
         on_response: ResponseHook | None = None,
         retry: RequestRetry | None = None,
-        max_connections: int = 100,
+        max_connections: int = 20,
+        max_waiting: int = 100,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._retry = retry
@@ -84,18 +85,26 @@ class FlyClient:
         self._token = token
         self._timeout = timeout
         self._limiter = rate_limiter
-        self._http = httpx.AsyncClient(
-            base_url=self._base_url,
-            transport=transport,
-            timeout=timeout,
-            headers={"User-Agent": user_agent, "Accept": "application/json"},
-            follow_redirects=False,
-            # Keep every connection alive that concurrent deploys use: httpx's default of 20
-            # kept-alive connections churns TLS handshakes under load.
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+
+        def client(connections: int) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=self._base_url,
+                transport=transport,
+                timeout=timeout,
+                headers={"User-Agent": user_agent, "Accept": "application/json"},
+                follow_redirects=False,
+                # Every connection is kept alive: closing the surplus churns TLS handshakes.
+                limits=httpx.Limits(
+                    max_connections=connections, max_keepalive_connections=connections
+                ),
+            )
+
+        # Two pools. Server-side waits hold a connection for up to a minute each, so they
+        # get as many as deploys may wait at once; every other call is short and shares a
+        # small pool, because httpx scans its whole pool on every request and response
+        # (with 200 connections that scan was the worker's largest cost: BENCHMARKS.md).
+        self._http = client(max_connections)
+        self._waits = self._http if transport is not None else client(max_waiting)
 
     def __repr__(self) -> str:
         return f"FlyClient(base_url={self._base_url!r})"
@@ -117,6 +126,8 @@ class FlyClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._waits is not self._http:
+            await self._waits.aclose()
 
     # ------------------------------------------------------------------------------ apps
 
@@ -457,7 +468,9 @@ class FlyClient:
             if self._limiter is not None:
                 await self._limiter.acquire()
             try:
-                response = await self._http.request(
+                # Only server-side waits read longer than the client's timeout.
+                http = self._waits if read_timeout is not None else self._http
+                response = await http.request(
                     method,
                     path,
                     params=params,

@@ -19,6 +19,8 @@ MEASURES = [
     "single deploy without git ÷ baseline",
     "baseline: 3 no-op workflows at once",
     "3 concurrent deploys: deploys/s ÷ baseline workflows/s",
+    "machine CPU per baseline workflow, all processes",
+    "machine CPU per deploy, all processes",
     "immediate redeploy, 1 machine(s) ÷ critical path",
     "immediate redeploy, 2 machine(s) ÷ critical path",
     "rolling redeploy, 1 machine(s) ÷ critical path",

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # Attempts per idempotent Fly API request on a transient error, before the step's own
     # retry policy takes over.
     fly_api_request_attempts: int = 5
+    # Connections for the Fly API calls other than server-side waits (those get one per
+    # concurrent activity). Measured with 200 deploys at once (BENCHMARKS.md).
+    fly_api_max_connections: int = Field(default=20, ge=1)
 
     # flyctl, for builds and the `flyctl` strategy: a name looked up on PATH, or a path.
     flyctl_path: str = "flyctl"

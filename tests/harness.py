@@ -44,9 +44,8 @@ def fast_timings(**overrides: timedelta) -> DeployTimings:
         "app_visible_timeout": timedelta(seconds=3),
         "app_visible_poll": timedelta(milliseconds=20),
         "lease_ttl": timedelta(seconds=3),
+        "heartbeat_timeout": timedelta(seconds=2),
     }
-    if "heartbeat_timeout" in DeployTimings.model_fields:
-        values["heartbeat_timeout"] = timedelta(seconds=2)
     values.update(overrides)
     return DeployTimings.model_validate(values)
 

@@ -13,23 +13,21 @@ import asyncpg
 import httpx
 import pytest
 from conftest import readable_history
+from harness import fast_timings
 from temporalio.client import Client
 
 from turbodeploy.client import DeployFailed, start_deploy
-from turbodeploy.models import DeployRequest, DeployStatus, DeployTimings
+from turbodeploy.models import DeployRequest, DeployStatus
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 
-FAST = DeployTimings(
+FAST = fast_timings(
     health_deadline=timedelta(seconds=3),
-    health_poll_initial=timedelta(milliseconds=20),
-    health_poll_max=timedelta(milliseconds=100),
     health_request_timeout=timedelta(seconds=2),
     machine_wait_timeout=timedelta(seconds=3),
-    machine_poll_interval=timedelta(milliseconds=20),
     app_visible_timeout=timedelta(seconds=2),
-    app_visible_poll=timedelta(milliseconds=20),
     lease_ttl=timedelta(seconds=30),
+    heartbeat_timeout=timedelta(seconds=10),
 )
 IMAGE = "registry.fly.io/turbobackend-test:deployment-1"
 

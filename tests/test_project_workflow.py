@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from harness import fast_timings
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
 
@@ -26,19 +27,15 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.models import DeployRequest, DeployStatus, DeployStep, DeployTimings
+from turbodeploy.models import DeployRequest, DeployStatus, DeployStep
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 
-FAST = DeployTimings(
+FAST = fast_timings(
     health_deadline=timedelta(seconds=2),
-    health_poll_initial=timedelta(milliseconds=20),
-    health_poll_max=timedelta(milliseconds=100),
-    health_request_timeout=timedelta(seconds=1),
     machine_wait_timeout=timedelta(seconds=3),
-    machine_poll_interval=timedelta(milliseconds=20),
     app_visible_timeout=timedelta(seconds=2),
-    app_visible_poll=timedelta(milliseconds=20),
+    lease_ttl=timedelta(seconds=60),
     heartbeat_timeout=timedelta(seconds=5),
 )
 V1 = "registry.fly.io/turbobackend-test:deployment-v1"

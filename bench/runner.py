@@ -330,6 +330,8 @@ class Benchmark:
                 f"({many} - {refreshes[m]} - ({one} - {refreshes[1]})) / {m - 1} machines",
                 unit="",
             )
+            if strategy is not Strategy.ROLLING:
+                continue  # flyctl holds an immediate deploy's leases only for the update
             wall = walls[(strategy, m)]
             self.report.info(
                 f"lease refreshes, {strategy} redeploy of {m} machines",

@@ -31,7 +31,6 @@ MEASURES = [
     "lease refreshes, rolling redeploy of 2 machines",
     "Fly API requests per immediate redeploy (1 machine)",
     "Fly API requests per machine, immediate",
-    "lease refreshes, immediate redeploy of 2 machines",
     "worker peak RSS, 3 deploys in flight (MB)",
     "worker CPU per deploy, 3 in flight",
     "two workers on one task queue",

@@ -783,13 +783,16 @@ async def test_git_runs_once_when_up_to_date_and_twice_when_pushing(
 
 
 def _git_children() -> list[str]:
-    """Processes whose parent is this one, other than zombies: "pid command"."""
+    """This process's git children, other than zombies: "pid (command)". Other children
+    (the test session's Temporal server, say) are not counted."""
     found = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                found.append(f"{stat_file.parent.name} {stat_file.read_text().split()[1]}")
+            stat = stat_file.read_text()
+            command = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z" and command.startswith("git"):
+                found.append(f"{stat_file.parent.name} ({command})")
     return found
 
 

@@ -858,3 +858,36 @@ async def test_a_sha256_repository_is_refused(
     assert caught.value.type == "GitError" and caught.value.non_retryable is True
     assert "SHA-1" in caught.value.message
     assert list(work_dir.iterdir()) == []
+
+
+async def test_cancelled_push_to_a_local_repository_leaves_no_lock_behind(
+    remote: Remote, activities: FlyConfigActivities, tmp_path: Path
+) -> None:
+    """The remote's receive-pack runs in our git's process group when the repository is on
+    this machine. Cancelled while it holds the branch's lock, it must get the chance to
+    remove the lock, or every later push to the branch fails."""
+    holding = tmp_path / "holding-the-lock"
+    hook = remote.bare / "hooks" / "reference-transaction"
+    hook.parent.mkdir(exist_ok=True)
+    # Runs with every ref of the push locked ("prepared"); stays there until killed.
+    hook.write_text(
+        f'#!/bin/sh\nif [ "$1" = prepared ]; then touch "{holding}"; exec sleep 60; fi\n'
+    )
+    hook.chmod(0o755)
+    env = ActivityEnvironment()
+    task = asyncio.ensure_future(env.run(activities.prepare_fly_config, config_input(remote)))
+    for _ in range(250):
+        if holding.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert holding.exists(), "the push never reached the locked state"
+    assert (remote.bare / "refs" / "heads" / "main.lock").exists()
+
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+
+    assert not (remote.bare / "refs" / "heads" / "main.lock").exists()
+    hook.unlink()
+    result = await ActivityEnvironment().run(activities.prepare_fly_config, config_input(remote))
+    assert result.committed and remote.tip() == result.commit_sha

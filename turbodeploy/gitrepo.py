@@ -45,6 +45,8 @@ from dulwich.repo import Repo
 DEFAULT_TIMEOUT: Final = 300.0
 PUSH_ATTEMPTS: Final = 3
 _STDERR_LIMIT: Final = 1500
+# How long git gets to clean up after SIGTERM before SIGKILL.
+_TERM_GRACE_SECONDS: Final = 2.0
 
 
 class GitError(Exception):
@@ -209,13 +211,27 @@ async def _kill_once_spawned(spawn: asyncio.Future[asyncio.subprocess.Process]) 
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
     # Shielded so a second cancellation cannot leave a zombie behind.
-    await asyncio.shield(proc.wait())
+    await asyncio.shield(_terminate(proc))
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """Stop git and everything it started, gently first: on SIGTERM git removes the lock
+    files it holds. Killed outright, a push to a repository on this machine (the remote's
+    receive-pack runs in git's process group) leaves the branch's lock behind, and every
+    later push to it fails until someone deletes the lock."""
+    if proc.returncode is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), _TERM_GRACE_SECONDS)
+        except TimeoutError:
+            _signal_group(proc, signal.SIGKILL)
+    await proc.wait()
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 async def _git(

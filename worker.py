@@ -86,6 +86,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             workflows=[DeployProjectWorkflow, NotifyWorkflow],
             activities=[
                 records.record_started,
+                records.record_queued,
                 records.record_result,
                 records.record_release,
                 records.load_release,

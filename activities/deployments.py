@@ -71,6 +71,26 @@ class DeploymentActivities:
             checks_hint=CheckWindow.typical(last.machines) if last else None,
         )
 
+    @activity.defn(name="record_deploy_queued")
+    async def record_queued(self, input: RecordStartInput) -> None:
+        """A row for a request waiting behind a running deploy, so the platform finds it."""
+        with _classified_errors():
+            row = await self._store.record_queued(
+                deployment_id=input.deployment_id,
+                project_id=input.project_id,
+                app_name=input.app_name,
+                url=self._settings.app_url(input.app_name),
+                workflow_id=input.workflow_id,
+                run_id=input.run_id,
+                repo_url=input.repo_url,
+                branch=input.branch,
+                image=input.image,
+            )
+        if row.status is not DeployStatus.QUEUED:
+            activity.logger.info(
+                "deployment %s is already %s; not marked queued", row.deployment_id, row.status
+            )
+
     @activity.defn(name="record_deploy_result")
     async def record_result(self, input: RecordResultInput) -> None:
         with _classified_errors():

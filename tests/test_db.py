@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -226,6 +227,43 @@ async def test_record_started_twice_keeps_one_row(
     assert first.platform == "flyio"
     assert first.deployed_at > 1_600_000_000  # epoch seconds, not milliseconds
     assert first.deployed_at < 10_000_000_000
+
+
+async def test_a_queued_row_becomes_deploying_and_never_goes_back(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    def fields(deployment_id: str) -> dict[str, Any]:
+        return {
+            "deployment_id": deployment_id,
+            "project_id": project_id,
+            "app_name": f"turbobackend-{project_id}",
+            "url": f"https://turbobackend-{project_id}.fly.dev",
+            "workflow_id": f"deploy-{project_id}",
+            "run_id": "r1",
+            "image": "registry.fly.io/app:1",
+        }
+
+    waiting = _deployment_id()
+    queued = await store.record_queued(**fields(waiting))
+    assert queued.status is DeployStatus.QUEUED and queued.finished_at is None
+    assert (await store.record_queued(**fields(waiting))).status is DeployStatus.QUEUED
+
+    started = await _start(store, project_id, waiting)
+    assert started.status is DeployStatus.DEPLOYING
+    assert started.image == "registry.fly.io/app:1"  # kept from the queued row
+    # A queued record that arrives late (its activity was retried) changes nothing.
+    assert (await store.record_queued(**fields(waiting))).status is DeployStatus.DEPLOYING
+    await store.record_result(waiting, DeployStatus.SUPERSEDED, None, None, [], "newer one")
+    late = await store.record_queued(**fields(waiting))
+    assert late.status is DeployStatus.SUPERSEDED and late.finished_at is not None
+
+    other = _deployment_id()
+    await _start(store, project_id, other)
+    assert (await store.record_queued(**fields(other))).status is DeployStatus.DEPLOYING
+    count = await pool.fetchval(f'SELECT count(*) FROM "{schema}".project_deployments')
+    assert count == 2
+    with pytest.raises(DeploymentConflict):
+        await store.record_queued(**{**fields(other), "project_id": "someone-else"})
 
 
 async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(

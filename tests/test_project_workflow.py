@@ -254,7 +254,7 @@ async def test_concurrent_requests_queue_and_only_the_newest_runs(
     make_request: Callable[..., DeployRequest],
     flysim: Any,
 ) -> None:
-    flysim.config.timing.start_delay = 0.3
+    flysim.config.timing.start_delay = 1.0  # the first deploy runs while the rest queue
     conflicts_before = flysim.stats.lease_conflicts
     requests = [make_request(image=f"{V1}-{i}") for i in range(10)]
     first = await start_deploy(temporal_client, requests[0], task_queue=settings.task_queue)
@@ -262,6 +262,22 @@ async def test_concurrent_requests_queue_and_only_the_newest_runs(
     handles = [first]
     for request in requests[1:]:  # in order, so "newest" is well defined
         handles.append(await start_deploy(temporal_client, request, task_queue=settings.task_queue))
+    # While the first one runs, the platform finds every waiting request as `queued`.
+    waiting = {r.deployment_id for r in requests[1:]}
+    seen: dict[str, str] = {}
+    for _ in range(200):
+        seen = {
+            d: r["status"]
+            for d, r in (await rows(settings, requests[0].project_id)).items()
+            if d in waiting
+        }
+        if len(seen) == len(waiting):
+            break
+        await asyncio.sleep(0.02)
+    assert seen == dict.fromkeys(waiting, "queued")
+    assert (await progress(temporal_client, requests[0].project_id)).deployment_id == (
+        requests[0].deployment_id
+    )
     outcomes: list[Any] = []
     for handle in handles:
         try:

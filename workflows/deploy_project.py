@@ -145,12 +145,14 @@ class DeployProjectWorkflow:
                         "cancelled with the deploy ahead of it",
                     )
                 break
+            # Callers waiting on `wait_outcome` get their answers, and a request that arrived
+            # meanwhile is queued (and recorded), before the run decides it is done.
+            await workflow.wait_condition(workflow.all_handlers_finished)
             if not self._queue:
                 break
             current = await self._take_newest()
             if workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(current)
-        # Let callers waiting on `wait_outcome` receive their answers before the run closes.
         await workflow.wait_condition(workflow.all_handlers_finished)
         if result.status is DeployStatus.CANCELLED:
             raise asyncio.CancelledError(result.error or "cancelled")
@@ -167,11 +169,16 @@ class DeployProjectWorkflow:
         return result
 
     @workflow.signal(name="submit")
-    def submit(self, request: ProjectRequest) -> None:
+    async def submit(self, request: ProjectRequest) -> None:
         """Queue a deploy or rollback (sent by the client via signal-with-start)."""
-        if request.deployment_id not in self._pending | set(self._outcomes):
-            self._queue.append(request)
-            self._pending.add(request.deployment_id)
+        if request.deployment_id in self._pending | set(self._outcomes):
+            return
+        self._queue.append(request)
+        self._pending.add(request.deployment_id)
+        # Behind a running deploy it may wait a while: the platform finds its row meanwhile.
+        # (The first request arrives before anything runs; its row is written as it starts.)
+        if self._current is not None and workflow.patched("record-queued"):
+            await self._record_queued(request)
 
     @workflow.query(name="progress")
     def progress(self) -> DeployProgress:
@@ -602,25 +609,26 @@ class DeployProjectWorkflow:
     async def _record_start(
         self, request: ProjectRequest, step: DeployStep, *, mark_step: bool
     ) -> RecordStartResult:
-        info = workflow.info()
-        deploy = request if isinstance(request, DeployRequest) else None
         return await self._step_run(
             step,
             "record_deploy_started",
-            RecordStartInput(
-                deployment_id=request.deployment_id,
-                project_id=request.project_id,
-                app_name=request.app_name,
-                workflow_id=info.workflow_id,
-                run_id=info.run_id,
-                repo_url=deploy.repo_url if deploy else None,
-                branch=deploy.branch if deploy else None,
-                image=deploy.image if deploy else None,
-            ),
+            _record_input(request),
             RecordStartResult,
             policies.RECORD,
             f"Record deployment {request.deployment_id} of {request.project_id} as deploying",
             mark_step=mark_step,
+            shielded=True,
+        )
+
+    async def _record_queued(self, request: ProjectRequest) -> None:
+        await self._step_run(
+            self._step,
+            "record_deploy_queued",
+            _record_input(request),
+            None,
+            policies.RECORD,
+            f"Record deployment {request.deployment_id} of {request.project_id} as queued",
+            mark_step=False,
             shielded=True,
         )
 
@@ -777,6 +785,21 @@ class NotifyWorkflow:
             f"to {input.callback_url}"[:390],
         )
         return result
+
+
+def _record_input(request: ProjectRequest) -> RecordStartInput:
+    info = workflow.info()
+    deploy = request if isinstance(request, DeployRequest) else None
+    return RecordStartInput(
+        deployment_id=request.deployment_id,
+        project_id=request.project_id,
+        app_name=request.app_name,
+        workflow_id=info.workflow_id,
+        run_id=info.run_id,
+        repo_url=deploy.repo_url if deploy else None,
+        branch=deploy.branch if deploy else None,
+        image=deploy.image if deploy else None,
+    )
 
 
 def _is_failure(err: BaseException) -> bool:

@@ -39,17 +39,30 @@ _TEMPLATES = {
     "insert_migration": (
         "INSERT INTO {schema}.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
     ),
-    # A repeat while still deploying points the row at the current run; a finished row is
-    # left alone (the WHERE makes the conflict a no-op, so RETURNING yields nothing).
+    # A queued row starts deploying (deployed_at becomes the start); a repeat while still
+    # deploying points the row at the current run; a finished row is left alone (the WHERE
+    # makes the conflict a no-op, so RETURNING yields nothing).
     "record_started": (
         "INSERT INTO {schema}.project_deployments AS d (deployment_id, project_id, platform,"
         " app_name, url, status, deployed_at, last_updated, workflow_id, run_id, repo_url,"
         " branch, image)"
         " VALUES ($1, $2, $3, $4, $5, 'deploying', {now}, {now}, $6, $7, $8, $9, $10)"
-        " ON CONFLICT (deployment_id) DO UPDATE SET"
+        " ON CONFLICT (deployment_id) DO UPDATE SET status = 'deploying',"
+        " deployed_at = CASE WHEN d.status = 'queued' THEN EXCLUDED.deployed_at"
+        " ELSE d.deployed_at END,"
         " workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id,"
         " image = COALESCE(EXCLUDED.image, d.image), last_updated = EXCLUDED.last_updated"
-        " WHERE d.status = 'deploying' AND d.project_id = EXCLUDED.project_id"
+        " WHERE d.status IN {open} AND d.project_id = EXCLUDED.project_id"
+        " RETURNING {columns}"
+    ),
+    # A request waiting behind a running deploy. Never changes an existing row: the queued
+    # record may arrive after the deploy started (its activity retried), or after it ended.
+    "record_queued": (
+        "INSERT INTO {schema}.project_deployments (deployment_id, project_id, platform,"
+        " app_name, url, status, deployed_at, last_updated, workflow_id, run_id, repo_url,"
+        " branch, image)"
+        " VALUES ($1, $2, $3, $4, $5, 'queued', {now}, {now}, $6, $7, $8, $9, $10)"
+        " ON CONFLICT (deployment_id) DO NOTHING"
         " RETURNING {columns}"
     ),
     "record_result": (
@@ -121,6 +134,7 @@ class Queries:
     set_search_path: str
     insert_migration: str
     record_started: str
+    record_queued: str
     record_result: str
     get: str
     history: str

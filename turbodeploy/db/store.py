@@ -183,13 +183,67 @@ class DeploymentStore:
         branch: str | None = None,
         image: str | None = None,
     ) -> DeploymentRow:
-        """Insert the row as `deploying`, or return the existing one.
+        """Insert the row as `deploying` (or move a `queued` one there), or return it.
 
         A repeat while still deploying points the row at the current run; a repeat after the
         deployment finished changes nothing, so a late retry cannot undo a result.
         """
-        row = await self._fetchrow(
+        return await self._insert(
             self._sql.record_started,
+            deployment_id=deployment_id,
+            project_id=project_id,
+            app_name=app_name,
+            url=url,
+            workflow_id=workflow_id,
+            run_id=run_id,
+            repo_url=repo_url,
+            branch=branch,
+            image=image,
+        )
+
+    async def record_queued(
+        self,
+        *,
+        deployment_id: str,
+        project_id: str,
+        app_name: str,
+        url: str,
+        workflow_id: str | None = None,
+        run_id: str | None = None,
+        repo_url: str | None = None,
+        branch: str | None = None,
+        image: str | None = None,
+    ) -> DeploymentRow:
+        """Insert the row as `queued`, or return the existing one unchanged."""
+        return await self._insert(
+            self._sql.record_queued,
+            deployment_id=deployment_id,
+            project_id=project_id,
+            app_name=app_name,
+            url=url,
+            workflow_id=workflow_id,
+            run_id=run_id,
+            repo_url=repo_url,
+            branch=branch,
+            image=image,
+        )
+
+    async def _insert(
+        self,
+        sql: str,
+        *,
+        deployment_id: str,
+        project_id: str,
+        app_name: str,
+        url: str,
+        workflow_id: str | None,
+        run_id: str | None,
+        repo_url: str | None,
+        branch: str | None,
+        image: str | None,
+    ) -> DeploymentRow:
+        row = await self._fetchrow(
+            sql,
             deployment_id,
             project_id,
             PLATFORM,

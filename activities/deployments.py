@@ -19,6 +19,7 @@ from turbodeploy.db import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
+    NewDeployment,
 )
 from turbodeploy.models import (
     CheckWindow,
@@ -44,20 +45,23 @@ class DeploymentActivities:
         self._store = store
         self._settings = settings
 
+    def _new_row(self, input: RecordStartInput) -> NewDeployment:
+        return NewDeployment(
+            deployment_id=input.deployment_id,
+            project_id=input.project_id,
+            app_name=input.app_name,
+            url=self._settings.app_url(input.app_name),
+            workflow_id=input.workflow_id,
+            run_id=input.run_id,
+            repo_url=input.repo_url,
+            branch=input.branch,
+            image=input.image,
+        )
+
     @activity.defn(name="record_deploy_started")
     async def record_started(self, input: RecordStartInput) -> RecordStartResult:
         with _classified_errors():
-            row = await self._store.record_started(
-                deployment_id=input.deployment_id,
-                project_id=input.project_id,
-                app_name=input.app_name,
-                url=self._settings.app_url(input.app_name),
-                workflow_id=input.workflow_id,
-                run_id=input.run_id,
-                repo_url=input.repo_url,
-                branch=input.branch,
-                image=input.image,
-            )
+            row = await self._store.record_started(**self._new_row(input))
             last = await self._store.last_good_release(input.project_id)
         if row.status is not DeployStatus.DEPLOYING:
             activity.logger.warning(
@@ -75,17 +79,7 @@ class DeploymentActivities:
     async def record_queued(self, input: RecordStartInput) -> None:
         """A row for a request waiting behind a running deploy, so the platform finds it."""
         with _classified_errors():
-            row = await self._store.record_queued(
-                deployment_id=input.deployment_id,
-                project_id=input.project_id,
-                app_name=input.app_name,
-                url=self._settings.app_url(input.app_name),
-                workflow_id=input.workflow_id,
-                run_id=input.run_id,
-                repo_url=input.repo_url,
-                branch=input.branch,
-                image=input.image,
-            )
+            row = await self._store.record_queued(**self._new_row(input))
         if row.status is not DeployStatus.QUEUED:
             activity.logger.info(
                 "deployment %s is already %s; not marked queued", row.deployment_id, row.status

@@ -7,6 +7,7 @@ from turbodeploy.db.store import (
     DeploymentNotFound,
     DeploymentRecordError,
     DeploymentStore,
+    NewDeployment,
     create_pool,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "DeploymentNotFound",
     "DeploymentRecordError",
     "DeploymentStore",
+    "NewDeployment",
     "create_pool",
 ]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import asyncpg
 
@@ -112,6 +112,20 @@ def clean_error(error: str | None) -> str | None:
     return text
 
 
+class NewDeployment(TypedDict):
+    """A deployment's row as it is first written (queued or deploying)."""
+
+    deployment_id: str
+    project_id: str
+    app_name: str
+    url: str
+    workflow_id: NotRequired[str | None]
+    run_id: NotRequired[str | None]
+    repo_url: NotRequired[str | None]
+    branch: NotRequired[str | None]
+    image: NotRequired[str | None]
+
+
 class DeploymentStore:
     def __init__(
         self, pool: asyncpg.Pool[Any], schema: str, *, acquire_timeout: float = 10.0
@@ -170,93 +184,35 @@ class DeploymentStore:
             log.info("schema %s: applied migrations %s", self._schema, ", ".join(applied_now))
         return applied_now
 
-    async def record_started(
-        self,
-        *,
-        deployment_id: str,
-        project_id: str,
-        app_name: str,
-        url: str,
-        workflow_id: str | None = None,
-        run_id: str | None = None,
-        repo_url: str | None = None,
-        branch: str | None = None,
-        image: str | None = None,
-    ) -> DeploymentRow:
+    async def record_started(self, **row: Unpack[NewDeployment]) -> DeploymentRow:
         """Insert the row as `deploying` (or move a `queued` one there), or return it.
 
         A repeat while still deploying points the row at the current run; a repeat after the
         deployment finished changes nothing, so a late retry cannot undo a result.
         """
-        return await self._insert(
-            self._sql.record_started,
-            deployment_id=deployment_id,
-            project_id=project_id,
-            app_name=app_name,
-            url=url,
-            workflow_id=workflow_id,
-            run_id=run_id,
-            repo_url=repo_url,
-            branch=branch,
-            image=image,
-        )
+        return await self._insert(self._sql.record_started, row)
 
-    async def record_queued(
-        self,
-        *,
-        deployment_id: str,
-        project_id: str,
-        app_name: str,
-        url: str,
-        workflow_id: str | None = None,
-        run_id: str | None = None,
-        repo_url: str | None = None,
-        branch: str | None = None,
-        image: str | None = None,
-    ) -> DeploymentRow:
+    async def record_queued(self, **row: Unpack[NewDeployment]) -> DeploymentRow:
         """Insert the row as `queued`, or return the existing one unchanged."""
-        return await self._insert(
-            self._sql.record_queued,
-            deployment_id=deployment_id,
-            project_id=project_id,
-            app_name=app_name,
-            url=url,
-            workflow_id=workflow_id,
-            run_id=run_id,
-            repo_url=repo_url,
-            branch=branch,
-            image=image,
-        )
+        return await self._insert(self._sql.record_queued, row)
 
-    async def _insert(
-        self,
-        sql: str,
-        *,
-        deployment_id: str,
-        project_id: str,
-        app_name: str,
-        url: str,
-        workflow_id: str | None,
-        run_id: str | None,
-        repo_url: str | None,
-        branch: str | None,
-        image: str | None,
-    ) -> DeploymentRow:
-        row = await self._fetchrow(
+    async def _insert(self, sql: str, row: NewDeployment) -> DeploymentRow:
+        deployment_id, project_id = row["deployment_id"], row["project_id"]
+        inserted = await self._fetchrow(
             sql,
             deployment_id,
             project_id,
             PLATFORM,
-            app_name,
-            url,
-            workflow_id,
-            run_id,
-            repo_url,
-            branch,
-            image,
+            row["app_name"],
+            row["url"],
+            row.get("workflow_id"),
+            row.get("run_id"),
+            row.get("repo_url"),
+            row.get("branch"),
+            row.get("image"),
         )
-        if row is not None:
-            return row
+        if inserted is not None:
+            return inserted
         existing = await self.get(deployment_id)
         if existing is None:  # deleted between the two statements
             raise DeploymentNotFound(f"deployment {deployment_id} vanished while recording it")

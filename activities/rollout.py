@@ -150,10 +150,15 @@ class MachineSession:
         )
 
     async def find(self, matches: Callable[[Machine], bool]) -> list[Machine]:
-        with contextlib.suppress(FlyError):
+        return await self._lookup(matches) or []
+
+    async def _lookup(self, matches: Callable[[Machine], bool]) -> list[Machine] | None:
+        """The group's machines that `matches`; None when they could not be listed."""
+        try:
             listed = await self.fly.list_machines(self.app)
-            return [m for m in listed if matches(m) and in_group(m)]
-        return []
+        except FlyError:
+            return None
+        return [m for m in listed if matches(m) and in_group(m)]
 
     # -------------------------------------------------------------------------- leases
 
@@ -255,25 +260,43 @@ class MachineSession:
         create made anyway (found by `matches` on its metadata)."""
         self.set_progress(label, "creating machine")
         action = f"Create {label} in Fly app {self.app}"
-        try:
-            machine = await self.fly.create_machine(
-                self.app,
-                config,
-                region,
-                lease_ttl=self.ttl,
-                skip_launch=skip_launch,
-                skip_service_registration=skip_service_registration,
-            )
-        except (FlyRetryableError, FlyTransportError) as exc:
-            found = await self.find(matches)
-            if not found:
+        attempt = 1
+        while True:
+            try:
+                machine = await self.fly.create_machine(
+                    self.app,
+                    config,
+                    region,
+                    lease_ttl=self.ttl,
+                    skip_launch=skip_launch,
+                    skip_service_registration=skip_service_registration,
+                )
+                break
+            except (FlyRetryableError, FlyTransportError) as exc:
+                found = await self._lookup(matches)
+                if found:
+                    activity.logger.info(
+                        "Machine %s of Fly app %s was created despite: %s",
+                        found[0].id,
+                        self.app,
+                        exc,
+                    )
+                    return found[0]
+                # Created again only when a listing shows the first try made nothing (a
+                # failed listing proves nothing), as the Fly client retries its other calls.
+                conflict = isinstance(exc, FlyRetryableError) and exc.status_code == 409
+                delay = (
+                    self.fly.retry.delay(attempt, getattr(exc, "retry_after", None))
+                    if self.fly.retry is not None and found is not None and not conflict
+                    else None
+                )
+                if delay is None:
+                    raise to_application_error(exc, action=action) from None
+                activity.logger.info("%s: %s; none was made, again in %.2fs", action, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+            except FlyError as exc:
                 raise to_application_error(exc, action=action) from None
-            activity.logger.info(
-                "Machine %s of Fly app %s was created despite: %s", found[0].id, self.app, exc
-            )
-            return found[0]
-        except FlyError as exc:
-            raise to_application_error(exc, action=action) from None
         if machine.nonce:
             self.leases[machine.id] = machine.nonce
         activity.logger.info(

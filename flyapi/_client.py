@@ -110,6 +110,12 @@ class FlyClient:
         return f"FlyClient(base_url={self._base_url!r})"
 
     @property
+    def retry(self) -> RequestRetry | None:
+        """How this client retries idempotent requests; callers that make a request
+        idempotent themselves (a create looked up by its marker) may follow it too."""
+        return self._retry
+
+    @property
     def base_url(self) -> str:
         return self._base_url
 

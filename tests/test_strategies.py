@@ -30,7 +30,7 @@ from activities.rollout import (
     CheckPace,
     RolloutActivities,
 )
-from flyapi import FlyClient, Machine
+from flyapi import FlyClient, Machine, RequestRetry
 from turbodeploy.models import (
     CheckWindow,
     DeployTimings,
@@ -950,3 +950,42 @@ def test_typical_window_is_the_median_machine() -> None:
     assert CheckWindow.typical([outcome(None)]) is None
     window = CheckWindow.typical([outcome(9.0), outcome(None), outcome(1.0), outcome(3.0)])
     assert window is not None and window.passing_at == 3.0
+
+
+async def test_a_create_refused_with_429_or_5xx_is_made_again_in_the_same_attempt(
+    env: ActivityEnvironment,
+    fly: FlyClient,
+    settings: Settings,
+    credentials: Any,
+    flysim: Any,
+    calm_emulator: Any,
+    app: str,
+    image: str,
+) -> None:
+    """Half the requests are refused (429, Retry-After 0). A create is not idempotent, so
+    the client leaves it to the rollout, which lists the app and, when the refused create
+    made nothing, creates again, instead of failing the whole attempt."""
+    faults = flysim.config.faults
+    faults.seed, faults.rate_limit_rate, faults.retry_after = 7, 0.5, 0
+    retrying = FlyClient(
+        settings.fly_api_base_url,
+        credentials.fly_token,
+        retry=RequestRetry(attempts=12, initial_delay=0.01, max_delay=0.05),
+    )
+    before = flysim.stats.faults_injected.get("rate_limit", 0)
+    since = time.time()
+    async with retrying:
+        result = await env.run(
+            RolloutActivities(retrying, settings).roll_out,
+            _input(app, f"{image}:v1", "d-1", machine_count=3),
+        )
+    faults.rate_limit_rate = 0
+    created = [
+        s for at, m, path, s in list(flysim.request_log)
+        if at >= since and m == "POST" and path == f"/v1/apps/{app}/machines"
+    ]  # fmt: skip
+    assert 429 in created, "no create was refused: the seed no longer exercises the retry"
+    assert flysim.stats.faults_injected["rate_limit"] > before
+    assert created.count(200) == 3
+    assert len(result.machines) == 3
+    assert len(await _machines(fly, app)) == 3

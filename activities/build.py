@@ -57,6 +57,7 @@ from turbodeploy.models import (
     FlyctlDeployResult,
     validate_image,
 )
+from turbodeploy.processes import StopPolicy, start_in_group, stop_group
 from turbodeploy.settings import Settings
 
 FLYCTL_FAILED: Final = "FlyctlFailed"
@@ -155,7 +156,8 @@ class BuildActivities:
         self._settings = settings
         self._flyctl: str = flyctl or getattr(settings, "flyctl_path", None) or DEFAULT_FLYCTL
         self._fly = fly
-        self._grace = kill_grace_seconds
+        # Interrupted like Ctrl-C, flyctl releases its leases; then its whole group goes.
+        self._stop = StopPolicy(signal.SIGINT, grace=kill_grace_seconds)
 
     @activity.defn(name="build_image")
     async def build_image(self, input: BuildInput) -> BuildResult:
@@ -249,25 +251,14 @@ class BuildActivities:
                 type=FLYCTL_MISSING,
                 non_retryable=True,
             )
-        spawn = asyncio.ensure_future(
-            asyncio.create_subprocess_exec(
-                executable,
-                *args,
+        try:
+            proc = await start_in_group(
+                [executable, *args],
+                stop=self._stop,
                 cwd=cwd,
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                # Its own process group: flyctl's children die with it.
-                start_new_session=True,
             )
-        )
-        try:
-            # Shielded: cancelled half-way, asyncio would kill flyctl but not its children.
-            proc = await asyncio.shield(spawn)
-        except asyncio.CancelledError:
-            await asyncio.shield(_stop_once_spawned(spawn, self._grace))
-            raise
         except OSError as exc:
             raise ApplicationError(
                 f"flyctl at {executable} cannot be started ({exc.strerror}): {_INSTALL_HINT}",
@@ -284,7 +275,7 @@ class BuildActivities:
             if not done:
                 reader.cancel()
         except BaseException:
-            await asyncio.shield(_stop(proc, self._grace))
+            await stop_group(proc, self._stop)
             raise
         finally:
             if not reader.done():
@@ -442,29 +433,6 @@ async def _heartbeat_forever(output: _Output) -> None:
     while True:
         await asyncio.sleep(max(every, 0.05))
         activity.heartbeat(output.progress())
-
-
-async def _stop_once_spawned(
-    spawn: asyncio.Future[asyncio.subprocess.Process], grace: float
-) -> None:
-    try:
-        proc = await spawn
-    except Exception:
-        return  # it never started
-    await _stop(proc, grace)
-
-
-async def _stop(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """Interrupt flyctl like Ctrl-C (it releases its leases), then kill its whole group."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), grace)
-    # Also when flyctl itself is gone: whatever it started in its group goes with it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
 
 
 # --------------------------------------------------------------------------- failures

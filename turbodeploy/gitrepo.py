@@ -42,11 +42,15 @@ from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.refs import HEADREF, Ref
 from dulwich.repo import Repo
 
+from turbodeploy.processes import StopPolicy, start_in_group, stop_group
+
 DEFAULT_TIMEOUT: Final = 300.0
 PUSH_ATTEMPTS: Final = 3
 _STDERR_LIMIT: Final = 1500
-# How long git gets to clean up after SIGTERM before SIGKILL.
-_TERM_GRACE_SECONDS: Final = 2.0
+# SIGTERM first: git removes the lock files it holds. Killed outright, a push to a
+# repository on this machine (the remote's receive-pack runs in git's process group) left
+# the branch's lock behind, and every later push to it failed until someone deleted it.
+_STOP: Final = StopPolicy(signal.SIGTERM, grace=2.0)
 
 
 class GitError(Exception):
@@ -166,72 +170,24 @@ async def _run(
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
 ) -> _Result:
-    spawn = asyncio.ensure_future(
-        asyncio.create_subprocess_exec(
-            "git",
-            *_SAFE_CONFIG,
-            *args,
-            cwd=cwd,
-            env=_git_env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own process group, so ssh and remote helpers die with it.
-            start_new_session=True,
-        )
-    )
     try:
-        # Shielded: cancelled half-way, asyncio would kill git but not its children.
-        proc = await asyncio.shield(spawn)
-    except asyncio.CancelledError:
-        await asyncio.shield(_kill_once_spawned(spawn))
-        raise
+        proc = await start_in_group(
+            ["git", *_SAFE_CONFIG, *args], stop=_STOP, cwd=cwd, env=_git_env()
+        )
     except FileNotFoundError:
         raise GitError("git is not installed on this worker", retryable=False) from None
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), limit_seconds)
     except TimeoutError:
-        await _kill(proc)
+        await stop_group(proc, _STOP)
         raise GitError(f"{action} timed out after {limit_seconds:.0f}s", retryable=True) from None
     except BaseException:
-        await _kill(proc)
+        await stop_group(proc, _STOP)
         raise
     assert proc.returncode is not None
     return _Result(
         proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
     )
-
-
-async def _kill_once_spawned(spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
-    try:
-        proc = await spawn
-    except Exception:
-        return  # it never started
-    await _kill(proc)
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    # Shielded so a second cancellation cannot leave a zombie behind.
-    await asyncio.shield(_terminate(proc))
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    """Stop git and everything it started, gently first: on SIGTERM git removes the lock
-    files it holds. Killed outright, a push to a repository on this machine (the remote's
-    receive-pack runs in git's process group) leaves the branch's lock behind, and every
-    later push to it fails until someone deletes the lock."""
-    if proc.returncode is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), _TERM_GRACE_SECONDS)
-        except TimeoutError:
-            _signal_group(proc, signal.SIGKILL)
-    await proc.wait()
-
-
-def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
 
 
 async def _git(

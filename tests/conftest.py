@@ -13,16 +13,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from flyapi import FlyClient
 from turbodeploy import embedded
+from turbodeploy.db import DeploymentStore, create_pool
 from turbodeploy.settings import Settings
 from worker import create_worker
 
@@ -185,6 +188,50 @@ async def fly(settings: Settings, credentials: CredentialStore) -> AsyncIterator
     code only. No request retries, so a test sees each provider error as it comes."""
     async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as client:
         yield client
+
+
+@pytest.fixture
+def heartbeats() -> list[tuple[Any, ...]]:
+    """What an activity run through `env` heartbeats, in order."""
+    return []
+
+
+@pytest.fixture
+def env(heartbeats: list[tuple[Any, ...]]) -> ActivityEnvironment:
+    """Runs activities as the worker would, recording their heartbeats."""
+    environment = ActivityEnvironment()
+    environment.on_heartbeat = lambda *details: heartbeats.append(details)
+    return environment
+
+
+@pytest.fixture
+def rollout(fly: FlyClient, settings: Settings) -> RolloutActivities:
+    return RolloutActivities(fly, settings)
+
+
+# -------------------------------------------------------------------- deployment records
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pool(postgres_url: str) -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
+    pool = await create_pool(postgres_url, 1, 5)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture
+async def schema(pool: asyncpg.Pool[asyncpg.Record]) -> AsyncIterator[str]:
+    """A fresh schema of the test's own, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    await pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest_asyncio.fixture
+async def store(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> DeploymentStore:
+    store = DeploymentStore(pool, schema)
+    await store.migrate()
+    return store
 
 
 @pytest.fixture

@@ -30,27 +30,6 @@ from turbodeploy.settings import Settings
 MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]
 
 
-@pytest_asyncio.fixture(scope="module")
-async def pool(postgres_url: str) -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
-    pool = await create_pool(postgres_url, 1, 5)
-    yield pool
-    await pool.close()
-
-
-@pytest_asyncio.fixture
-async def schema(pool: asyncpg.Pool[asyncpg.Record]) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    await pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-@pytest_asyncio.fixture
-async def store(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> DeploymentStore:
-    store = DeploymentStore(pool, schema)
-    await store.migrate()
-    return store
-
-
 @pytest_asyncio.fixture
 async def dead_pool() -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
     """A pool aimed at a port where nothing listens; it connects only when used."""

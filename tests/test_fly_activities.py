@@ -53,23 +53,6 @@ def image() -> str:
 
 
 @pytest.fixture
-def heartbeats() -> list[tuple[Any, ...]]:
-    return []
-
-
-@pytest.fixture
-def env(heartbeats: list[tuple[Any, ...]]) -> ActivityEnvironment:
-    environment = ActivityEnvironment()
-    environment.on_heartbeat = lambda *details: heartbeats.append(details)
-    return environment
-
-
-@pytest.fixture
-def rollout(fly: FlyClient, settings: Settings) -> RolloutActivities:
-    return RolloutActivities(fly, settings)
-
-
-@pytest.fixture
 async def app(fly: FlyClient, app_name: str) -> str:
     await fly.create_app(app_name, "personal")
     return app_name

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.deployments import DeploymentActivities
-from turbodeploy.db import DeploymentConflict, DeploymentNotFound, DeploymentStore, create_pool
+from turbodeploy.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
 from turbodeploy.models import (
     CheckWindow,
     DeployStatus,
@@ -32,27 +30,6 @@ from turbodeploy.settings import Settings
 FLY_TOML = (
     'app = "turbobackend-x"\nprimary_region = "iad"\n\n[http_service]\n  internal_port = 3000\n'
 )
-
-
-@pytest_asyncio.fixture(scope="module")
-async def pool(postgres_url: str) -> AsyncIterator[asyncpg.Pool[asyncpg.Record]]:
-    pool = await create_pool(postgres_url, 1, 5)
-    yield pool
-    await pool.close()
-
-
-@pytest_asyncio.fixture
-async def schema(pool: asyncpg.Pool[asyncpg.Record]) -> AsyncIterator[str]:
-    name = f"r_{uuid.uuid4().hex[:12]}"
-    yield name
-    await pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-@pytest_asyncio.fixture
-async def store(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> DeploymentStore:
-    store = DeploymentStore(pool, schema)
-    await store.migrate()
-    return store
 
 
 @pytest.fixture

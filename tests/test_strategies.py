@@ -62,23 +62,6 @@ UPDATING = [Strategy.ROLLING, Strategy.IMMEDIATE, Strategy.CANARY]  # keep the m
 
 
 @pytest.fixture
-def heartbeats() -> list[tuple[Any, ...]]:
-    return []
-
-
-@pytest.fixture
-def env(heartbeats: list[tuple[Any, ...]]) -> ActivityEnvironment:
-    environment = ActivityEnvironment()
-    environment.on_heartbeat = lambda *details: heartbeats.append(details)
-    return environment
-
-
-@pytest.fixture
-def rollout(fly: FlyClient, settings: Settings) -> RolloutActivities:
-    return RolloutActivities(fly, settings)
-
-
-@pytest.fixture
 def releases(fly: FlyClient, settings: Settings) -> ReleaseActivities:
     return ReleaseActivities(fly, settings)
 

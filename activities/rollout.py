@@ -284,12 +284,7 @@ class MachineSession:
                     return found[0]
                 # Created again only when a listing shows the first try made nothing (a
                 # failed listing proves nothing), as the Fly client retries its other calls.
-                conflict = isinstance(exc, FlyRetryableError) and exc.status_code == 409
-                delay = (
-                    self.fly.retry.delay(attempt, getattr(exc, "retry_after", None))
-                    if self.fly.retry is not None and found is not None and not conflict
-                    else None
-                )
+                delay = self.fly.retry_delay(exc, attempt) if found is not None else None
                 if delay is None:
                     raise to_application_error(exc, action=action) from None
                 activity.logger.info("%s: %s; none was made, again in %.2fs", action, exc, delay)

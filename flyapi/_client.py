@@ -109,11 +109,18 @@ class FlyClient:
     def __repr__(self) -> str:
         return f"FlyClient(base_url={self._base_url!r})"
 
-    @property
-    def retry(self) -> RequestRetry | None:
-        """How this client retries idempotent requests; callers that make a request
-        idempotent themselves (a create looked up by its marker) may follow it too."""
-        return self._retry
+    def retry_delay(self, exc: FlyRetryableError | FlyTransportError, attempt: int) -> float | None:
+        """Seconds before sending again a request that failed with `exc` on its `attempt`,
+        or None to give up: this client's retry rule for idempotent requests. A caller that
+        makes a request idempotent itself (a create looked up by its marker) follows it too.
+        A 409 (lease held, version mismatch) is never retried here."""
+        if self._retry is None:
+            return None
+        if isinstance(exc, FlyRetryableError):
+            if exc.status_code == 409:
+                return None
+            return self._retry.delay(attempt, exc.retry_after)
+        return self._retry.delay(attempt, None)
 
     @property
     def base_url(self) -> str:
@@ -441,13 +448,7 @@ class FlyClient:
                     redact=redact,
                 )
             except (FlyRetryableError, FlyTransportError) as exc:
-                retry_after = exc.retry_after if isinstance(exc, FlyRetryableError) else None
-                conflict = isinstance(exc, FlyRetryableError) and exc.status_code == 409
-                delay = (
-                    self._retry.delay(attempt, retry_after)
-                    if self._retry is not None and idempotent and not conflict
-                    else None
-                )
+                delay = self.retry_delay(exc, attempt) if idempotent else None
                 if delay is None:
                     raise
                 logger.info("%s %s: %s; retrying in %.2fs", method, path, exc, delay)

@@ -79,6 +79,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     rollout = RolloutActivities(fly, settings)
     releases = ReleaseActivities(fly, settings)
     builds = BuildActivities(credentials, settings, fly=fly)
+    app_secrets = AppSecretActivities(fly, credentials, settings)
     try:
         yield Worker(
             client,
@@ -93,7 +94,8 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 CredentialActivities(credentials).resolve_credentials,
                 FlyConfigActivities(settings).prepare_fly_config,
                 apps.ensure_app,
-                AppSecretActivities(fly, credentials, settings).set_app_secrets,
+                app_secrets.set_app_secrets,
+                app_secrets.restore_app_secrets,
                 builds.build_image,
                 builds.flyctl_deploy,
                 releases.snapshot,

@@ -20,7 +20,13 @@ from temporalio.exceptions import ApplicationError
 from activities._errors import to_application_error
 from activities.secrets import SECRETS_UNAVAILABLE, CredentialStore, build_ssm_client
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy.models import AppSecretsInput, AppSecretsResult, SecretVersion
+from turbodeploy.models import (
+    AppSecretsInput,
+    AppSecretsResult,
+    RestoreSecretsInput,
+    RestoreSecretsResult,
+    SecretVersion,
+)
 from turbodeploy.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,7 +64,7 @@ class AppSecretActivities:
     async def set_app_secrets(self, input: AppSecretsInput) -> AppSecretsResult:
         if not input.secrets:
             return AppSecretsResult()
-        parameters = await self._read(sorted(set(input.secrets.values())))
+        parameters = {p["Name"]: p for p in await self._read(sorted(set(input.secrets.values())))}
         missing = sorted({p for p in input.secrets.values() if p not in parameters})
         if missing:
             names = sorted(n for n, p in input.secrets.items() if p in missing)
@@ -78,6 +84,8 @@ class AppSecretActivities:
         app = input.app_name
         action = f"Set secrets {', '.join(sorted(input.secrets))} on Fly app {app}"
         try:
+            # What the app had before, so that a failed deploy removes only what it added.
+            existing = {s.name for s in await self._fly.list_secrets(app)}
             fly_version = await self._fly.set_secrets(
                 app, {n: parameters[p].get("Value", "") for n, p in input.secrets.items()}
             )
@@ -90,7 +98,8 @@ class AppSecretActivities:
             secrets=[
                 SecretVersion(name=n, parameter=p, version=parameters[p].get("Version", 0))
                 for n, p in sorted(input.secrets.items())
-            ]
+            ],
+            added=sorted(set(input.secrets) - existing),
         )
         activity.logger.info(
             "Fly app %s has secrets %s (secrets version %d)",
@@ -100,9 +109,60 @@ class AppSecretActivities:
         )
         return result
 
-    async def _read(self, names: list[str]) -> dict[str, ParameterTypeDef]:
-        """The parameters that exist among `names`, decrypted, by name."""
-        found: dict[str, ParameterTypeDef] = {}
+    @activity.defn(name="restore_app_secrets")
+    async def restore_app_secrets(self, input: RestoreSecretsInput) -> RestoreSecretsResult:
+        """Put the app's secrets back as a release had them.
+
+        Each value is read from its parameter at the version the release recorded (SSM
+        keeps a parameter's last 100 versions), so a rolled-back app boots with the values
+        it last ran with, not with what a failed deploy set. Like setting, repeating it
+        changes nothing.
+        """
+        app = input.app_name
+        action = f"Restore secrets of Fly app {app}"
+        selectors = sorted({f"{s.parameter}:{s.version}" for s in input.secrets})
+        found = {(p["Name"], p.get("Version")): p for p in await self._read(selectors)}
+        values: dict[str, str] = {}
+        for wanted in input.secrets:
+            parameter = found.get((wanted.parameter, wanted.version))
+            if parameter is None:
+                raise ApplicationError(
+                    f"SSM parameter {wanted.parameter} has no version {wanted.version} any more "
+                    f"(for secret {wanted.name}); the secret cannot be put back",
+                    type=SECRET_MISSING,
+                    non_retryable=True,
+                )
+            values[wanted.name] = parameter.get("Value", "")
+        removed: list[str] = []
+        try:
+            if values:
+                await self._fly.set_secrets(app, values)
+            for name in sorted(set(input.remove) - set(values)):
+                if await self._fly.unset_secret(app, name) is not None:
+                    removed.append(name)
+        except FlyUnauthorized as exc:
+            self._credentials.invalidate()
+            raise to_application_error(exc, action=action) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
+        result = RestoreSecretsResult(
+            restored=sorted(input.secrets, key=lambda s: s.name), removed=removed
+        )
+        activity.logger.info(
+            "Fly app %s has its secrets back: %s%s",
+            app,
+            ", ".join(f"{s.name} from {s.parameter} v{s.version}" for s in result.restored)
+            or "none set",
+            f"; removed {', '.join(removed)}" if removed else "",
+        )
+        return result
+
+    async def _read(self, names: list[str]) -> list[ParameterTypeDef]:
+        """The parameters that exist among `names` (or `name:version` selectors), decrypted.
+
+        Each comes back under its plain name with its version, whichever way it was asked for.
+        """
+        found: list[ParameterTypeDef] = []
         for start in range(0, len(names), _SSM_BATCH):
             batch = names[start : start + _SSM_BATCH]
             try:
@@ -116,8 +176,7 @@ class AppSecretActivities:
                     f"SSM is unreachable reading {', '.join(batch)}: {type(err).__name__}",
                     type=SECRETS_UNAVAILABLE,
                 ) from None
-            for parameter in response.get("Parameters", []):
-                found[parameter["Name"]] = parameter
+            found.extend(response.get("Parameters", []))
             activity.heartbeat(f"read {min(start + _SSM_BATCH, len(names))} of {len(names)}")
         return found
 

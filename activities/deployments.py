@@ -62,7 +62,7 @@ class DeploymentActivities:
     async def record_started(self, input: RecordStartInput) -> RecordStartResult:
         with _classified_errors():
             row = await self._store.record_started(**self._new_row(input))
-            last = await self._store.last_good_release(input.project_id)
+            last = await self._store.last_good_outline(input.project_id)
         if row.status is not DeployStatus.DEPLOYING:
             activity.logger.warning(
                 "deployment %s is already %s; its record is left as it is",
@@ -73,6 +73,7 @@ class DeploymentActivities:
             url=row.url,
             started_at=row.deployed_at,
             checks_hint=CheckWindow.typical(last.machines) if last else None,
+            previous_secrets=last.secrets if last else None,
         )
 
     @activity.defn(name="record_deploy_queued")

@@ -19,7 +19,13 @@ from activities.app_secrets import AppSecretActivities
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyNotFound
 from turbodeploy import embedded
-from turbodeploy.models import AppSecretsInput, AppSecretsResult, SecretVersion
+from turbodeploy.models import (
+    AppSecretsInput,
+    AppSecretsResult,
+    RestoreSecretsInput,
+    RestoreSecretsResult,
+    SecretVersion,
+)
 from turbodeploy.settings import Settings
 
 IMAGE = "registry.fly.io/secrets-test:1"
@@ -95,7 +101,8 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
         secrets=[
             SecretVersion(name="API_KEY", parameter=f"{prefix}/key", version=2),
             SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
-        ]
+        ],
+        added=["API_KEY", "DATABASE_URL"],
     )
     listed = {s.name: s.digest for s in await fly.list_secrets(app_name)}
     assert set(listed) == {"API_KEY", "DATABASE_URL"}
@@ -134,9 +141,11 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
             assert value not in text, f"a secret value appears in the {where}"
             assert value.split(":")[2].split("@")[0] not in text, where
 
-    # A retried attempt changes nothing: same result, same secrets version.
+    # A retried attempt changes nothing: same versions, same secrets version; and it
+    # claims to have added nothing, so a rollback never removes what it cannot tell apart.
     version = snapshot["secrets"][app_name]["version"]
-    assert await env.run(activities.set_app_secrets, request) == result
+    again = await env.run(activities.set_app_secrets, request)
+    assert (again.secrets, again.added) == (result.secrets, [])
     assert flysim.snapshot()["secrets"][app_name]["version"] == version
     assert {s.name: s.digest for s in await fly.list_secrets(app_name)} == listed
 
@@ -157,6 +166,55 @@ async def test_a_machine_sees_secrets_from_its_next_boot(
     current = await fly.get_machine(app_name, machine)
     await fly.update_machine(app_name, machine, current.config, None, nonce=None)
     assert flysim.machine_runtime_env(app_name, machine)["TOKEN"] == value
+
+
+async def test_restore_sets_recorded_versions_and_removes_only_present_names(
+    activities: AppSecretActivities, fly: FlyClient, flysim: Any, ssm: Any, prefix: str,
+    app_name: str, debug_logs: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    first, second = _value(), _value()
+    ssm.put_parameter(Name=f"{prefix}/db", Value=first, Type="SecureString")
+    ssm.put_parameter(Name=f"{prefix}/db", Value=second, Type="SecureString", Overwrite=True)
+    await fly.set_secrets(app_name, {"DATABASE_URL": second, "ADDED": "x"})
+    debug_logs.clear()
+    # Two names from one parameter version: both are set from a single read.
+    wanted = [
+        SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
+        SecretVersion(name="READ_URL", parameter=f"{prefix}/db", version=1),
+    ]
+    request = RestoreSecretsInput(app_name=app_name, secrets=wanted, remove=["ADDED", "GONE"])
+
+    result = await ActivityEnvironment().run(activities.restore_app_secrets, request)
+
+    assert result == RestoreSecretsResult(restored=wanted, removed=["ADDED"])
+    machine = await _machine(fly, app_name)
+    runtime = flysim.machine_runtime_env(app_name, machine)
+    assert (runtime["DATABASE_URL"], runtime["READ_URL"]) == (first, first)
+    assert "ADDED" not in runtime
+    for text in (result.model_dump_json(), debug_logs.text):
+        assert first not in text and second not in text
+    # Repeating it changes nothing.
+    version = flysim.snapshot()["secrets"][app_name]["version"]
+    again = await ActivityEnvironment().run(activities.restore_app_secrets, request)
+    assert again.removed == [] and flysim.snapshot()["secrets"][app_name]["version"] == version
+
+
+async def test_restoring_a_version_ssm_no_longer_has_fails_for_good(
+    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app_name: str
+) -> None:
+    ssm.put_parameter(Name=f"{prefix}/db", Value=_value(), Type="SecureString")
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(
+            activities.restore_app_secrets,
+            RestoreSecretsInput(
+                app_name=app_name,
+                secrets=[SecretVersion(name="DB", parameter=f"{prefix}/db", version=7)],
+                remove=["OTHER"],
+            ),
+        )
+    assert (caught.value.type, caught.value.non_retryable) == ("SecretMissing", True)
+    assert f"{prefix}/db has no version 7" in str(caught.value)
+    assert await fly.list_secrets(app_name) == []
 
 
 async def test_a_missing_parameter_fails_for_good_and_sets_nothing(
@@ -198,7 +256,7 @@ async def test_ssm_being_down_is_retryable(
 
 
 async def test_an_unknown_app_fails_for_good_without_echoing_a_value(
-    activities: AppSecretActivities, ssm: Any, prefix: str
+    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str
 ) -> None:
     # The emulator names the app in its 404; here the value is that very name.
     missing_app = f"turbobackend-m{uuid.uuid4().hex[:12]}"
@@ -209,7 +267,12 @@ async def test_an_unknown_app_fails_for_good_without_echoing_a_value(
             AppSecretsInput(app_name=missing_app, secrets={"ECHO": f"{prefix}/echo"}),
         )
     assert (caught.value.type, caught.value.non_retryable) == ("FlyNotFound", True)
-    assert "404 app not found: [redacted]" in str(caught.value)
+    # The activity found the app missing before sending a value; the client's own
+    # request, which carries it, has the echo redacted.
+    with pytest.raises(FlyNotFound) as echoed:
+        await fly.set_secrets(missing_app, {"ECHO": missing_app})
+    assert "404 app not found: [redacted]" in str(echoed.value)
+    assert missing_app not in str(echoed.value)
 
 
 async def test_nothing_to_set_makes_no_call(activities: AppSecretActivities, flysim: Any) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import boto3
 import httpx
 import pytest
 from harness import fast_timings
@@ -186,6 +188,74 @@ async def test_manual_rollback_restores_an_older_release(
         "deployed",
         "deployed",
     ]
+
+
+async def test_rollbacks_put_the_secrets_back(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    project_id: str,
+) -> None:
+    """Machines read the app's secrets when they boot, so a restored release must find the
+    values it ran with, not the ones a failed or newer release set."""
+    tq = settings.task_queue
+    ssm = boto3.client("ssm", endpoint_url=settings.aws_endpoint_url, region_name="us-east-1")
+    token, extra = f"/apps/{project_id}/token", f"/apps/{project_id}/extra"
+    old, new = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}"
+    ssm.put_parameter(Name=token, Value=old, Type="SecureString")
+    ssm.put_parameter(Name=extra, Value="extra", Type="SecureString")
+
+    def runtime_env(app: str) -> dict[str, str]:
+        [machine] = machines(flysim, app)
+        env: dict[str, str] = flysim.machine_runtime_env(app, machine["id"])
+        return env
+
+    def secret_names(app: str) -> list[str]:
+        return [s["name"] for s in flysim.snapshot()["secrets"][app]["secrets"]]
+
+    one = await (
+        await start_deploy(temporal_client, make_request(secrets={"TOKEN": token}), task_queue=tq)
+    ).result()
+    app = one.app_name
+    assert runtime_env(app)["TOKEN"] == old
+
+    # A failed release changed TOKEN and added EXTRA: both are undone before the restore.
+    ssm.put_parameter(Name=token, Value=new, Type="SecureString", Overwrite=True)
+    bad = make_request(image=BROKEN, secrets={"TOKEN": token, "EXTRA": extra})
+    with pytest.raises(DeployFailed) as info:
+        await (await start_deploy(temporal_client, bad, task_queue=tq)).result()
+    assert info.value.result.status is DeployStatus.ROLLED_BACK, info.value.result.error
+    assert "secrets not put back" not in (info.value.result.error or "")
+    assert serving_image(flysim, app) == V1
+    assert runtime_env(app)["TOKEN"] == old
+    assert "EXTRA" not in runtime_env(app)
+    assert secret_names(app) == ["TOKEN"]
+
+    # A healthy release takes the new value; a manual rollback puts the old one back.
+    two = await (
+        await start_deploy(
+            temporal_client, make_request(image=V2, secrets={"TOKEN": token}), task_queue=tq
+        )
+    ).result()
+    assert runtime_env(app)["TOKEN"] == new
+    back = await (
+        await start_rollback(
+            temporal_client, project_id, one.deployment_id, timings=FAST, task_queue=tq
+        )
+    ).result()
+    assert back.status is DeployStatus.DEPLOYED
+    assert serving_image(flysim, app) == V1
+    assert runtime_env(app)["TOKEN"] == old
+    # And forward again: the newer release's value comes back with it.
+    await (
+        await start_rollback(
+            temporal_client, project_id, two.deployment_id, timings=FAST, task_queue=tq
+        )
+    ).result()
+    assert serving_image(flysim, app) == V2
+    assert runtime_env(app)["TOKEN"] == new
 
 
 async def test_cancel_with_the_temporal_cli_cleans_up(

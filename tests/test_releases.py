@@ -307,7 +307,7 @@ async def test_a_release_without_snapshot_cannot_be_loaded(
     assert "no snapshot" in str(caught.value)
 
 
-async def test_record_started_hands_on_when_checks_passed_in_the_last_good_release(
+async def test_record_started_hands_on_checks_and_secrets_of_the_last_good_release(
     store: DeploymentStore, activities: DeploymentActivities, project_id: str
 ) -> None:
     env = ActivityEnvironment()
@@ -321,7 +321,8 @@ async def test_record_started_hands_on_when_checks_passed_in_the_last_good_relea
             run_id="r",
         )
 
-    assert (await env.run(activities.record_started, start())).checks_hint is None
+    first = await env.run(activities.record_started, start())
+    assert first.checks_hint is None and first.previous_secrets is None
     good = await _deploy(store, project_id, created_at=1_700_000_000)
     machines = [
         MachineOutcome(
@@ -337,7 +338,15 @@ async def test_record_started_hands_on_when_checks_passed_in_the_last_good_relea
             for m in machines]  # fmt: skip
     await store.record_release(failed.model_copy(update={"machines": slow}))
 
+    await store.record_release(
+        failed.model_copy(
+            update={"secrets": [SecretVersion(name="API_KEY", parameter="/x", version=9)]}
+        )
+    )
+
     started = await env.run(activities.record_started, start())
     assert started.checks_hint == CheckWindow(failing_until=2.8, passing_at=3.0)
+    # The secrets to put back are the last good release's, not the failed one's.
+    assert started.previous_secrets == good.secrets != []
     stored = await store.release(good.deployment_id)
     assert stored is not None and stored.machines == machines  # kept in the bundle

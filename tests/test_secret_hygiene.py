@@ -71,6 +71,8 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     wrong_token = "FlyV1 fm2_" + uuid.uuid4().hex * 4
     secret_parameter = f"/turbobackend/apps/s-{uuid.uuid4().hex[:8]}/DATABASE_PASSWORD"
     secret_value = "pw-" + uuid.uuid4().hex * 2
+    rotated_value = "pw-" + uuid.uuid4().hex * 2
+    broken_image = f"registry.fly.io/hygiene:broken-{uuid.uuid4().hex[:8]}"
     ssm = _ssm(ssm_endpoint)
     ssm.put_parameter(Name=wrong_parameter, Value=wrong_token, Type="SecureString")
     ssm.put_parameter(Name=secret_parameter, Value=secret_value, Type="SecureString")
@@ -128,7 +130,22 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
         [machine] = [m for m in flysim.snapshot()["machines"] if m["app"] == with_secret.app_name]
         runtime_env = flysim.machine_runtime_env(with_secret.app_name, machine["id"])
         assert runtime_env["DATABASE_PASSWORD"] == secret_value
+
+        # A failed release with a rotated value: the rollback reads the old one back.
+        ssm.put_parameter(
+            Name=secret_parameter, Value=rotated_value, Type="SecureString", Overwrite=True
+        )
+        flysim.config.unhealthy_images.add(broken_image)
+        broken = DeployRequest.model_validate(
+            with_secret.model_dump(exclude={"deployment_id"}) | {"image": broken_image}
+        )
+        traces["history: secrets put back"] = await _deploy(
+            temporal_client, good_queue, broken, expect_failure=True
+        )
+        runtime_env = flysim.machine_runtime_env(with_secret.app_name, machine["id"])
+        assert runtime_env["DATABASE_PASSWORD"] == secret_value
     finally:
+        flysim.config.unhealthy_images.discard(broken_image)
         good.stop()
         bad.stop()
 
@@ -142,12 +159,14 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     assert "push" in traces["git argv"] and "clone" in traces["git argv"]
     assert "deployed" in traces["database"] and "failed" in traces["database"]
     assert "DATABASE_PASSWORD" in traces["history: app secrets"], "names are recorded"
+    assert "restore_app_secrets" in traces["history: secrets put back"]
     assert "401" in traces["history: 401"] or "nauthori" in traces["history: 401"]
 
     secrets = {
         "Fly token": _fragments(fly_token),
         "rejected Fly token": _fragments(wrong_token),
         "app secret": [secret_value],
+        "rotated app secret": [rotated_value],
     }
     leaks = [
         f"{what} in {where}"

@@ -447,6 +447,9 @@ class RecordStartResult(_Model):
     started_at: int  # epoch seconds
     # From the project's last deployed release, for the rollout's health-check reads.
     checks_hint: CheckWindow | None = None
+    # That release's secrets (names, parameters, versions), to put back if this deploy
+    # changes them and fails; None when the project has no deployed release.
+    previous_secrets: list[SecretVersion] | None = None
 
 
 class RecordResultInput(_Model):
@@ -641,6 +644,21 @@ class AppSecretsResult(_Model):
     """Names and versions only: a value never leaves the activity."""
 
     secrets: list[SecretVersion] = Field(default_factory=list)
+    added: list[str] = Field(default_factory=list)  # names the app did not have before
+
+
+class RestoreSecretsInput(_Model):
+    """Put the app's secrets back as a release had them: each value read again from its
+    SSM parameter at the recorded version, and the names that release did not have removed."""
+
+    app_name: str
+    secrets: list[SecretVersion] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class RestoreSecretsResult(_Model):
+    restored: list[SecretVersion] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)  # only names the app still had
 
 
 class ReleaseRecord(_Model):

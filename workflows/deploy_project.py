@@ -62,6 +62,8 @@ with workflow.unsafe.imports_passed_through():
         ReleaseSnapshot,
         RestoreInput,
         RestoreResult,
+        RestoreSecretsInput,
+        RestoreSecretsResult,
         RollbackRequest,
         RolloutInput,
         RolloutResult,
@@ -104,6 +106,9 @@ class _Deploy:
     machines: list[MachineOutcome] = field(default_factory=list)
     image_digest: str | None = None
     secrets: list[SecretVersion] = field(default_factory=list)
+    secrets_added: list[str] = field(default_factory=list)  # names the app did not have
+    # The secrets of the release this deploy replaces; None when there is none.
+    previous_secrets: list[SecretVersion] | None = None
     error: str | None = None
 
 
@@ -241,6 +246,7 @@ class DeployProjectWorkflow:
         credentials = asyncio.ensure_future(self._credentials())
         started = await self._record_start(request, DeployStep.RECORD_START, mark_step=True)
         d.url, d.checks_hint = started.url, started.checks_hint
+        d.previous_secrets = started.previous_secrets
         try:
             self._step = DeployStep.CREDENTIALS
             org = (await credentials).org_slug
@@ -314,7 +320,7 @@ class DeployProjectWorkflow:
                 f"Set {len(request.secrets)} secret(s) on {request.app_name}: "
                 + ", ".join(sorted(request.secrets)),
             )
-            d.secrets = secrets.secrets
+            d.secrets, d.secrets_added = secrets.secrets, secrets.added
         if d.image is None and request.strategy is not Strategy.FLYCTL:
             built = await self._step_run(
                 DeployStep.BUILD,
@@ -396,6 +402,19 @@ class DeployProjectWorkflow:
         d.image, d.fly_toml, d.commit_sha = release.image, release.fly_toml, release.commit_sha
         d.image_digest, d.env, d.secrets = release.image_digest, release.env, release.secrets
         d.strategy, d.machine_count = release.strategy, len(release.snapshot.machines)
+        # Before the machines: they read the app's secrets when they boot.
+        current = {s.name: s for s in d.previous_secrets or []}
+        changed = [s for s in release.secrets if current.get(s.name) != s]
+        if changed and workflow.patched("restore-secrets"):
+            await self._step_run(
+                DeployStep.SECRETS,
+                "restore_app_secrets",
+                RestoreSecretsInput(app_name=request.app_name, secrets=changed),
+                RestoreSecretsResult,
+                policies.secrets(timings),
+                f"Put back {len(changed)} secret(s) of release {release.deployment_id} on "
+                f"{request.app_name}: " + ", ".join(s.name for s in changed),
+            )
         d.snapshot = await self._snapshot(d, before_rollout=True)
         restored = await self._step_run(
             DeployStep.ROLLOUT,
@@ -436,12 +455,44 @@ class DeployProjectWorkflow:
         d.error = "cancelled by request" if cancelled else f"{failed_step}: {_describe(err)}"
         self._error = d.error
         rolled_back = False
+        await self._restore_secrets(d)
         if d.snapshot is not None and failed_step in (DeployStep.ROLLOUT, DeployStep.HEALTH):
             rolled_back = await self._roll_back(d)
         self._step = failed_step
         if cancelled:
             return DeployStatus.CANCELLED
         return DeployStatus.ROLLED_BACK if rolled_back else DeployStatus.FAILED
+
+    async def _restore_secrets(self, d: _Deploy) -> None:
+        """Undo what this deploy did to the app's secrets, before any machine is restored.
+
+        A secret the last release had is set again from its parameter at that release's
+        version; one this deploy added is removed. A secret that was on the app before but
+        in no release (set by hand) cannot be put back, since its old value was never read.
+        """
+        if not d.secrets:
+            return
+        previous = {s.name: s for s in d.previous_secrets or []}
+        restore = [previous[s.name] for s in d.secrets if previous.get(s.name, s) != s]
+        remove = [n for n in d.secrets_added if n not in previous]
+        if not (restore or remove) or not workflow.patched("restore-secrets"):
+            return
+        app = d.request.app_name
+        try:
+            await self._step_run(
+                DeployStep.ROLLBACK,
+                "restore_app_secrets",
+                RestoreSecretsInput(app_name=app, secrets=restore, remove=remove),
+                RestoreSecretsResult,
+                policies.secrets(d.request.timings),
+                f"Put back the secrets of the last release on {app}: "
+                + ", ".join(sorted([s.name for s in restore] + remove)),
+                shielded=True,
+            )
+        except BaseException as err:
+            if not _is_failure(err):
+                raise
+            d.error = f"{d.error}; secrets not put back: {_describe(err)}"
 
     async def _roll_back(self, d: _Deploy) -> bool:
         """Restore the snapshot; True when a previous release serves again, verified."""

@@ -118,6 +118,12 @@ _TEMPLATES = {
         " WHERE (r.created_at, r.seq) >= (p.created_at, p.seq))"
         " ORDER BY r.created_at DESC, r.seq DESC LIMIT 1"
     ),
+    # What a new deploy needs of the release it replaces: two small columns, not the bundle.
+    "last_good_outline": (
+        "SELECT machines, secrets FROM {schema}.releases"
+        " WHERE project_id = $1 AND status = 'deployed'"
+        " ORDER BY created_at DESC, seq DESC LIMIT 1"
+    ),
 }
 
 
@@ -142,6 +148,7 @@ class Queries:
     release: str
     releases: str
     last_good_release: str
+    last_good_outline: str
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:

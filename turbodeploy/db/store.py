@@ -20,7 +20,13 @@ from typing import Any, NotRequired, TypedDict, Unpack
 import asyncpg
 
 from turbodeploy.db.queries import Queries
-from turbodeploy.models import DeploymentRow, DeployStatus, ReleaseRecord
+from turbodeploy.models import (
+    DeploymentRow,
+    DeployStatus,
+    MachineOutcome,
+    ReleaseRecord,
+    SecretVersion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +348,17 @@ class DeploymentStore:
             )
         return None if record is None else _to_release(record)
 
+    async def last_good_outline(self, project_id: str) -> ReleaseOutline | None:
+        """The machines' outcomes and the secrets of the newest `deployed` release, or None."""
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            record = await conn.fetchrow(self._sql.last_good_outline, project_id)
+        if record is None:
+            return None
+        return ReleaseOutline(
+            machines=[MachineOutcome.model_validate(m) for m in _json(record["machines"])],
+            secrets=[SecretVersion.model_validate(s) for s in _json(record["secrets"])],
+        )
+
     async def _fetchrow(self, sql: str, *args: Any) -> DeploymentRow | None:
         async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
             record = await conn.fetchrow(sql, *args)
@@ -352,13 +369,24 @@ def _to_row(record: asyncpg.Record) -> DeploymentRow:
     return DeploymentRow.model_validate(dict(record))
 
 
+@dataclass(frozen=True)
+class ReleaseOutline:
+    """The parts of a release bundle the next deploy reads."""
+
+    machines: list[MachineOutcome]
+    secrets: list[SecretVersion]
+
+
 _JSON_COLUMNS = ("env", "secrets", "machines", "snapshot")
+
+
+def _json(value: Any) -> Any:
+    # asyncpg hands JSONB over as text unless a codec is set on every connection.
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _to_release(record: asyncpg.Record) -> ReleaseRecord:
     data = dict(record)
     for column in _JSON_COLUMNS:
-        # asyncpg hands JSONB over as text unless a codec is set on every connection.
-        if isinstance(data[column], str):
-            data[column] = json.loads(data[column])
+        data[column] = _json(data[column])
     return ReleaseRecord.model_validate(data)

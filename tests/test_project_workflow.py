@@ -257,6 +257,20 @@ async def test_rollbacks_put_the_secrets_back(
     assert serving_image(flysim, app) == V2
     assert runtime_env(app)["TOKEN"] == new
 
+    # A version SSM no longer has stops a manual rollback before any machine is touched.
+    ssm.delete_parameter(Name=token)
+    with pytest.raises(DeployFailed) as gone:
+        await (
+            await start_rollback(
+                temporal_client, project_id, one.deployment_id, timings=FAST, task_queue=tq
+            )
+        ).result()
+    assert gone.value.result.status is DeployStatus.FAILED
+    assert f"{token} has no version 1" in (gone.value.result.error or "")
+    assert "secrets not put back" not in (gone.value.result.error or "")
+    assert serving_image(flysim, app) == V2
+    assert runtime_env(app)["TOKEN"] == new
+
 
 async def test_cancel_with_the_temporal_cli_cleans_up(
     temporal_client: Client,

@@ -400,7 +400,7 @@ class DeployProjectWorkflow:
                 non_retryable=True,
             )
         d.image, d.fly_toml, d.commit_sha = release.image, release.fly_toml, release.commit_sha
-        d.image_digest, d.env, d.secrets = release.image_digest, release.env, release.secrets
+        d.image_digest, d.env = release.image_digest, release.env
         d.strategy, d.machine_count = release.strategy, len(release.snapshot.machines)
         # Before the machines: they read the app's secrets when they boot.
         current = {s.name: s for s in d.previous_secrets or []}
@@ -415,6 +415,8 @@ class DeployProjectWorkflow:
                 f"Put back {len(changed)} secret(s) of release {release.deployment_id} on "
                 f"{request.app_name}: " + ", ".join(s.name for s in changed),
             )
+        # Set only now: until here the app's secrets are the current release's.
+        d.secrets = release.secrets
         d.snapshot = await self._snapshot(d, before_rollout=True)
         restored = await self._step_run(
             DeployStep.ROLLOUT,

@@ -20,6 +20,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
+from activities._heartbeat import heartbeat_if_in_activity
 from activities.app_secrets import AppSecretActivities
 from activities.build import BuildActivities
 from activities.deployments import DeploymentActivities
@@ -68,6 +69,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             else None
         ),
         on_response=metrics.record_fly_response,
+        on_wait=heartbeat_if_in_activity,
         retry=RequestRetry(attempts=settings.fly_api_request_attempts),
         max_connections=settings.fly_api_max_connections,
         max_waiting=settings.max_concurrent_activities,

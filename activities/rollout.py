@@ -287,8 +287,9 @@ class MachineSession:
                 delay = self.fly.retry_delay(exc, attempt) if found is not None else None
                 if delay is None:
                     raise to_application_error(exc, action=action) from None
-                activity.logger.info("%s: %s; none was made, again in %.2fs", action, exc, delay)
-                await asyncio.sleep(delay)
+                why = f"{action}: {exc}; none was made, again in {delay:.1f}s"
+                activity.logger.info("%s", why)
+                await self.fly.pause(delay, why)
                 attempt += 1
             except FlyError as exc:
                 raise to_application_error(exc, action=action) from None

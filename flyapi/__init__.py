@@ -31,7 +31,7 @@ The client does not retry on its own: retry policy belongs to the caller. The on
 is a GET whose connection dropped before any response; it is sent once more, immediately.
 """
 
-from flyapi._client import FlyClient, IPType, TokenSource, WaitState
+from flyapi._client import FlyClient, IPType, TokenSource, WaitHook, WaitState
 from flyapi._errors import (
     FlyAPIError,
     FlyBadRequest,
@@ -79,5 +79,6 @@ __all__ = [
     "RateLimiter",
     "RequestRetry",
     "TokenSource",
+    "WaitHook",
     "WaitState",
 ]

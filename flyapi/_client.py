@@ -30,6 +30,10 @@ logger = logging.getLogger("flyapi")
 TokenSource = Callable[[], Awaitable[str]] | str
 # Told (method, status code) of every response, e.g. to count them in a metric.
 ResponseHook = Callable[[str, int], None]
+# Called while a request waits to be sent again, with a line saying why; again at least
+# every WAIT_TICK seconds of a long wait.
+WaitHook = Callable[[str], None]
+WAIT_TICK = 1.0
 IPType = Literal["v4", "v6", "shared_v4", "private_v6"]
 WaitState = Literal["started", "stopped", "destroyed", "suspended"]
 
@@ -75,6 +79,7 @@ class FlyClient:
         rate_limiter: RateLimiter | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         on_response: ResponseHook | None = None,
+        on_wait: WaitHook | None = None,
         retry: RequestRetry | None = None,
         max_connections: int = 20,
         max_waiting: int = 100,
@@ -82,6 +87,7 @@ class FlyClient:
         self._base_url = base_url.rstrip("/")
         self._retry = retry
         self._on_response = on_response
+        self._on_wait = on_wait
         self._token = token
         self._timeout = timeout
         self._limiter = rate_limiter
@@ -121,6 +127,25 @@ class FlyClient:
                 return None
             return self._retry.delay(attempt, exc.retry_after)
         return self._retry.delay(attempt, None)
+
+    async def pause(self, seconds: float, why: str) -> None:
+        """Sleep before sending a request again, telling the `on_wait` hook why as it goes.
+
+        The worker's hook heartbeats the running activity: a Retry-After of 30 s must not
+        look like a hung activity to a 10 s heartbeat timeout, and the heartbeat is what
+        `turbodeploy status` shows a person watching the deploy wait.
+        """
+        end = asyncio.get_running_loop().time() + seconds
+        while True:
+            if self._on_wait is not None:
+                try:
+                    self._on_wait(why)
+                except Exception:
+                    logger.exception("on_wait hook failed")
+            left = end - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, WAIT_TICK))
 
     @property
     def base_url(self) -> str:
@@ -451,8 +476,9 @@ class FlyClient:
                 delay = self.retry_delay(exc, attempt) if idempotent else None
                 if delay is None:
                     raise
-                logger.info("%s %s: %s; retrying in %.2fs", method, path, exc, delay)
-                await asyncio.sleep(delay)
+                why = f"{method} {path}: {exc}; retrying in {delay:.1f}s (attempt {attempt + 1})"
+                logger.info("%s", why)
+                await self.pause(delay, why)
                 attempt += 1
 
     async def _request_once(

@@ -28,6 +28,7 @@ from flyapi import (
     FlyUnauthorized,
     FlyUnprocessable,
     RateLimiter,
+    RequestRetry,
 )
 from flyapi._errors import parse_retry_after
 from flysim.spec import SpecViolation, validate_exchange
@@ -214,6 +215,25 @@ async def test_rate_limit_carries_retry_after(fly: FlyClient, faults: Any, app_n
         await fly.create_app(app_name, "personal")
     assert caught.value.status_code == 429
     assert caught.value.retry_after == 7.0
+
+
+async def test_a_long_retry_wait_reports_itself_every_tick(
+    flysim: Any, fly_token: str, faults: Any, app_name: str
+) -> None:
+    faults.rate_limit_rate, faults.retry_after = 1.0, 2
+    told: list[str] = []
+    async with FlyClient(
+        flysim.base_url,
+        fly_token,
+        retry=RequestRetry(attempts=2),
+        on_wait=told.append,
+    ) as client:
+        with pytest.raises(FlyRetryableError) as caught:
+            await client.get_app(app_name)
+    assert caught.value.status_code == 429
+    # A 2 s Retry-After, longer than a tick, is told at its start and again during it.
+    assert len(told) >= 2
+    assert all(f"GET /apps/{app_name}: " in why and "retrying in 2.0s" in why for why in told)
 
 
 def test_retry_after_accepts_seconds_and_dates() -> None:

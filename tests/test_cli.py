@@ -226,6 +226,80 @@ async def test_rollback_to_the_previous_release(
     assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE}
 
 
+async def test_status_says_what_a_stuck_deploy_waits_for_and_why(
+    cli: Callable[..., Any],
+    worker: None,
+    temporal_client: Client,
+    calm_emulator: Any,
+    project_id: str,
+    repo: str,
+) -> None:
+    faults = calm_emulator.config.faults
+    faults.error_codes, faults.error_rate = (503,), 1.0
+    started = await cli("deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST)
+    assert started.code == 0, started.err
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    for _ in range(400):
+        pending = (await handle.describe()).raw_description.pending_activities
+        if pending and pending[0].attempt >= 2:
+            break
+        await asyncio.sleep(0.05)
+
+    status = await cli("status", project_id, "--json")
+    assert status.code == 0, status.err
+    info = status.json()
+    [step] = info["pending"]
+    assert step["activity"] == "ensure_fly_app"
+    assert step["attempt"] >= 2 and step["maximum_attempts"] == 10
+    assert step["last_failure"].startswith("FlyRetryableError: Look up Fly app")
+    assert "503" in step["last_failure"]
+    # The client's own retries heartbeat, saying what they wait for: no heartbeat timeout
+    # hides the provider's answer.
+    assert "503" in step["last_heartbeat"] and "retrying in" in step["last_heartbeat"]
+    assert step["worker"]
+    assert info["workers"]["workflow"] and info["workers"]["activity"]
+    table = await cli("status", project_id)
+    assert "waiting on" in table.out and "ensure_fly_app" in table.out, table.out
+    assert "last failure" in table.out and "no worker" not in table.out
+
+    # The provider recovers and the deploy carries on by itself.
+    faults.error_rate = 0.0
+    for _ in range(400):
+        info = (await cli("status", project_id, "--json")).json()
+        if info["workflow_status"] != "RUNNING":
+            break
+        await asyncio.sleep(0.1)
+    assert info["record"]["status"] == "deployed"
+    assert "pending" not in info
+
+
+async def test_status_says_when_no_worker_polls_the_queue(
+    cli: Callable[..., Any],
+    temporal_client: Client,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+) -> None:
+    started = await cli("deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST)
+    assert started.code == 0, started.err
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    try:
+        status = await cli("status", project_id, "--json")
+        assert status.code == 0, status.err + status.out
+        info = status.json()
+        assert info["workflow_status"] == "RUNNING"
+        assert info["pending"] == []
+        assert info["workers"] == {
+            "task_queue": settings.task_queue,
+            "workflow": [],
+            "activity": [],
+        }
+        table = await cli("status", project_id)
+        assert f"no worker polls {settings.task_queue}" in table.out, table.out
+    finally:
+        await handle.terminate("test over")
+
+
 async def test_cancel_a_running_deploy(
     cli: Callable[..., Any],
     worker: None,

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from turbodeploy.client import DeployHandle
     from turbodeploy.db import DeploymentStore
-    from turbodeploy.models import ReleaseRecord
+    from turbodeploy.models import DeploymentRow, ReleaseRecord
 
 T = TypeVar("T")
 
@@ -570,8 +570,25 @@ async def _status(settings: Settings, project_id: str) -> None:
     with contextlib.suppress(RPCError, TimeoutError):
         progress = await asyncio.wait_for(api.progress(client, project_id), timeout=5)
         info["progress"] = progress.model_dump(mode="json")
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        # What a stuck deploy waits for: the server's view, which needs no worker.
+        pending = await api.pending_steps(client, desc)
+        info["pending"] = [step.model_dump(mode="json") for step in pending]
+        with contextlib.suppress(RPCError):
+            info["workers"] = (await api.pollers(client, desc.task_queue)).model_dump()
     if settings.database_url:
-        rows = await _with_store(settings, lambda s: s.history(project_id, 1))
+
+        async def latest(store: DeploymentStore) -> list[DeploymentRow]:
+            import asyncpg
+
+            try:
+                return await store.history(project_id, 1)
+            except asyncpg.UndefinedTableError:
+                # No worker has started on this schema yet; the run itself still says
+                # what it waits for, and that is what matters here.
+                return []
+
+        rows = await _with_store(settings, latest)
         info["record"] = rows[0].as_json() if rows else None
     failed = desc.status in _FAILED_RUNS or (
         info["record"] is not None and info["record"]["status"] in _FAILED_RECORDS
@@ -603,7 +620,55 @@ def _print_status(info: dict[str, Any]) -> None:
         table.add_row("url", r["url"])
         if r.get("error") and r["error"] != (p or {}).get("error"):
             table.add_row("error", r["error"])
+    for step in info.get("pending") or []:
+        table.add_row("waiting on", _pending_line(step))
+        if step["last_failure"]:
+            table.add_row("  last failure", step["last_failure"])
+        if step["last_heartbeat"]:
+            age = _age(step["last_heartbeat_at"])
+            table.add_row(
+                "  heartbeat", f"{step['last_heartbeat']}" + (f" ({age} ago)" if age else "")
+            )
+    if (workers := info.get("workers")) is not None:
+        if workers["workflow"] and workers["activity"]:
+            table.add_row("workers", f"{len(workers['activity'])} polling {workers['task_queue']}")
+        else:
+            missing = " and ".join(k for k in ("workflow", "activity") if not workers[k])
+            table.add_row(
+                "workers",
+                f"[red]no worker polls {workers['task_queue']} for {missing} tasks[/red]: "
+                "the deploy waits until one starts (python worker.py)",
+            )
     _table_console().print(table)
+
+
+def _pending_line(step: dict[str, Any]) -> str:
+    limit = step["maximum_attempts"] or "∞"
+    line = f"{step['activity']} ({step['state']}, attempt {step['attempt']} of {limit})"
+    if step["next_attempt_at"]:
+        wait = _until(step["next_attempt_at"])
+        line += f", next attempt in {wait}" if wait else ", next attempt due"
+    return line
+
+
+def _age(iso: str | None) -> str | None:
+    if not iso:
+        return None
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    return _duration(max(seconds, 0))
+
+
+def _until(iso: str) -> str | None:
+    seconds = (datetime.fromisoformat(iso) - datetime.now(UTC)).total_seconds()
+    return _duration(seconds) if seconds >= 0.5 else None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @main.command()

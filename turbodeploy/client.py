@@ -13,8 +13,14 @@ runs (the others end `superseded`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.failure.v1 import Failure
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     WorkflowExecutionDescription,
@@ -188,6 +194,99 @@ async def progress(client: Client, project_id: str) -> DeployProgress:
 
 async def describe(client: Client, project_id: str) -> WorkflowExecutionDescription:
     return await deploy_handle(client, project_id).describe()
+
+
+class PendingStep(BaseModel):
+    """An activity the deploy waits for, as the server sees it: what a stuck deploy is
+    stuck on, and why."""
+
+    activity: str
+    state: str  # scheduled, started, cancel_requested, paused
+    attempt: int
+    maximum_attempts: int  # 0: no limit but the step's own deadline
+    last_failure: str | None = None
+    last_heartbeat: str | None = None
+    last_heartbeat_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    worker: str | None = None  # the identity of the worker that ran the last attempt
+
+
+class Pollers(BaseModel):
+    """Workers seen polling a task queue lately, per kind of task."""
+
+    task_queue: str
+    workflow: list[str]
+    activity: list[str]
+
+
+async def pending_steps(
+    client: Client, description: WorkflowExecutionDescription
+) -> list[PendingStep]:
+    """The activities the run waits for, with their attempt, last failure and heartbeat."""
+    steps: list[PendingStep] = []
+    for pending in description.raw_description.pending_activities:
+        heartbeat = None
+        if pending.heartbeat_details.payloads:
+            values = await client.data_converter.decode(list(pending.heartbeat_details.payloads))
+            heartbeat = " ".join(str(v) for v in values)[:300]
+        state = PendingActivityState.Name(pending.state)
+        steps.append(
+            PendingStep(
+                activity=pending.activity_type.name,
+                state=state.removeprefix("PENDING_ACTIVITY_STATE_").lower(),
+                attempt=pending.attempt,
+                maximum_attempts=pending.maximum_attempts,
+                last_failure=_failure_text(pending.last_failure)
+                if pending.HasField("last_failure")
+                else None,
+                last_heartbeat=heartbeat,
+                last_heartbeat_at=_time(pending, "last_heartbeat_time"),
+                next_attempt_at=_time(pending, "next_attempt_schedule_time"),
+                worker=pending.last_worker_identity or None,
+            )
+        )
+    return steps
+
+
+async def pollers(client: Client, task_queue: str) -> Pollers:
+    """Who polls `task_queue`: with no worker on it, a deploy waits without end."""
+    found: dict[str, list[str]] = {}
+    for kind, queue_type in (
+        ("workflow", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+        ("activity", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY),
+    ):
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=queue_type,
+            )
+        )
+        found[kind] = sorted({p.identity for p in response.pollers})
+    return Pollers(task_queue=task_queue, workflow=found["workflow"], activity=found["activity"])
+
+
+def _failure_text(failure: Failure) -> str:
+    """The failure and its causes on one line, the application error type first."""
+    parts: list[str] = []
+    current: Failure | None = failure
+    while current is not None and len(parts) < 4:
+        kind = (
+            current.application_failure_info.type
+            if current.HasField("application_failure_info")
+            else ""
+        )
+        message = current.message
+        parts.append(message if not kind or message.startswith(kind) else f"{kind}: {message}")
+        current = current.cause if current.HasField("cause") else None
+    return " <- ".join(parts)[:500]
+
+
+def _time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return value
 
 
 async def cancel_deploy(client: Client, project_id: str) -> None:

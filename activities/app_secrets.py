@@ -11,6 +11,8 @@ a retried attempt is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -83,17 +85,12 @@ class AppSecretActivities:
                 )
         app = input.app_name
         action = f"Set secrets {', '.join(sorted(input.secrets))} on Fly app {app}"
-        try:
+        with self._fly_errors(action):
             # What the app had before, so that a failed deploy removes only what it added.
             existing = {s.name for s in await self._fly.list_secrets(app)}
             fly_version = await self._fly.set_secrets(
                 app, {n: parameters[p].get("Value", "") for n, p in input.secrets.items()}
             )
-        except FlyUnauthorized as exc:
-            self._credentials.invalidate()
-            raise to_application_error(exc, action=action) from None
-        except FlyError as exc:
-            raise to_application_error(exc, action=action) from None
         result = AppSecretsResult(
             secrets=[
                 SecretVersion(name=n, parameter=p, version=parameters[p].get("Version", 0))
@@ -134,17 +131,12 @@ class AppSecretActivities:
                 )
             values[wanted.name] = parameter.get("Value", "")
         removed: list[str] = []
-        try:
+        with self._fly_errors(action):
             if values:
                 await self._fly.set_secrets(app, values)
             for name in sorted(set(input.remove) - set(values)):
                 if await self._fly.unset_secret(app, name) is not None:
                     removed.append(name)
-        except FlyUnauthorized as exc:
-            self._credentials.invalidate()
-            raise to_application_error(exc, action=action) from None
-        except FlyError as exc:
-            raise to_application_error(exc, action=action) from None
         result = RestoreSecretsResult(
             restored=sorted(input.secrets, key=lambda s: s.name), removed=removed
         )
@@ -156,6 +148,17 @@ class AppSecretActivities:
             f"; removed {', '.join(removed)}" if removed else "",
         )
         return result
+
+    @contextlib.contextmanager
+    def _fly_errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except FlyUnauthorized as exc:
+            # The cached token is rejected: make the next attempt re-read it.
+            self._credentials.invalidate()
+            raise to_application_error(exc, action=action) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
 
     async def _read(self, names: list[str]) -> list[ParameterTypeDef]:
         """The parameters that exist among `names` (or `name:version` selectors), decrypted.

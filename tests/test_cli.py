@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 from click.testing import CliRunner
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from turbodeploy import embedded
@@ -335,6 +335,61 @@ async def test_cancel_a_running_deploy(
     assert status["record"]["status"] == "cancelled"
     again = await cli("cancel", project_id)
     assert again.code == 1 and "no deploy" in again.err
+
+
+async def test_terminate_records_the_open_deployments_and_retry_converges(
+    cli: Callable[..., Any],
+    worker: None,
+    temporal_client: Client,
+    project_id: str,
+    repo: str,
+    flysim: Any,
+) -> None:
+    app = f"turbobackend-{project_id}"
+    first = await cli(
+        "deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST,
+        "--wait", "--json", "--poll-interval", "0.02",
+    )  # fmt: skip
+    assert first.code == 0, first.err
+    good = first.json()["deployment_id"]
+    flysim.config.unhealthy_images.add(IMAGE_2)
+    slow = json.dumps({**json.loads(FAST), "machine_wait_timeout": 60, "health_deadline": 60})
+    started = await cli(
+        "deploy", project_id, "--repo", repo, "--image", IMAGE_2, "--timings", slow, "--json"
+    )  # fmt: skip
+    assert started.code == 0, started.err
+    stuck = started.json()["deployment_id"]
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    for _ in range(500):
+        progress = await handle.query("progress", result_type=DeployProgress)
+        if progress.step in ("rollout", "health"):
+            break
+        await asyncio.sleep(0.02)
+    assert progress.step in ("rollout", "health")
+
+    assert (await cli("terminate", project_id)).code == 2, "a reason is required"
+    assert (await cli("terminate", project_id, "--reason", "  ")).code == 2
+    run = await cli("terminate", project_id, "--reason", "stuck at 3am", "--json")
+    assert run.code == 0, run.err
+    out = run.json()
+    assert out["terminated"] is True and out["closed"] == [stuck]
+    assert out["last_good_release"] == good
+    assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
+
+    status = await cli("status", project_id, "--json")
+    assert status.code == 1, "a terminated deploy is a failed one"
+    record = status.json()["record"]
+    assert record["deployment_id"] == stuck and record["status"] == "failed"
+    assert "terminated by an operator: stuck at 3am" in record["error"]
+    again = await cli("terminate", project_id, "--reason", "twice")
+    assert again.code == 1 and "no deploy" in again.err
+
+    # No cleanup ran; a retry of the same request, healthy this time, converges.
+    flysim.config.unhealthy_images.discard(IMAGE_2)
+    retried = await cli("retry", project_id, "--wait", "--json", "--poll-interval", "0.02")
+    assert retried.code == 0, retried.err + retried.out
+    assert retried.json()["image"] == IMAGE_2
+    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE_2}
 
 
 async def test_invalid_input_exits_2_and_nothing_starts(

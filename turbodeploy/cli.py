@@ -697,6 +697,73 @@ def cancel(project_id: str, as_json: bool) -> None:
     _run(_cancel())
 
 
+@main.command()
+@click.argument("project_id")
+@click.option("--reason", required=True, help="Why: kept in the history and the records.")
+@_json_option
+def terminate(project_id: str, reason: str, as_json: bool) -> None:
+    """End the running deploy of PROJECT_ID at once, with no cleanup (last resort).
+
+    Use `cancel` whenever a worker can run: it puts the previous release back. Terminate
+    leaves machines as the deploy left them (leases expire on their own) and records the
+    run's open deployments as failed, so the platform does not wait on them.
+    """
+    _project(project_id)
+    settings = _settings()
+    reason = reason.strip()
+    if not reason:
+        _fail("--reason must say why", EXIT_INVALID)
+
+    async def _terminate() -> None:
+        from turbodeploy.client import DeployError, terminate_deploy
+
+        client = await _client(settings)
+        try:
+            run_id = await terminate_deploy(client, project_id, f"{reason} (turbodeploy terminate)")
+        except DeployError as exc:
+            _fail(str(exc))
+        except RPCError as exc:
+            _fail(f"cannot terminate the deploy of {project_id}: {exc.message}")
+        error = (
+            f"terminated by an operator: {reason}; no cleanup ran, so the app's machines are "
+            "as the deploy left them: deploy again or roll back to converge"
+        )
+        closed: list[str] = []
+        last_good: str | None = None
+        if settings.database_url:
+
+            async def close(store: DeploymentStore) -> None:
+                nonlocal closed, last_good
+                rows = await store.close_run(project_id, run_id, error)
+                closed = [r.deployment_id for r in rows]
+                release = await store.last_good_release(project_id)
+                last_good = release.deployment_id if release else None
+
+            await _with_store(settings, close)
+        if _json_output:
+            _print_json(
+                {
+                    "project_id": project_id,
+                    "run_id": run_id,
+                    "terminated": True,
+                    "closed": closed,
+                    "last_good_release": last_good,
+                }
+            )
+            return
+        click.echo(f"terminated run {run_id} of deploy-{project_id}")
+        for deployment_id in closed:
+            click.echo(f"  {deployment_id} recorded as failed")
+        click.echo("machines are as the deploy left them; leases expire on their own. Next:")
+        click.echo(f"  turbodeploy retry {project_id}      # deploy the last request again")
+        if last_good:
+            click.echo(
+                f"  turbodeploy rollback {project_id} --to {last_good}  # the last good release"
+            )
+
+    _run(_terminate())
+
+
 async def _with_store(
     settings: Settings, query: Callable[[DeploymentStore], Coroutine[Any, Any, T]]
 ) -> T:

@@ -289,6 +289,21 @@ def _time(message: Any, field: str) -> datetime | None:
     return value
 
 
+async def terminate_deploy(client: Client, project_id: str, reason: str) -> str:
+    """End the running deploy at once, without any cleanup; returns the run id.
+
+    The last resort, for a run whose cleanup cannot run (a workflow task failing on every
+    attempt): machines stay as the deploy left them and leases expire on their own. The
+    caller closes the run's open records (`DeploymentStore.close_run`).
+    """
+    handle = deploy_handle(client, project_id)
+    description = await handle.describe()
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        raise DeployError(f"no deploy of project {project_id} is running")
+    await client.get_workflow_handle(handle.id, run_id=description.run_id).terminate(reason=reason)
+    return description.run_id
+
+
 async def cancel_deploy(client: Client, project_id: str) -> None:
     """Stop the running deploy: the previous release is put back, queued requests are
     dropped, the records say `cancelled`, and the run ends CANCELED."""

@@ -73,6 +73,13 @@ _TEMPLATES = {
         " WHERE deployment_id = $1 AND status IN {open}"
         " RETURNING {columns}"
     ),
+    # Every deployment a run left open, when the run ended without recording them.
+    "close_run": (
+        "UPDATE {schema}.project_deployments SET status = 'failed', error = $3,"
+        " last_updated = {now}, finished_at = {now}"
+        " WHERE project_id = $1 AND run_id = $2 AND status IN {open}"
+        " RETURNING {columns}"
+    ),
     "get": "SELECT {columns} FROM {schema}.project_deployments WHERE deployment_id = $1",
     "history": (
         "SELECT {columns} FROM {schema}.project_deployments WHERE project_id = $1"
@@ -142,6 +149,7 @@ class Queries:
     record_started: str
     record_queued: str
     record_result: str
+    close_run: str
     get: str
     history: str
     record_release: str

@@ -265,6 +265,13 @@ class DeploymentStore:
             )
         return existing
 
+    async def close_run(self, project_id: str, run_id: str, error: str) -> list[DeploymentRow]:
+        """Record as `failed`, with `error`, every deployment the run left `deploying` or
+        `queued`: for a run that was terminated, whose own cleanup never ran."""
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            records = await conn.fetch(self._sql.close_run, project_id, run_id, clean_error(error))
+        return [_to_row(r) for r in records]
+
     async def get(self, deployment_id: str) -> DeploymentRow | None:
         return await self._fetchrow(self._sql.get, deployment_id)
 

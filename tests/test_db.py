@@ -245,6 +245,35 @@ async def test_a_queued_row_becomes_deploying_and_never_goes_back(
         await store.record_queued(**{**fields(other), "project_id": "someone-else"})
 
 
+async def test_close_run_fails_only_the_open_rows_of_that_run(
+    store: DeploymentStore, project_id: str
+) -> None:
+    done, running, other_run = _deployment_id(), _deployment_id(), _deployment_id()
+    await _start(store, project_id, done)
+    await store.record_result(done, DeployStatus.DEPLOYED, "abc", "img:1", ["m1"], None)
+    await _start(store, project_id, running)
+    queued = _deployment_id()
+    await store.record_queued(
+        deployment_id=queued,
+        project_id=project_id,
+        app_name=f"turbobackend-{project_id}",
+        url=f"https://turbobackend-{project_id}.fly.dev",
+        workflow_id=f"deploy-{project_id}",
+        run_id="r1",
+    )
+    await _start(store, project_id, other_run, run="r2")
+
+    closed = await store.close_run(project_id, "r1", "terminated by an operator: stuck")
+    assert sorted(r.deployment_id for r in closed) == sorted([running, queued])
+    for row in closed:
+        assert row.status is DeployStatus.FAILED and row.finished_at is not None
+        assert row.error == "terminated by an operator: stuck"
+    assert (await store.get(done)).status is DeployStatus.DEPLOYED  # type: ignore[union-attr]
+    assert (await store.get(other_run)).status is DeployStatus.DEPLOYING  # type: ignore[union-attr]
+    assert await store.close_run(project_id, "r1", "again") == []
+    assert await store.close_run("another-project", "r2", "not its run") == []
+
+
 async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(
     store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
 ) -> None:

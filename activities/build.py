@@ -36,8 +36,9 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -195,14 +196,28 @@ class BuildActivities:
             args.append(f"--image={_check_image(input.image)}")
         wait = max(1, round(input.timings.machine_wait_timeout.total_seconds()))
         args += [f"--image-label={label}", f"--wait-timeout={wait}s", "--yes"]
+        if input.machine_count == 1:
+            # flyctl's first deploy of a service makes a spare machine unless told not to.
+            args.append("--ha=false")
         what = f"flyctl deploy of Fly app {input.app_name} at {input.commit_sha[:12]}"
         run = await self._run_at_commit(input.repo_url, input.commit_sha, args, what=what)
-        machine_ids = await self._app_machines(input.app_name) or run.machine_ids
+        excerpt = run.excerpt()
+        listed = await self._app_machines(input.app_name)
+        if listed and len(listed) != input.machine_count:
+            # flyctl deploy keeps an app's machine count; the request's count is set apart.
+            scale = ["scale", "count", str(input.machine_count), f"--app={input.app_name}"]
+            scale += [f"--wait-timeout={wait}s", "--yes"]
+            scaled = await self._run_anywhere(
+                scale, what=f"flyctl scale count {input.machine_count} of {input.app_name}"
+            )
+            excerpt = f"{excerpt}\n{scaled.excerpt()}".strip()
+            listed = await self._app_machines(input.app_name)
+        machine_ids = listed or run.machine_ids
         activity.logger.info("%s finished: machines %s", what, ", ".join(machine_ids) or "-")
         return FlyctlDeployResult(
             image=input.image or run.pushed_image(input.app_name, label),
             machine_ids=machine_ids,
-            output_excerpt=run.excerpt(),
+            output_excerpt=excerpt,
         )
 
     # ---------------------------------------------------------------------------- running
@@ -210,24 +225,41 @@ class BuildActivities:
     async def _run_at_commit(
         self, repo_url: str, sha: str, args: Sequence[str], *, what: str
     ) -> _Output:
-        output = _Output()
-        beat = asyncio.create_task(_heartbeat_forever(output))
-        try:
+        async def in_checkout(output: _Output) -> int:
             output.step = "fetching the commit"
             activity.heartbeat(output.progress())
             try:
                 async with gitrepo.cloned_commit(
                     repo_url, sha, work_dir=self._settings.work_dir or None
                 ) as checkout:
-                    token = await self._credentials.fly_token()
-                    output.secrets = _secret_forms(token)
-                    output.step = "running flyctl"
-                    activity.heartbeat(output.progress())
-                    code = await self._flyctl_run(args, checkout.path, token, output)
+                    return await self._flyctl_with_token(args, checkout.path, output)
             except gitrepo.GitError as exc:
                 raise ApplicationError(
                     f"{what}: {exc}", type="GitError", non_retryable=not exc.retryable
                 ) from None
+
+        return await self._run(in_checkout, what=what)
+
+    async def _run_anywhere(self, args: Sequence[str], *, what: str) -> _Output:
+        """flyctl for a command that reads no checkout (`scale count`)."""
+        # The system's temporary folder: it exists, and flyctl reads nothing from it.
+        cwd = Path(tempfile.gettempdir())
+        return await self._run(lambda output: self._flyctl_with_token(args, cwd, output), what=what)
+
+    async def _flyctl_with_token(self, args: Sequence[str], cwd: Path, output: _Output) -> int:
+        token = await self._credentials.fly_token()
+        output.secrets = _secret_forms(token)
+        output.step = "running flyctl"
+        activity.heartbeat(output.progress())
+        return await self._flyctl_run(args, cwd, token, output)
+
+    async def _run(self, body: Callable[[_Output], Awaitable[int]], *, what: str) -> _Output:
+        """Run `body` (which runs flyctl) with heartbeats of its output; a non-zero exit
+        becomes a clear error."""
+        output = _Output()
+        beat = asyncio.create_task(_heartbeat_forever(output))
+        try:
+            code = await body(output)
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -16,6 +16,9 @@ prints build-like lines.
         "builds" as above unless --image, then creates the app's first machines or updates
         the existing ones one at a time (leased), waiting for each to start and pass its
         checks; machine metadata as flyctl sets it
+    python -m flysim.flyctl scale count N --app A --yes
+        creates (a copy of the newest machine's config, in its region) or destroys machines
+        of the app's process group until it has N
     python -m flysim.flyctl version
 
 The token comes from FLY_ACCESS_TOKEN, else FLY_API_TOKEN (flyctl's order), and is never
@@ -115,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         deploy.add_argument(flag, action=argparse.BooleanOptionalAction, default=False)
     deploy.add_argument("-y", "--yes", action=argparse.BooleanOptionalAction, default=False)
     deploy.add_argument("--ha", action=argparse.BooleanOptionalAction, default=True)
+    scale = commands.add_parser("scale")
+    scale_commands = scale.add_subparsers(dest="scale_command", required=True, parser_class=_Parser)
+    count = scale_commands.add_parser("count")
+    count.add_argument("count", type=int)
+    count.add_argument("-a", "--app", required=True)
+    count.add_argument("-y", "--yes", action=argparse.BooleanOptionalAction, default=False)
+    count.add_argument("--wait-timeout")
     return parser
 
 
@@ -275,6 +285,44 @@ async def _deploy(out: _Console, args: argparse.Namespace, token: str, base_url:
         if args.build_only:
             return
         await _release(out, fly, app, doc, fly_toml, image, ha=args.ha, wait=wait)
+
+
+async def _scale_count(out: _Console, args: argparse.Namespace, token: str, base_url: str) -> None:
+    """`flyctl scale count N`: the process group gets N machines, new ones as copies of
+    the newest one, surplus ones (the newest first) destroyed."""
+    if args.count < 0:
+        raise _Failure("count must be 0 or more")
+    if not args.yes:
+        raise _Failure("refusing to scale without --yes in a non-interactive session")
+    app, wait = str(args.app), _wait_seconds(args.wait_timeout)
+    async with FlyClient(base_url, token, user_agent=f"fly-cli/{VERSION}") as fly:
+        await _find_app(fly, app)
+        machines = sorted(
+            (m for m in await fly.list_machines(app) if _in_group(m)),
+            key=lambda m: (m.created_at or "", m.id),
+        )
+        delta = args.count - len(machines)
+        if delta == 0:
+            out.say(f"App '{app}' already has {args.count} machines in group '{PROCESS_GROUP}'")
+            return
+        if delta > 0 and not machines:
+            raise _Failure(
+                f"there are no machines in group '{PROCESS_GROUP}' to copy; deploy first"
+            )
+        region = (machines[-1].region if machines else None) or "iad"
+        out.say(f"App '{app}' is going to be scaled according to this plan:")
+        out.say(f"  {delta:+d} machines for group '{PROCESS_GROUP}' on region '{region}'")
+        out.say("Executing scale plan")
+        if delta > 0:
+            template = machines[-1]
+            for _ in range(delta):
+                created = await fly.create_machine(app, dict(template.config), region)
+                out.say(f"  Created {created.id} group:{PROCESS_GROUP} region:{region}")
+                await _wait_ready(out, fly, app, created, template.config, wait)
+        else:
+            for machine in reversed(machines[delta:]):
+                await fly.delete_machine(app, machine.id, force=True)
+                out.say(f"  Destroyed {machine.id} group:{PROCESS_GROUP} region:{machine.region}")
 
 
 async def _find_app(fly: FlyClient, app: str) -> None:
@@ -449,7 +497,10 @@ async def _run(out: _Console, args: argparse.Namespace, token: str, base_url: st
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, interrupt, signum)
     try:
-        await _deploy(out, args, token, base_url)
+        if args.command == "scale":
+            await _scale_count(out, args, token, base_url)
+        else:
+            await _deploy(out, args, token, base_url)
     except asyncio.CancelledError:
         if not interrupted:
             raise

@@ -162,6 +162,7 @@ def settings(
         fly_api_base_url=flysim.base_url,
         app_url_template=flysim.app_url_template,
         work_dir=str(tmp_path / "work"),
+        flyctl_path=str(embedded.flyctl_standin(tmp_path / "flyctl-bin")),
         # The shared request budget has tests of its own (test_faults.py).
         fly_api_rate=0,
     )

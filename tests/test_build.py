@@ -22,6 +22,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.build import BuildActivities, FlyctlProgress, flaps_base_url
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
+from turbodeploy import embedded
 from turbodeploy.dockerfile import render_dockerfile
 from turbodeploy.flytoml import render_fly_toml
 from turbodeploy.models import (
@@ -133,8 +134,7 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 @pytest.fixture
 def bin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory first on PATH whose `flyctl` runs the stand-in."""
-    path = tmp_path / "bin"
-    write_shim(path, f'exec "{sys.executable}" -m flysim.flyctl "$@"\n')
+    path = embedded.flyctl_standin(tmp_path / "bin").parent
     monkeypatch.setenv("PATH", f"{path}{os.pathsep}{os.environ['PATH']}")
     return path
 
@@ -212,7 +212,12 @@ def build_input(app_name: str, repo_url: str, sha: str, deployment_id: str = "d-
 
 
 def deploy_input(
-    app_name: str, repo_url: str, sha: str, deployment_id: str = "d-1", image: str | None = None
+    app_name: str,
+    repo_url: str,
+    sha: str,
+    deployment_id: str = "d-1",
+    image: str | None = None,
+    machine_count: int = 2,
 ) -> FlyctlDeployInput:
     return FlyctlDeployInput(
         deployment_id=deployment_id,
@@ -220,6 +225,7 @@ def deploy_input(
         repo_url=repo_url,
         commit_sha=sha,
         image=image,
+        machine_count=machine_count,
         timings=TIMINGS,
     )
 
@@ -351,6 +357,56 @@ async def test_flyctl_deploy_creates_then_updates_machines(
     assert {m.metadata["fly_release_version"] for m in updated} == {"2"}
     assert "update finished: success" in second.output_excerpt
     assert f"--image={prebuilt}" in invocations(argv_log)[1]["argv"]
+
+
+async def test_flyctl_deploy_keeps_the_requested_machine_count(
+    bin_dir: Path,
+    argv_log: Path,
+    credentials: CredentialStore,
+    settings: Settings,
+    run: Run,
+    repo: tuple[Repo, str],
+    app_name: str,
+    fly: FlyClient,
+) -> None:
+    remote, sha = repo
+    activities = BuildActivities(credentials, settings, fly=fly)
+    image = "registry.fly.io/someone:v1"
+
+    one = await run.env.run(
+        activities.flyctl_deploy,
+        deploy_input(app_name, remote.url, sha, image=image, machine_count=1),
+    )
+    assert len(one.machine_ids) == 1 == len(await app_machines(fly, app_name))
+    assert "--ha=false" in invocations(argv_log)[0]["argv"]
+
+    # flyctl deploy updates the one machine; `scale count` adds two copies of it.
+    newer = "registry.fly.io/someone:v2"
+    three = await run.env.run(
+        activities.flyctl_deploy,
+        deploy_input(app_name, remote.url, sha, "d-2", image=newer, machine_count=3),
+    )
+    machines = await app_machines(fly, app_name)
+    assert sorted(three.machine_ids) == sorted(m.id for m in machines) and len(machines) == 3
+    assert one.machine_ids[0] in three.machine_ids
+    assert {m.image for m in machines} == {newer}
+    assert {m.state for m in machines} == {"started"}
+    assert {m.metadata["fly_process_group"] for m in machines} == {"app"}
+    assert invocations(argv_log)[-1]["argv"] == [
+        "scale", "count", "3", f"--app={app_name}", "--wait-timeout=10s", "--yes",
+    ]  # fmt: skip
+    assert "Created" in three.output_excerpt
+
+    # And back down: the oldest machine is the one kept.
+    back = await run.env.run(
+        activities.flyctl_deploy,
+        deploy_input(app_name, remote.url, sha, "d-3", image=image, machine_count=1),
+    )
+    assert back.machine_ids == one.machine_ids
+    [kept] = await app_machines(fly, app_name)
+    assert kept.image == image
+    calls = [i["argv"][:3] for i in invocations(argv_log)]
+    assert calls.count(["scale", "count", "3"]) == 1 and calls[-1] == ["scale", "count", "1"]
 
 
 # ----------------------------------------------------------------------------- secrecy

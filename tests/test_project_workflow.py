@@ -272,6 +272,40 @@ async def test_rollbacks_put_the_secrets_back(
     assert runtime_env(app)["TOKEN"] == new
 
 
+async def test_a_build_and_the_flyctl_strategy_run_through_the_workflow(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+) -> None:
+    tq = settings.task_queue
+    # No image: flyctl (the stand-in) builds the committed sha, the workflow rolls it out.
+    built = await (
+        await start_deploy(temporal_client, make_request(image=None), task_queue=tq)
+    ).result()
+    app = built.app_name
+    assert built.image == f"registry.fly.io/{app}:{built.deployment_id}"
+    assert [m["config"]["image"] for m in machines(flysim, app)] == [built.image]
+    assert serving_image(flysim, app) == built.image
+
+    # The whole deploy handed to flyctl, with the request's machine count kept.
+    handed = await (
+        await start_deploy(
+            temporal_client,
+            make_request(image=None, strategy="flyctl", machine_count=3),
+            task_queue=tq,
+        )
+    ).result()
+    assert handed.image == f"registry.fly.io/{app}:{handed.deployment_id}"
+    running = machines(flysim, app)
+    assert sorted(m["id"] for m in running) == sorted(handed.machine_ids)
+    assert len(running) == 3 and {m["config"]["image"] for m in running} == {handed.image}
+    assert serving_image(flysim, app) == handed.image
+    recorded = await rows(settings, built.project_id)
+    assert [recorded[d.deployment_id]["status"] for d in (built, handed)] == ["deployed"] * 2
+
+
 async def test_cancel_with_the_temporal_cli_cleans_up(
     temporal_client: Client,
     temporal_env: Any,

@@ -34,8 +34,9 @@ from workflows import DeployProjectWorkflow
 HISTORIES = Path(__file__).absolute().parent / "histories"
 UPDATE = os.environ.get("TURBODEPLOY_UPDATE_HISTORIES") == "1"
 BROKEN_IMAGE = "registry.fly.io/turbobackend-test:broken"
-# Representative runs: (name, request overrides, emulator setup).
-RUNS = ("success", "app_name_taken", "health_failure")
+# Representative runs; `secrets_rollback` is a failed release whose changed secret is put
+# back (the second deploy of its project).
+RUNS = ("success", "app_name_taken", "health_failure", "secrets_rollback")
 
 
 def _replayer() -> Replayer:
@@ -69,7 +70,9 @@ async def fresh_histories(
             task = asyncio.create_task(w.run())
             try:
                 for name in RUNS:
-                    histories[name] = await _run(temporal_client, settings, flysim, tmp, name)
+                    histories[name] = await _run(
+                        temporal_client, settings, flysim, tmp, name, ssm_endpoint
+                    )
             finally:
                 await w.shutdown()
                 await task
@@ -86,18 +89,29 @@ async def fresh_histories(
 
 
 async def _run(
-    client: Client, settings: Settings, flysim: Any, tmp: Path, name: str
+    client: Client, settings: Settings, flysim: Any, tmp: Path, name: str, ssm_endpoint: str
 ) -> WorkflowHistory:
+    import boto3
     import httpx
 
     project_id = f"replay-{name.replace('_', '-')}-{uuid.uuid4().hex[:6]}"
-    image = BROKEN_IMAGE if name == "health_failure" else IMAGE
+    image = BROKEN_IMAGE if name in ("health_failure", "secrets_rollback") else IMAGE
     request = DeployRequest(
         project_id=project_id,
         repo_url=publish_example("nitro-hello", tmp / f"repos-{name}"),
         image=image,
         timings=fast_timings(),
     )
+    if name == "secrets_rollback":
+        ssm = boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
+        parameter = f"/replay/{project_id}/token"
+        ssm.put_parameter(Name=parameter, Value="first", Type="SecureString")
+        first = request.model_copy(update={"image": IMAGE, "secrets": {"TOKEN": parameter}})
+        await (await start_deploy(client, first, task_queue=settings.task_queue)).result()
+        ssm.put_parameter(Name=parameter, Value="second", Type="SecureString", Overwrite=True)
+        request = DeployRequest.model_validate(
+            request.model_dump(exclude={"deployment_id"}) | {"secrets": {"TOKEN": parameter}}
+        )
     if name == "app_name_taken":
         other = f"FlyV1 fm2_replay-{uuid.uuid4().hex}"
         flysim.config.tokens[other] = "someone-else"
@@ -112,7 +126,10 @@ async def _run(
     else:
         with pytest.raises(DEPLOY_FAILURES):
             await handle.result()
-    return await workflow_of(handle).fetch_history()
+    history = await workflow_of(handle).fetch_history()
+    if name == "secrets_rollback":
+        assert "restore_app_secrets" in json.dumps(history.to_json_dict())
+    return history
 
 
 @pytest.mark.parametrize("name", RUNS)

@@ -171,6 +171,16 @@ def start_moto(port: int | None = None) -> MotoServer:
     return MotoServer(f"http://127.0.0.1:{port}", server)
 
 
+def flyctl_standin(bin_dir: Path) -> Path:
+    """An executable `flyctl` in `bin_dir` that runs the stand-in (`flysim/flyctl.py`) with
+    this Python: builds are simulated and deploys drive the emulator. It is not flyctl."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "flyctl"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m flysim.flyctl "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 def generate_fly_token() -> str:
     """A token shaped like a real Fly macaroon token, for the demo and tests."""
     import secrets

@@ -620,6 +620,7 @@ class FlyctlDeployInput(_Model):
     repo_url: str
     commit_sha: str
     image: str | None = None
+    machine_count: int = 1
     timings: DeployTimings = Field(default_factory=DeployTimings)
 
 

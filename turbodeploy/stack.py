@@ -93,6 +93,8 @@ async def embedded_stack(
             fly_api_base_url=sim.base_url,
             app_url_template=sim.app_url_template,
             work_dir=str(state_dir / "work"),
+            # The emulator has no builders: flyctl here is the stand-in that drives it.
+            flyctl_path=str(embedded.flyctl_standin(state_dir / "bin")),
         )
         client = await Client.connect(
             settings.temporal_address,
@@ -154,6 +156,7 @@ async def run_stack(
         _say(f"PostgreSQL:   {s.database_url}")
         _say(f"SSM (moto):   {s.aws_endpoint_url}")
         _say(f"Fly API:      {s.fly_api_base_url}  (apps at {s.app_url('<app>')})")
+        _say(f"flyctl:       {s.flyctl_path}  (the stand-in: builds are simulated)")
         if metrics_bind:
             _say(f"Metrics:      http://{metrics_bind}/metrics")
         _say(f"Logs:         {stack.state_dir / 'logs'}, {stack.state_dir / 'stack.log'}")

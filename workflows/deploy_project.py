@@ -347,6 +347,7 @@ class DeployProjectWorkflow:
                     repo_url=request.repo_url,
                     commit_sha=config.commit_sha,
                     image=d.image,
+                    machine_count=request.machine_count,
                     timings=timings,
                 ),
                 FlyctlDeployResult,

@@ -107,6 +107,17 @@ def cli(settings: Settings) -> Callable[..., Any]:
     return run
 
 
+async def wait_for_rollout(handle: Any) -> None:
+    """Until the deploy is rolling out or checking health: a slow, unhealthy image keeps
+    it there."""
+    for _ in range(500):
+        progress = await handle.query("progress", result_type=DeployProgress)
+        if progress.step in ("rollout", "health"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the deploy never reached the rollout; it is at {progress.step}")
+
+
 def machines(flysim: Any, app: str) -> list[dict[str, Any]]:
     return [
         m for m in flysim.snapshot()["machines"] if m["app"] == app and m["state"] != "destroyed"
@@ -317,12 +328,7 @@ async def test_cancel_a_running_deploy(
     assert started.code == 0, started.err
     assert started.json()["workflow_id"] == f"deploy-{project_id}"
     handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
-    for _ in range(500):
-        progress = await handle.query("progress", result_type=DeployProgress)
-        if progress.step in ("rollout", "health"):
-            break
-        await asyncio.sleep(0.02)
-    assert progress.step in ("rollout", "health")
+    await wait_for_rollout(handle)
     await asyncio.sleep(0.3)
 
     run = await cli("cancel", project_id, "--json")
@@ -360,12 +366,7 @@ async def test_terminate_records_the_open_deployments_and_retry_converges(
     assert started.code == 0, started.err
     stuck = started.json()["deployment_id"]
     handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
-    for _ in range(500):
-        progress = await handle.query("progress", result_type=DeployProgress)
-        if progress.step in ("rollout", "health"):
-            break
-        await asyncio.sleep(0.02)
-    assert progress.step in ("rollout", "health")
+    await wait_for_rollout(handle)
 
     assert (await cli("terminate", project_id)).code == 2, "a reason is required"
     assert (await cli("terminate", project_id, "--reason", "  ")).code == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.models import DeployRequest, DeployStatus, DeployStep
+from turbodeploy.models import DeployRequest, DeployResult, DeployStatus, DeployStep
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 
@@ -65,6 +65,34 @@ def make_request(project_id: str, tmp_path: Path) -> Callable[..., DeployRequest
         return DeployRequest.model_validate(fields)
 
     return make
+
+
+Deploy = Callable[[DeployRequest], Awaitable[DeployResult]]
+Rollback = Callable[..., Awaitable[DeployResult]]
+
+
+@pytest.fixture
+def deploy(temporal_client: Client, settings: Settings) -> Deploy:
+    """Submit a request on the test's queue and wait for its result."""
+
+    async def run(request: DeployRequest) -> DeployResult:
+        handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
+        return await handle.result()
+
+    return run
+
+
+@pytest.fixture
+def rollback(temporal_client: Client, settings: Settings, project_id: str) -> Rollback:
+    """Roll the test's project back (to a named deployment) and wait for the result."""
+
+    async def run(to: str | None = None) -> DeployResult:
+        handle = await start_rollback(
+            temporal_client, project_id, to, timings=FAST, task_queue=settings.task_queue
+        )
+        return await handle.result()
+
+    return run
 
 
 async def rows(settings: Settings, project_id: str) -> dict[str, asyncpg.Record]:
@@ -113,19 +141,11 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
+    deploy: Deploy,
 ) -> None:
-    tq = settings.task_queue
-    await (
-        await start_deploy(temporal_client, make_request(machine_count=2), task_queue=tq)
-    ).result()
+    await deploy(make_request(machine_count=2))
     # A healthy release rolls out with the strategy.
-    good = await (
-        await start_deploy(
-            temporal_client,
-            make_request(image=V2, strategy=strategy, machine_count=2),
-            task_queue=tq,
-        )
-    ).result()
+    good = await deploy(make_request(image=V2, strategy=strategy, machine_count=2))
     assert serving_image(flysim, good.app_name) == V2
     assert {m["config"]["image"] for m in machines(flysim, good.app_name)} == {V2}
     assert leases(flysim, good.app_name) == []
@@ -134,7 +154,7 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     # An unhealthy one is rolled back: the previous release serves again.
     bad = make_request(image=BROKEN, strategy=strategy, machine_count=2)
     with pytest.raises(DeployFailed) as info:
-        await (await start_deploy(temporal_client, bad, task_queue=tq)).result()
+        await deploy(bad)
     assert info.value.result.status is DeployStatus.ROLLED_BACK
     assert info.value.result.error
 
@@ -150,24 +170,18 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
 
 
 async def test_manual_rollback_restores_an_older_release(
-    temporal_client: Client,
     settings: Settings,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
+    deploy: Deploy,
+    rollback: Rollback,
 ) -> None:
-    tq = settings.task_queue
-    one = await (await start_deploy(temporal_client, make_request(), task_queue=tq)).result()
-    two = await (
-        await start_deploy(
-            temporal_client, make_request(image=V2, env={"GREETING": "v2"}), task_queue=tq
-        )
-    ).result()
+    one = await deploy(make_request())
+    two = await deploy(make_request(image=V2, env={"GREETING": "v2"}))
     assert serving_image(flysim, two.app_name) == V2
 
-    back = await (
-        await start_rollback(temporal_client, one.project_id, timings=FAST, task_queue=tq)
-    ).result()
+    back = await rollback()
     assert back.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, one.app_name) == V1
     [machine] = machines(flysim, one.app_name)
@@ -176,11 +190,7 @@ async def test_manual_rollback_restores_an_older_release(
     assert leases(flysim, one.app_name) == []
 
     # And forward again to a named release.
-    again = await (
-        await start_rollback(
-            temporal_client, one.project_id, two.deployment_id, timings=FAST, task_queue=tq
-        )
-    ).result()
+    again = await rollback(two.deployment_id)
     assert again.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, one.app_name) == V2
     recorded = await rows(settings, one.project_id)
@@ -191,16 +201,16 @@ async def test_manual_rollback_restores_an_older_release(
 
 
 async def test_rollbacks_put_the_secrets_back(
-    temporal_client: Client,
     settings: Settings,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
     project_id: str,
+    deploy: Deploy,
+    rollback: Rollback,
 ) -> None:
     """Machines read the app's secrets when they boot, so a restored release must find the
     values it ran with, not the ones a failed or newer release set."""
-    tq = settings.task_queue
     ssm = boto3.client("ssm", endpoint_url=settings.aws_endpoint_url, region_name="us-east-1")
     token, extra = f"/apps/{project_id}/token", f"/apps/{project_id}/extra"
     old, new = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}"
@@ -215,9 +225,7 @@ async def test_rollbacks_put_the_secrets_back(
     def secret_names(app: str) -> list[str]:
         return [s["name"] for s in flysim.snapshot()["secrets"][app]["secrets"]]
 
-    one = await (
-        await start_deploy(temporal_client, make_request(secrets={"TOKEN": token}), task_queue=tq)
-    ).result()
+    one = await deploy(make_request(secrets={"TOKEN": token}))
     app = one.app_name
     assert runtime_env(app)["TOKEN"] == old
 
@@ -225,7 +233,7 @@ async def test_rollbacks_put_the_secrets_back(
     ssm.put_parameter(Name=token, Value=new, Type="SecureString", Overwrite=True)
     bad = make_request(image=BROKEN, secrets={"TOKEN": token, "EXTRA": extra})
     with pytest.raises(DeployFailed) as info:
-        await (await start_deploy(temporal_client, bad, task_queue=tq)).result()
+        await deploy(bad)
     assert info.value.result.status is DeployStatus.ROLLED_BACK, info.value.result.error
     assert "secrets not put back" not in (info.value.result.error or "")
     assert serving_image(flysim, app) == V1
@@ -234,37 +242,21 @@ async def test_rollbacks_put_the_secrets_back(
     assert secret_names(app) == ["TOKEN"]
 
     # A healthy release takes the new value; a manual rollback puts the old one back.
-    two = await (
-        await start_deploy(
-            temporal_client, make_request(image=V2, secrets={"TOKEN": token}), task_queue=tq
-        )
-    ).result()
+    two = await deploy(make_request(image=V2, secrets={"TOKEN": token}))
     assert runtime_env(app)["TOKEN"] == new
-    back = await (
-        await start_rollback(
-            temporal_client, project_id, one.deployment_id, timings=FAST, task_queue=tq
-        )
-    ).result()
+    back = await rollback(one.deployment_id)
     assert back.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, app) == V1
     assert runtime_env(app)["TOKEN"] == old
     # And forward again: the newer release's value comes back with it.
-    await (
-        await start_rollback(
-            temporal_client, project_id, two.deployment_id, timings=FAST, task_queue=tq
-        )
-    ).result()
+    await rollback(two.deployment_id)
     assert serving_image(flysim, app) == V2
     assert runtime_env(app)["TOKEN"] == new
 
     # A version SSM no longer has stops a manual rollback before any machine is touched.
     ssm.delete_parameter(Name=token)
     with pytest.raises(DeployFailed) as gone:
-        await (
-            await start_rollback(
-                temporal_client, project_id, one.deployment_id, timings=FAST, task_queue=tq
-            )
-        ).result()
+        await rollback(one.deployment_id)
     assert gone.value.result.status is DeployStatus.FAILED
     assert f"{token} has no version 1" in (gone.value.result.error or "")
     assert "secrets not put back" not in (gone.value.result.error or "")
@@ -273,30 +265,21 @@ async def test_rollbacks_put_the_secrets_back(
 
 
 async def test_a_build_and_the_flyctl_strategy_run_through_the_workflow(
-    temporal_client: Client,
     settings: Settings,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
+    deploy: Deploy,
 ) -> None:
-    tq = settings.task_queue
     # No image: flyctl (the stand-in) builds the committed sha, the workflow rolls it out.
-    built = await (
-        await start_deploy(temporal_client, make_request(image=None), task_queue=tq)
-    ).result()
+    built = await deploy(make_request(image=None))
     app = built.app_name
     assert built.image == f"registry.fly.io/{app}:{built.deployment_id}"
     assert [m["config"]["image"] for m in machines(flysim, app)] == [built.image]
     assert serving_image(flysim, app) == built.image
 
     # The whole deploy handed to flyctl, with the request's machine count kept.
-    handed = await (
-        await start_deploy(
-            temporal_client,
-            make_request(image=None, strategy="flyctl", machine_count=3),
-            task_queue=tq,
-        )
-    ).result()
+    handed = await deploy(make_request(image=None, strategy="flyctl", machine_count=3))
     assert handed.image == f"registry.fly.io/{app}:{handed.deployment_id}"
     running = machines(flysim, app)
     assert sorted(m["id"] for m in running) == sorted(handed.machine_ids)
@@ -313,9 +296,10 @@ async def test_cancel_with_the_temporal_cli_cleans_up(
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
+    deploy: Deploy,
 ) -> None:
     tq = settings.task_queue
-    first = await (await start_deploy(temporal_client, make_request(), task_queue=tq)).result()
+    first = await deploy(make_request())
 
     flysim.config.timing.start_delay = 2.0  # the rollout waits for the machine to start
     second = make_request(image=V2)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +310,61 @@ async def test_status_says_when_no_worker_polls_the_queue(
         assert f"no worker polls {settings.task_queue}" in table.out, table.out
     finally:
         await handle.terminate("test over")
+
+
+async def test_list_shows_every_project_and_filters_by_status(
+    cli: Callable[..., Any],
+    worker: None,
+    temporal_client: Client,
+    tmp_path: Path,
+    flysim: Any,
+) -> None:
+    good, bad, waiting = (f"l{uuid.uuid4().hex[:10]}" for _ in range(3))
+    flysim.config.unhealthy_images.add(IMAGE_2)
+    for project, image in ((good, IMAGE), (bad, IMAGE_2)):
+        repo = publish_example("nitro-hello", tmp_path / project)
+        run = await cli(
+            "deploy", project, "--repo", repo, "--image", image, "--timings", FAST,
+            "--wait", "--json", "--poll-interval", "0.02",
+        )  # fmt: skip
+        assert run.code == (0 if project == good else 1), run.err
+    # One more, submitted on a queue no worker polls: it stays running.
+    repo = publish_example("nitro-hello", tmp_path / waiting)
+    idle = {"TURBODEPLOY_TASK_QUEUE": f"idle-{uuid.uuid4().hex[:8]}"}
+    started = await cli("deploy", waiting, "--repo", repo, "--image", IMAGE, extra_env=idle)
+    assert started.code == 0, started.err
+    try:
+
+        async def listed(*args: str) -> dict[str, dict[str, Any]]:
+            run = await cli("list", "--json", *args)
+            assert run.code == 0, run.err
+            return {d["project_id"]: d for d in run.json()}
+
+        # The visibility store is updated a moment after each change.
+        for _ in range(100):
+            everything = await listed()
+            if {good, bad, waiting} <= set(everything) and everything[bad]["deploy_status"] in (
+                "failed",
+                "rolled_back",
+            ):
+                break
+            await asyncio.sleep(0.1)
+        assert everything[good]["deploy_status"] == "deployed"
+        assert everything[good]["workflow_status"] == "COMPLETED"
+        assert everything[good]["fly_app"] == f"turbobackend-{good}"
+        assert everything[bad]["deploy_status"] in ("failed", "rolled_back")
+        assert everything[waiting]["workflow_status"] == "RUNNING"
+
+        running = await listed("--running")
+        assert waiting in running and good not in running and bad not in running
+        deployed = await listed("--status", "deployed")
+        assert good in deployed and bad not in deployed and waiting not in deployed
+        assert (await cli("list", "--status", "bogus")).code == 2
+
+        table = await cli("list")
+        assert table.code == 0 and good in table.out and "deployed" in table.out
+    finally:
+        await temporal_client.get_workflow_handle(f"deploy-{waiting}").terminate("test over")
 
 
 async def test_cancel_a_running_deploy(

@@ -29,7 +29,13 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from turbodeploy.models import DeploymentRow, DeployProgress, DeployRequest, Strategy
+from turbodeploy.models import (
+    DeploymentRow,
+    DeployProgress,
+    DeployRequest,
+    DeployStatus,
+    Strategy,
+)
 from turbodeploy.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
 
     from turbodeploy.client import DeployHandle
     from turbodeploy.db import DeploymentStore
-    from turbodeploy.models import DeploymentRow, ReleaseRecord
+    from turbodeploy.models import ReleaseRecord
 
 T = TypeVar("T")
 
@@ -803,6 +809,52 @@ def _when(epoch: int | None) -> str:
     if epoch is None:
         return ""
     return datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds")
+
+
+@main.command(name="list")
+@click.option("--running", is_flag=True, help="Only deploys that are running now.")
+@click.option(
+    "--status",
+    type=click.Choice([s.value for s in DeployStatus]),
+    default=None,
+    help="Only projects whose latest deployment has this status.",
+)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@_json_option
+def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
+    """List the newest deploy runs of all projects, from the Temporal server."""
+    settings = _settings()
+
+    async def _list() -> None:
+        from turbodeploy.client import list_deploys
+
+        client = await _client(settings)
+        try:
+            found = await list_deploys(
+                client,
+                running=running,
+                status=DeployStatus(status) if status else None,
+                limit=limit,
+            )
+        except RPCError as exc:
+            _fail(f"cannot list deploys: {exc.message}")
+        if _json_output:
+            _print_json([d.model_dump(mode="json") for d in found])
+            return
+        table = Table("project", "deploy status", "workflow", "started", "for", "ui")
+        now = datetime.now(UTC)
+        for d in found:
+            table.add_row(
+                d.project_id,
+                d.deploy_status or "-",
+                d.workflow_status.lower(),
+                _when(int(d.started.timestamp())),
+                _duration(((d.closed or now) - d.started).total_seconds()),
+                settings.workflow_ui_link(d.workflow_id, d.run_id),
+            )
+        _table_console().print(table)
+
+    _run(_list())
 
 
 @main.command()

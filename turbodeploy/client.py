@@ -196,6 +196,54 @@ async def describe(client: Client, project_id: str) -> WorkflowExecutionDescript
     return await deploy_handle(client, project_id).describe()
 
 
+class DeploySummary(BaseModel):
+    """One project's deploy workflow run, as the server's visibility store lists it."""
+
+    project_id: str
+    workflow_id: str
+    run_id: str
+    workflow_status: str  # RUNNING, COMPLETED, FAILED, CANCELED, TERMINATED, ...
+    deploy_status: str | None  # the DeployStatus search attribute: the latest deployment's
+    fly_app: str | None
+    started: datetime
+    closed: datetime | None
+
+
+async def list_deploys(
+    client: Client,
+    *,
+    running: bool = False,
+    status: DeployStatus | None = None,
+    limit: int = 50,
+) -> list[DeploySummary]:
+    """The newest deploy runs of every project: only running ones, or only those whose
+    latest deployment has `status`, when asked."""
+    clauses = ["WorkflowType = 'DeployProjectWorkflow'"]
+    if running:
+        clauses.append("ExecutionStatus = 'Running'")
+    if status is not None:
+        # An enum member's value: never free text in the query.
+        clauses.append(f"DeployStatus = '{DeployStatus(status).value}'")
+    found: list[DeploySummary] = []
+    async for execution in client.list_workflows(" AND ".join(clauses), limit=limit):
+        attributes = execution.typed_search_attributes
+        found.append(
+            DeploySummary(
+                project_id=attributes.get(PROJECT_ID) or execution.id.removeprefix("deploy-"),
+                workflow_id=execution.id,
+                run_id=execution.run_id,
+                workflow_status=execution.status.name if execution.status else "UNKNOWN",
+                deploy_status=attributes.get(DEPLOY_STATUS),
+                fly_app=attributes.get(FLY_APP),
+                started=execution.start_time,
+                closed=execution.close_time,
+            )
+        )
+        if len(found) >= limit:
+            break
+    return found
+
+
 class PendingStep(BaseModel):
     """An activity the deploy waits for, as the server sees it: what a stuck deploy is
     stuck on, and why."""

@@ -22,8 +22,10 @@ from typing import Any
 import psutil
 import pytest
 from click.testing import CliRunner
+from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
+from temporalio.worker import Worker
 
 from turbodeploy import embedded
 from turbodeploy.cli import main as turbodeploy_cli
@@ -365,6 +367,52 @@ async def test_list_shows_every_project_and_filters_by_status(
         assert table.code == 0 and good in table.out and "deployed" in table.out
     finally:
         await temporal_client.get_workflow_handle(f"deploy-{waiting}").terminate("test over")
+
+
+@workflow.defn(name="DeployProjectWorkflow", sandboxed=False)
+class BrokenDeployWorkflow:
+    """Registered under the deploy workflow's name: code that fails on every workflow task,
+    as a release with a bug (or a change that breaks replay) would."""
+
+    @workflow.run
+    async def run(self, request: Any) -> None:
+        raise RuntimeError("this workflow code cannot run")
+
+
+async def test_status_shows_a_failing_workflow_task_and_terminate_ends_it(
+    cli: Callable[..., Any],
+    temporal_client: Client,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+) -> None:
+    async with Worker(
+        temporal_client, task_queue=settings.task_queue, workflows=[BrokenDeployWorkflow]
+    ):
+        started = await cli("deploy", project_id, "--repo", repo, "--image", IMAGE)
+        assert started.code == 0, started.err
+        handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+        for _ in range(200):
+            raw = (await handle.describe()).raw_description
+            if raw.pending_workflow_task.attempt >= 2:
+                break
+            await asyncio.sleep(0.05)
+
+        status = await cli("status", project_id, "--json")
+        assert status.code == 0, status.err
+        task = status.json()["workflow_task"]
+        assert task["attempt"] >= 2
+        assert "this workflow code cannot run" in task["last_failure"]
+        assert "unhandled_failure" in task["cause"]
+        assert status.json()["pending"] == []
+        table = await cli("status", project_id)
+        assert "failing, attempt" in table.out and "turbodeploy terminate" in table.out
+
+        # Cancel cannot help (cleanup is workflow code too); terminate ends it.
+        ended = await cli("terminate", project_id, "--reason", "broken release", "--json")
+        assert ended.code == 0, ended.err
+        assert ended.json()["closed"] == []
+        assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
 
 
 async def test_cancel_a_running_deploy(

@@ -580,6 +580,8 @@ async def _status(settings: Settings, project_id: str) -> None:
         # What a stuck deploy waits for: the server's view, which needs no worker.
         pending = await api.pending_steps(client, desc)
         info["pending"] = [step.model_dump(mode="json") for step in pending]
+        failing = await api.failing_workflow_task(client, desc)
+        info["workflow_task"] = failing.model_dump(mode="json") if failing else None
         with contextlib.suppress(RPCError):
             info["workers"] = (await api.pollers(client, desc.task_queue)).model_dump()
     if settings.database_url:
@@ -626,6 +628,18 @@ def _print_status(info: dict[str, Any]) -> None:
         table.add_row("url", r["url"])
         if r.get("error") and r["error"] != (p or {}).get("error"):
             table.add_row("error", r["error"])
+    if task := info.get("workflow_task"):
+        table.add_row(
+            "[red]workflow task[/red]",
+            f"[red]failing, attempt {task['attempt']}[/red] ({task['cause'] or 'unknown cause'})",
+        )
+        if task["last_failure"]:
+            table.add_row("  last failure", task["last_failure"])
+        table.add_row(
+            "  next",
+            "no step (and no cleanup) runs until a worker can run this code: deploy a fixed "
+            f"worker, or `turbodeploy terminate {info['project_id']} --reason ...`",
+        )
     for step in info.get("pending") or []:
         table.add_row("waiting on", _pending_line(step))
         if step["last_failure"]:
@@ -739,10 +753,15 @@ def terminate(project_id: str, reason: str, as_json: bool) -> None:
         if settings.database_url:
 
             async def close(store: DeploymentStore) -> None:
+                import asyncpg
+
                 nonlocal closed, last_good
-                rows = await store.close_run(project_id, run_id, error)
+                try:
+                    rows = await store.close_run(project_id, run_id, error)
+                    release = await store.last_good_release(project_id)
+                except asyncpg.UndefinedTableError:
+                    return  # no worker ever started here: nothing was recorded
                 closed = [r.deployment_id for r in rows]
-                release = await store.last_good_release(project_id)
                 last_good = release.deployment_id if release else None
 
             await _with_store(settings, close)

@@ -17,8 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.enums.v1 import (
+    PendingActivityState,
+    TaskQueueType,
+    WorkflowTaskFailedCause,
+)
 from temporalio.api.failure.v1 import Failure
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
@@ -259,6 +264,15 @@ class PendingStep(BaseModel):
     worker: str | None = None  # the identity of the worker that ran the last attempt
 
 
+class FailingWorkflowTask(BaseModel):
+    """The run's own code keeps failing: no activity runs until a worker can run it."""
+
+    attempt: int
+    cause: str | None = None  # the server's name for it, e.g. "unhandled_failure"
+    last_failure: str | None = None
+    worker: str | None = None
+
+
 class Pollers(BaseModel):
     """Workers seen polling a task queue lately, per kind of task."""
 
@@ -294,6 +308,37 @@ async def pending_steps(
             )
         )
     return steps
+
+
+async def failing_workflow_task(
+    client: Client, description: WorkflowExecutionDescription
+) -> FailingWorkflowTask | None:
+    """The workflow task when it has failed at least once, with the last failure from the
+    history; None while the run's code runs fine.
+
+    This is the deploy that `cancel` cannot help: cleanup is workflow code too. A worker
+    with code that runs it (a fixed release, or a `workflow.patched` branch) or
+    `turbodeploy terminate` ends it.
+    """
+    raw = description.raw_description
+    if not raw.HasField("pending_workflow_task") or raw.pending_workflow_task.attempt < 2:
+        return None
+    last: HistoryEvent | None = None
+    handle = client.get_workflow_handle(description.id, run_id=description.run_id)
+    async for event in handle.fetch_history_events():
+        if event.HasField("workflow_task_failed_event_attributes"):
+            last = event
+    trouble = FailingWorkflowTask(attempt=raw.pending_workflow_task.attempt)
+    if last is not None:
+        failed = last.workflow_task_failed_event_attributes
+        trouble.cause = (
+            WorkflowTaskFailedCause.Name(failed.cause)
+            .removeprefix("WORKFLOW_TASK_FAILED_CAUSE_")
+            .lower()
+        )
+        trouble.last_failure = _failure_text(failed.failure) if failed.HasField("failure") else None
+        trouble.worker = failed.identity or None
+    return trouble
 
 
 async def pollers(client: Client, task_queue: str) -> Pollers:

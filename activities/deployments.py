@@ -62,7 +62,14 @@ class DeploymentActivities:
     async def record_started(self, input: RecordStartInput) -> RecordStartResult:
         with _classified_errors():
             row = await self._store.record_started(**self._new_row(input))
+            orphans = await self._store.close_orphans(input.project_id, input.run_id)
             last = await self._store.last_good_outline(input.project_id)
+        for orphan in orphans:
+            activity.logger.warning(
+                "deployment %s of project %s was left open by an ended run; recorded as failed",
+                orphan.deployment_id,
+                orphan.project_id,
+            )
         if row.status is not DeployStatus.DEPLOYING:
             activity.logger.warning(
                 "deployment %s is already %s; its record is left as it is",

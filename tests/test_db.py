@@ -274,6 +274,27 @@ async def test_close_run_fails_only_the_open_rows_of_that_run(
     assert await store.close_run("another-project", "r2", "not its run") == []
 
 
+async def test_close_orphans_fails_the_open_rows_of_other_runs_only(
+    store: DeploymentStore, project_id: str
+) -> None:
+    done, left, current = _deployment_id(), _deployment_id(), _deployment_id()
+    await _start(store, project_id, done, run="r1")
+    await store.record_result(done, DeployStatus.DEPLOYED, "abc", "img:1", ["m1"], None)
+    await _start(store, project_id, left, run="r1")
+    other_project = f"{project_id}x"
+    elsewhere = _deployment_id()
+    await _start(store, other_project, elsewhere, run="r1")
+    await _start(store, project_id, current, run="r2")
+
+    [orphan] = await store.close_orphans(project_id, "r2")
+    assert orphan.deployment_id == left and orphan.status is DeployStatus.FAILED
+    assert "its workflow run r1 ended without recording" in (orphan.error or "")
+    assert (await store.get(current)).status is DeployStatus.DEPLOYING  # type: ignore[union-attr]
+    assert (await store.get(done)).status is DeployStatus.DEPLOYED  # type: ignore[union-attr]
+    assert (await store.get(elsewhere)).status is DeployStatus.DEPLOYING  # type: ignore[union-attr]
+    assert await store.close_orphans(project_id, "r2") == []
+
+
 async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(
     store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
 ) -> None:

@@ -289,6 +289,32 @@ async def test_a_build_and_the_flyctl_strategy_run_through_the_workflow(
     assert [recorded[d.deployment_id]["status"] for d in (built, handed)] == ["deployed"] * 2
 
 
+async def test_the_next_run_closes_what_a_bare_terminate_left_open(
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    deploy: Deploy,
+) -> None:
+    flysim.config.timing.start_delay = 2.0  # the rollout waits for the machine to start
+    stuck = make_request()
+    handle = await start_deploy(temporal_client, stuck, task_queue=settings.task_queue)
+    await wait_for_step(temporal_client, stuck.project_id, DeployStep.ROLLOUT)
+    # `temporal workflow terminate`: no cleanup, no record of the end.
+    await handle.workflow.terminate(reason="operator")
+    flysim.config.timing.start_delay = 0.0
+    assert (await rows(settings, stuck.project_id))[stuck.deployment_id]["status"] == "deploying"
+
+    after = await deploy(make_request(image=V2))
+    recorded = await rows(settings, stuck.project_id)
+    assert recorded[after.deployment_id]["status"] == "deployed"
+    left = recorded[stuck.deployment_id]
+    assert left["status"] == "failed" and left["finished_at"] is not None
+    assert f"its workflow run {handle.run_id} ended without recording" in left["error"]
+    assert serving_image(flysim, after.app_name) == V2
+
+
 async def test_cancel_with_the_temporal_cli_cleans_up(
     temporal_client: Client,
     temporal_env: Any,

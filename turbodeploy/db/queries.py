@@ -80,6 +80,16 @@ _TEMPLATES = {
         " WHERE project_id = $1 AND run_id = $2 AND status IN {open}"
         " RETURNING {columns}"
     ),
+    # Open deployments of the project's earlier runs: a project has one run at a time, so
+    # those runs ended without recording them (terminated, or timed out).
+    "close_orphans": (
+        "UPDATE {schema}.project_deployments SET status = 'failed',"
+        " error = 'its workflow run ' || COALESCE(run_id, '?') || ' ended without recording"
+        " a result (terminated or timed out); no cleanup ran',"
+        " last_updated = {now}, finished_at = {now}"
+        " WHERE project_id = $1 AND run_id IS DISTINCT FROM $2 AND status IN {open}"
+        " RETURNING {columns}"
+    ),
     "get": "SELECT {columns} FROM {schema}.project_deployments WHERE deployment_id = $1",
     "history": (
         "SELECT {columns} FROM {schema}.project_deployments WHERE project_id = $1"
@@ -150,6 +160,7 @@ class Queries:
     record_queued: str
     record_result: str
     close_run: str
+    close_orphans: str
     get: str
     history: str
     record_release: str

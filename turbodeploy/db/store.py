@@ -272,6 +272,16 @@ class DeploymentStore:
             records = await conn.fetch(self._sql.close_run, project_id, run_id, clean_error(error))
         return [_to_row(r) for r in records]
 
+    async def close_orphans(self, project_id: str, run_id: str) -> list[DeploymentRow]:
+        """Record as `failed` the open deployments of the project's runs other than `run_id`.
+
+        Called by a run when it starts a deployment: one run of a project exists at a time,
+        so an open row of another run was left by a run that ended without recording it.
+        """
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            records = await conn.fetch(self._sql.close_orphans, project_id, run_id)
+        return [_to_row(r) for r in records]
+
     async def get(self, deployment_id: str) -> DeploymentRow | None:
         return await self._fetchrow(self._sql.get, deployment_id)
 

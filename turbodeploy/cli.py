@@ -554,6 +554,7 @@ _FAILED_RUNS = frozenset(
 
 async def _status(settings: Settings, project_id: str) -> None:
     from turbodeploy import client as api
+    from turbodeploy import diagnostics
 
     client = await _client(settings)
     try:
@@ -578,12 +579,12 @@ async def _status(settings: Settings, project_id: str) -> None:
         info["progress"] = progress.model_dump(mode="json")
     if desc.status == WorkflowExecutionStatus.RUNNING:
         # What a stuck deploy waits for: the server's view, which needs no worker.
-        pending = await api.pending_steps(client, desc)
+        pending = await diagnostics.pending_steps(client, desc)
         info["pending"] = [step.model_dump(mode="json") for step in pending]
-        failing = await api.failing_workflow_task(client, desc)
+        failing = await diagnostics.failing_workflow_task(client, desc)
         info["workflow_task"] = failing.model_dump(mode="json") if failing else None
         with contextlib.suppress(RPCError):
-            info["workers"] = (await api.pollers(client, desc.task_queue)).model_dump()
+            info["workers"] = (await diagnostics.pollers(client, desc.task_queue)).model_dump()
     if settings.database_url:
 
         async def latest(store: DeploymentStore) -> list[DeploymentRow]:
@@ -845,7 +846,7 @@ def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
     settings = _settings()
 
     async def _list() -> None:
-        from turbodeploy.client import list_deploys
+        from turbodeploy.diagnostics import list_deploys
 
         client = await _client(settings)
         try:

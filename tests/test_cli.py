@@ -434,6 +434,11 @@ async def test_cancel_a_running_deploy(
     handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
     await wait_for_rollout(handle)
     await asyncio.sleep(0.3)
+    # What it waits for: a started step, since when, and what it last said.
+    [step] = (await cli("status", project_id, "--json")).json()["pending"]
+    assert step["activity"] in ("roll_out_release", "check_health")
+    assert step["state"] == "started" and step["last_started_at"] and step["worker"]
+    assert "running for" in (await cli("status", project_id)).out
 
     run = await cli("cancel", project_id, "--json")
     assert run.code == 0, run.err

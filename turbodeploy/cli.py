@@ -665,7 +665,10 @@ def _print_status(info: dict[str, Any]) -> None:
 
 def _pending_line(step: dict[str, Any]) -> str:
     limit = step["maximum_attempts"] or "∞"
-    line = f"{step['activity']} ({step['state']}, attempt {step['attempt']} of {limit})"
+    line = f"{step['activity']} ({step['state']}, attempt {step['attempt']} of {limit}"
+    if step["state"] == "started" and (running := _age(step["last_started_at"])):
+        line += f", running for {running}"
+    line += ")"
     if step["next_attempt_at"]:
         wait = _until(step["next_attempt_at"])
         line += f", next attempt in {wait}" if wait else ", next attempt due"

@@ -85,6 +85,7 @@ class PendingStep(BaseModel):
     last_failure: str | None = None
     last_heartbeat: str | None = None
     last_heartbeat_at: datetime | None = None
+    last_started_at: datetime | None = None  # when its latest attempt started
     next_attempt_at: datetime | None = None
     worker: str | None = None  # the identity of the worker that ran the last attempt
 
@@ -128,6 +129,7 @@ async def pending_steps(
                 else None,
                 last_heartbeat=heartbeat,
                 last_heartbeat_at=_time(pending, "last_heartbeat_time"),
+                last_started_at=_time(pending, "last_started_time"),
                 next_attempt_at=_time(pending, "next_attempt_schedule_time"),
                 worker=pending.last_worker_identity or None,
             )

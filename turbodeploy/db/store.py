@@ -268,9 +268,7 @@ class DeploymentStore:
     async def close_run(self, project_id: str, run_id: str, error: str) -> list[DeploymentRow]:
         """Record as `failed`, with `error`, every deployment the run left `deploying` or
         `queued`: for a run that was terminated, whose own cleanup never ran."""
-        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-            records = await conn.fetch(self._sql.close_run, project_id, run_id, clean_error(error))
-        return [_to_row(r) for r in records]
+        return await self._fetch(self._sql.close_run, project_id, run_id, clean_error(error))
 
     async def close_orphans(self, project_id: str, run_id: str) -> list[DeploymentRow]:
         """Record as `failed` the open deployments of the project's runs other than `run_id`.
@@ -278,9 +276,7 @@ class DeploymentStore:
         Called by a run when it starts a deployment: one run of a project exists at a time,
         so an open row of another run was left by a run that ended without recording it.
         """
-        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-            records = await conn.fetch(self._sql.close_orphans, project_id, run_id)
-        return [_to_row(r) for r in records]
+        return await self._fetch(self._sql.close_orphans, project_id, run_id)
 
     async def get(self, deployment_id: str) -> DeploymentRow | None:
         return await self._fetchrow(self._sql.get, deployment_id)
@@ -293,9 +289,7 @@ class DeploymentStore:
         """The project's deployments, newest first."""
         if not 1 <= limit <= MAX_HISTORY:
             raise ValueError(f"limit must be between 1 and {MAX_HISTORY}")
-        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-            records = await conn.fetch(self._sql.history, project_id, limit)
-        return [_to_row(r) for r in records]
+        return await self._fetch(self._sql.history, project_id, limit)
 
     # ------------------------------------------------------------------------ releases
 
@@ -375,6 +369,11 @@ class DeploymentStore:
             machines=[MachineOutcome.model_validate(m) for m in _json(record["machines"])],
             secrets=[SecretVersion.model_validate(s) for s in _json(record["secrets"])],
         )
+
+    async def _fetch(self, sql: str, *args: Any) -> list[DeploymentRow]:
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            records = await conn.fetch(sql, *args)
+        return [_to_row(r) for r in records]
 
     async def _fetchrow(self, sql: str, *args: Any) -> DeploymentRow | None:
         async with self._pool.acquire(timeout=self._acquire_timeout) as conn:

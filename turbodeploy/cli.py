@@ -586,18 +586,11 @@ async def _status(settings: Settings, project_id: str) -> None:
         with contextlib.suppress(RPCError):
             info["workers"] = (await diagnostics.pollers(client, desc.task_queue)).model_dump()
     if settings.database_url:
-
-        async def latest(store: DeploymentStore) -> list[DeploymentRow]:
-            import asyncpg
-
-            try:
-                return await store.history(project_id, 1)
-            except asyncpg.UndefinedTableError:
-                # No worker has started on this schema yet; the run itself still says
-                # what it waits for, and that is what matters here.
-                return []
-
-        rows = await _with_store(settings, latest)
+        # Before any worker created the schema, the run itself still says what it waits
+        # for, and that is what matters here.
+        rows: list[DeploymentRow] = await _with_store(
+            settings, lambda s: s.history(project_id, 1), unrecorded=list
+        )
         info["record"] = rows[0].as_json() if rows else None
     failed = desc.status in _FAILED_RUNS or (
         info["record"] is not None and info["record"]["status"] in _FAILED_RECORDS
@@ -756,19 +749,13 @@ def terminate(project_id: str, reason: str, as_json: bool) -> None:
         last_good: str | None = None
         if settings.database_url:
 
-            async def close(store: DeploymentStore) -> None:
-                import asyncpg
+            async def close(store: DeploymentStore) -> tuple[list[str], str | None]:
+                rows = await store.close_run(project_id, run_id, error)
+                release = await store.last_good_release(project_id)
+                return [r.deployment_id for r in rows], release.deployment_id if release else None
 
-                nonlocal closed, last_good
-                try:
-                    rows = await store.close_run(project_id, run_id, error)
-                    release = await store.last_good_release(project_id)
-                except asyncpg.UndefinedTableError:
-                    return  # no worker ever started here: nothing was recorded
-                closed = [r.deployment_id for r in rows]
-                last_good = release.deployment_id if release else None
-
-            await _with_store(settings, close)
+            # No worker ever started on the schema: nothing was recorded to close.
+            closed, last_good = await _with_store(settings, close, unrecorded=lambda: ([], None))
         if _json_output:
             _print_json(
                 {
@@ -794,8 +781,13 @@ def terminate(project_id: str, reason: str, as_json: bool) -> None:
 
 
 async def _with_store(
-    settings: Settings, query: Callable[[DeploymentStore], Coroutine[Any, Any, T]]
+    settings: Settings,
+    query: Callable[[DeploymentStore], Coroutine[Any, Any, T]],
+    *,
+    unrecorded: Callable[[], T] | None = None,
 ) -> T:
+    """Run `query` on a short-lived pool. When no worker has created the schema yet, the
+    answer is `unrecorded()` if given, else a clear error."""
     import asyncpg
 
     from turbodeploy.db import DeploymentStore, create_pool
@@ -808,6 +800,8 @@ async def _with_store(
     try:
         return await query(DeploymentStore(pool, settings.db_schema))
     except asyncpg.UndefinedTableError:
+        if unrecorded is not None:
+            return unrecorded()
         _fail(
             f"no deployment records in schema {settings.db_schema}: "
             "a worker creates them when it first starts"

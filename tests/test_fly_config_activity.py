@@ -503,6 +503,19 @@ async def test_no_dockerfile_is_generated_for_a_prebuilt_image_in_fly_toml(
 AUTHOR = gitrepo.GitIdentity("Deploy Bot", "bot@example.com")
 
 
+async def commit_files(
+    clone: gitrepo.BranchClone,
+    files: dict[str, str],
+    *,
+    message: str = "m",
+    author: gitrepo.GitIdentity = AUTHOR,
+) -> None:
+    """Write `files` into the clone and commit them, which must make a commit."""
+    for path, text in files.items():
+        gitrepo.write_file(clone, path, text)
+    assert await gitrepo.commit_if_changed(clone, list(files), message=message, author=author)
+
+
 def rendered_fly_toml(**overrides: Any) -> str:
     """What the activity renders for `config_input` of a repository without fly.toml."""
     values: dict[str, Any] = {"app_name": "turbobackend-p1", "region": "iad"}
@@ -532,8 +545,7 @@ async def test_the_commit_is_the_one_git_commit_would_make(
         message = "Subject line  \n\n\n\nBody first line\t\nsecond line\n\n"
         before = remote.tip()
         async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
-            gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
-            assert await gitrepo.commit_if_changed(clone, ["fly.toml"], message=message, author=odd)
+            await commit_files(clone, {"fly.toml": 'app = "a"\n'}, message=message, author=odd)
             outcome = await gitrepo.push(clone, author=odd)
     finally:
         monkeypatch.delenv("TZ")
@@ -656,10 +668,7 @@ async def test_a_branch_moved_by_another_file_gets_our_commit_on_top(
     remote: Remote, tmp_path: Path
 ) -> None:
     async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
-        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
-        assert await gitrepo.commit_if_changed(
-            clone, ["fly.toml"], message="Deploy config", author=AUTHOR
-        )
+        await commit_files(clone, {"fly.toml": 'app = "a"\n'}, message="Deploy config")
         upstream = remote.commit_upstream({"server/routes/index.ts": "// moved\n"}, "Move")
         upstream_tree = ls_tree(remote)
 
@@ -685,11 +694,7 @@ async def test_a_branch_that_changed_our_file_meanwhile_is_a_retryable_error(
     remote: Remote, tmp_path: Path
 ) -> None:
     async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
-        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
-        gitrepo.write_file(clone, "Dockerfile", "FROM node:20\n")
-        assert await gitrepo.commit_if_changed(
-            clone, ["fly.toml", "Dockerfile"], message="m", author=AUTHOR
-        )
+        await commit_files(clone, {"fly.toml": 'app = "a"\n', "Dockerfile": "FROM node:20\n"})
         upstream = remote.commit_upstream({"fly.toml": 'app = "theirs"\n'}, "Theirs")
 
         with pytest.raises(gitrepo.GitError) as caught:
@@ -708,8 +713,7 @@ async def test_a_branch_already_holding_our_change_needs_no_push(
     remote: Remote, tmp_path: Path
 ) -> None:
     async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
-        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
-        assert await gitrepo.commit_if_changed(clone, ["fly.toml"], message="m", author=AUTHOR)
+        await commit_files(clone, {"fly.toml": 'app = "a"\n'})
         upstream = remote.commit_upstream({"fly.toml": 'app = "a"\n'}, "Same, by someone else")
 
         outcome = await gitrepo.push(clone, author=AUTHOR)
@@ -723,11 +727,7 @@ async def test_a_branch_holding_part_of_our_change_gets_the_rest(
     remote: Remote, tmp_path: Path
 ) -> None:
     async with gitrepo.cloned(remote.url, "main", work_dir=tmp_path / "w") as clone:
-        gitrepo.write_file(clone, "fly.toml", 'app = "a"\n')
-        gitrepo.write_file(clone, "Dockerfile", "FROM node:20\n")
-        assert await gitrepo.commit_if_changed(
-            clone, ["fly.toml", "Dockerfile"], message="m", author=AUTHOR
-        )
+        await commit_files(clone, {"fly.toml": 'app = "a"\n', "Dockerfile": "FROM node:20\n"})
         upstream = remote.commit_upstream({"fly.toml": 'app = "a"\n'}, "Same fly.toml")
 
         outcome = await gitrepo.push(clone, author=AUTHOR)

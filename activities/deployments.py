@@ -23,6 +23,7 @@ from turbodeploy.db import (
 )
 from turbodeploy.models import (
     CheckWindow,
+    DeployResult,
     DeployStatus,
     LoadReleaseInput,
     RecordResultInput,
@@ -70,17 +71,32 @@ class DeploymentActivities:
                 orphan.deployment_id,
                 orphan.project_id,
             )
-        if row.status is not DeployStatus.DEPLOYING:
+        finished = None
+        if row.status.is_final:
+            # The same request sent again after its run closed: one request, one deployment.
             activity.logger.warning(
-                "deployment %s is already %s; its record is left as it is",
+                "deployment %s already ended %s (run %s); it is not deployed again",
                 row.deployment_id,
                 row.status,
+                row.run_id,
+            )
+            finished = DeployResult(
+                deployment_id=row.deployment_id,
+                project_id=row.project_id,
+                app_name=row.app_name,
+                url=row.url,
+                status=row.status,
+                commit_sha=row.commit_sha,
+                image=row.image,
+                machine_ids=row.machine_ids,
+                error=row.error,
             )
         return RecordStartResult(
             url=row.url,
             started_at=row.deployed_at,
             checks_hint=CheckWindow.typical(last.machines) if last else None,
             previous_secrets=last.secrets if last else None,
+            finished=finished,
         )
 
     @activity.defn(name="record_deploy_queued")

@@ -29,7 +29,13 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.models import DeployRequest, DeployResult, DeployStatus, DeployStep
+from turbodeploy.models import (
+    DeployRequest,
+    DeployResult,
+    DeployStatus,
+    DeployStep,
+    new_deployment_id,
+)
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 
@@ -60,6 +66,8 @@ def make_request(project_id: str, tmp_path: Path) -> Callable[..., DeployRequest
             "repo_url": repo,
             "image": V1,
             "timings": FAST,
+            # Chosen by the caller, as a handler that tracks its requests does.
+            "deployment_id": new_deployment_id(),
         }
         fields.update(overrides)
         return DeployRequest.model_validate(fields)

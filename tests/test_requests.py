@@ -5,17 +5,23 @@ Through the Python API (`DeployRequest`) and the CLI (exit code 2, nothing start
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from turbodeploy.cli import main
 from turbodeploy.models import (
     MAX_PROJECT_ID_LENGTH,
+    PROJECT_REQUEST,
     DeployRequest,
+    DeployTimings,
+    IncomingRequest,
+    InvalidRequest,
+    RollbackRequest,
     app_name_for,
     workflow_id_for,
 )
@@ -108,8 +114,42 @@ def test_good_request_derives_names_in_one_place() -> None:
     assert request.app_name == "turbobackend-p1" == app_name_for("p1")
     assert request.workflow_id == "deploy-p1" == workflow_id_for("p1")
     assert request.region == "iad"
-    assert request.deployment_id.startswith("d-")
-    assert DeployRequest.model_validate(GOOD).deployment_id != request.deployment_id
+
+
+def test_a_request_decodes_to_the_same_value_every_time() -> None:
+    """A workflow input is decoded again on every replay and query: nothing may be
+    generated while decoding, or the input and its signal copy become two deployments."""
+    payload = json.dumps(GOOD)
+    first, second = (PROJECT_REQUEST.validate_json(payload) for _ in range(2))
+    assert first == second
+    assert first.deployment_id == ""  # assigned by the workflow that accepts it
+    for model in (DeployRequest, RollbackRequest):
+        for name, info in model.model_fields.items():
+            assert info.default_factory in (None, dict, DeployTimings), (model, name)
+
+
+def test_a_json_request_without_kind_is_a_deploy() -> None:
+    assert isinstance(PROJECT_REQUEST.validate_python(GOOD), DeployRequest)
+    rollback = PROJECT_REQUEST.validate_python({"kind": "rollback", "project_id": "p1"})
+    assert isinstance(rollback, RollbackRequest)
+
+
+def test_an_invalid_payload_decodes_to_its_reason() -> None:
+    """What the workflow's handlers receive: never a decoding failure, always a reason."""
+    incoming = TypeAdapter(IncomingRequest)
+    bad = incoming.validate_json(json.dumps({**GOOD, "project_id": "BAD ID!", "region": "xx"}))
+    assert isinstance(bad, InvalidRequest)
+    assert bad.error.startswith("project_id: project id 'BAD ID!' is not usable")
+    assert "region: unknown Fly region 'xx'" in bad.error
+    assert isinstance(incoming.validate_json("[1, 2]"), InvalidRequest)
+    assert "kind must be" in incoming.validate_json('{"kind": "nope"}').error  # type: ignore[union-attr]
+    assert incoming.validate_json(json.dumps(GOOD)) == DeployRequest.model_validate(GOOD)
+
+
+@pytest.mark.parametrize("value", ["UPPER", "-lead", "a" * 64, "has space"])
+def test_a_malformed_deployment_id_is_refused(value: str) -> None:
+    with pytest.raises(ValidationError, match="deployment id must be"):
+        DeployRequest.model_validate({**GOOD, "deployment_id": value})
 
 
 @pytest.mark.parametrize(

@@ -4,19 +4,27 @@
     handle = await start_deploy(client, DeployRequest(project_id="p1", repo_url=..., image=...))
     result = await handle.result()   # DeployResult; raises DeployFailed if it did not deploy
 
-The request is validated when the `DeployRequest` is built, before anything is started.
-Each project has one workflow, `deploy-<project_id>`, that runs its deploys one at a time:
-a request made while a deploy runs waits its turn, and when several wait, only the newest
-runs (the others end `superseded`).
+The request is validated when the `DeployRequest` is built, and again by the workflow's
+update validator, before anything is started. Each project has one workflow,
+`deploy-<project_id>`, that runs its deploys one at a time: a request made while a deploy
+runs waits its turn, and when several wait, only the newest runs (the others end
+`superseded`). A request is submitted with Update-with-Start, so the handle knows at once
+which deployment it became; sending it again with the same `deployment_id` makes no second
+deployment. Any Temporal client can do the same (README: "Starting deploys from any
+language").
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -25,15 +33,19 @@ from temporalio.client import (
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from turbodeploy.models import (
+    Accepted,
     DeployProgress,
     DeployRequest,
     DeployResult,
     DeployStatus,
+    IncomingRequest,
     ProjectRequest,
     RollbackRequest,
     new_deployment_id,
@@ -42,9 +54,18 @@ from turbodeploy.models import (
 from turbodeploy.settings import TASK_QUEUE
 from workflows.deploy_project import DEPLOY_STATUS, FLY_APP, PROJECT_ID, DeployProjectWorkflow
 
+log = logging.getLogger(__name__)
+
+# How long a submit waits for a worker to accept the request before it returns anyway.
+ACCEPT_TIMEOUT = timedelta(seconds=10)
+
 
 class DeployError(Exception):
     """A deploy could not be started or followed."""
+
+
+class RequestRejected(DeployError):
+    """The workflow refused the request before anything was started or recorded."""
 
 
 class DeployFailed(DeployError):
@@ -109,8 +130,18 @@ async def submit(
     *,
     task_queue: str = TASK_QUEUE,
     search_attributes: bool = True,
+    accept_timeout: timedelta = ACCEPT_TIMEOUT,
 ) -> DeployHandle:
-    """Hand `request` to its project's workflow, starting it if no deploy is running."""
+    """Hand `request` to its project's workflow, starting it if no deploy is running.
+
+    Raises `RequestRejected` when the workflow refuses it. The request gets its deployment
+    id here when it has none, so it is known even when no worker answers within
+    `accept_timeout`: the handle is then returned anyway, the request waiting for a worker
+    as the run's input (or, for a running project, in the server's update queue).
+    """
+    if not request.deployment_id:
+        # Chosen here, not by the workflow, so that the handle knows it in every case.
+        request = request.model_copy(update={"deployment_id": new_deployment_id()})
     attributes = (
         TypedSearchAttributes(
             [
@@ -122,20 +153,54 @@ async def submit(
         if search_attributes
         else None
     )
-    handle = await client.start_workflow(
+    start = WithStartWorkflowOperation(
         DeployProjectWorkflow.run,
         request,
         id=request.workflow_id,
         task_queue=task_queue,
         # If a deploy of this project is running, the request joins its queue instead.
-        start_signal="submit",
-        start_signal_args=[request],
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         search_attributes=attributes,
         static_summary=f"Deploy project {request.project_id} to Fly app {request.app_name}",
         static_details=_details(request),
     )
-    return DeployHandle(client, request.project_id, request.deployment_id, handle.result_run_id)
+    sent: IncomingRequest = request
+    try:
+        answer = await asyncio.wait_for(
+            client.execute_update_with_start_workflow(
+                DeployProjectWorkflow.submit_request,
+                sent,
+                start_workflow_operation=start,
+                # The server answers a repeat of the same update id with the first answer.
+                id=f"submit-{request.deployment_id}",
+            ),
+            accept_timeout.total_seconds(),
+        )
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == "InvalidRequest":
+            raise RequestRejected(cause.message) from err
+        raise
+    except TimeoutError:
+        description = await deploy_handle(client, request.project_id).describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            raise DeployError(
+                f"no worker answered within {accept_timeout.total_seconds():g}s and "
+                f"{request.workflow_id} is not running: is a worker polling {task_queue}?"
+            ) from None
+        log.warning(
+            "no worker answered deployment %s of %s within %gs; it waits for one (is a "
+            "worker polling %s?)",
+            request.deployment_id,
+            request.project_id,
+            accept_timeout.total_seconds(),
+            task_queue,
+        )
+        return DeployHandle(client, request.project_id, request.deployment_id, None)
+    # The SDK types an async update's answer as the handler's coroutine; it is the value.
+    accepted = cast(Accepted, answer)
+    return DeployHandle(client, request.project_id, accepted.deployment_id, accepted.run_id)
 
 
 async def start_deploy(
@@ -170,7 +235,8 @@ async def retry_deploy(
     last = await deploy_handle(client, project_id).query(DeployProjectWorkflow.current_request)
     if last is None:
         raise DeployError(f"no earlier request of project {project_id} to retry")
-    again = last.model_copy(update={"deployment_id": new_deployment_id()})
+    # A new deployment, with an id of its own.
+    again = last.model_copy(update={"deployment_id": ""})
     return await submit(client, again, task_queue=task_queue)
 
 
@@ -222,7 +288,7 @@ def _details(request: ProjectRequest) -> str:
                 f"**project** {request.project_id}",
                 f"**app** {request.app_name}",
                 f"**rollback to** {request.to_deployment_id or 'the previous release'}",
-                f"**deployment** {request.deployment_id}",
+                f"**deployment** {request.deployment_id or '(assigned when accepted)'}",
             ]
         )
     lines = [
@@ -231,7 +297,7 @@ def _details(request: ProjectRequest) -> str:
         f"**repository** {request.repo_url} @ {request.branch}",
         f"**image** {request.image or '(built from the repository)'}",
         f"**strategy** {request.strategy}, {request.machine_count} machine(s) in {request.region}",
-        f"**deployment** {request.deployment_id}",
+        f"**deployment** {request.deployment_id or '(assigned when accepted)'}",
     ]
     if request.secrets:
         lines.append(f"**secrets** {', '.join(sorted(request.secrets))} (names only)")

@@ -23,10 +23,16 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    GetCoreSchemaHandler,
+    Tag,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import core_schema
 
 APP_NAME_PREFIX = "turbobackend-"
 WORKFLOW_ID_PREFIX = "deploy-"
@@ -67,12 +73,19 @@ RESERVED_ENV_NAMES = frozenset({"PORT", "NODE_ENV", "FLY_APP_NAME", "FLY_REGION"
 
 
 def new_deployment_id() -> str:
-    """A sortable, unique id: base36 milliseconds plus random bits.
+    """A sortable, unique id: base36 milliseconds plus random bits, for callers that want
+    to choose the id (and so make re-submits idempotent) before they submit.
 
-    Called at the edge (client, CLI) only: never inside workflow code.
+    Never called inside workflow code (see `deployment_id_at`), nor while a payload is
+    decoded: a request without an id gets it from the workflow that accepts it.
     """
-    millis = int(time.time() * 1000)
-    return f"d-{_base36(millis)}-{os.urandom(5).hex()}"
+    return deployment_id_at(int(time.time() * 1000), os.urandom(5).hex())
+
+
+def deployment_id_at(millis: int, entropy: str) -> str:
+    """The id of a deployment accepted at `millis` (epoch milliseconds), with `entropy`
+    (lower-case hex) to tell apart two accepted in the same millisecond."""
+    return f"d-{_base36(millis)}-{entropy}"
 
 
 def _base36(n: int) -> str:
@@ -230,10 +243,49 @@ class DeployTimings(_Model):
         return self
 
 
-class DeployRequest(_Model):
+DEPLOYMENT_ID_DESCRIPTION = (
+    "The caller's idempotency key: a request sent again with the same id (a handler retried "
+    "after a crash) makes no second deployment. Empty or absent: the workflow that accepts "
+    "the request assigns one and returns it."
+)
+
+
+def _optional_deployment_id(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value and not _DEPLOYMENT_ID_RE.fullmatch(value):
+        raise ValueError(
+            "deployment id must be 1 to 63 lower-case letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class IncomingRequest(_Model):
+    """What a workflow input, the `submit_request` update and the `submit` signal decode
+    to: a `DeployRequest`, a `RollbackRequest`, or an `InvalidRequest` saying why the
+    payload is neither.
+
+    Decoding one never fails, so a bad request is answered (the update rejected, the run
+    failed at once) instead of failing its workflow task on every attempt. It is a class,
+    not an annotated union, because Temporal reads handler types without their annotations.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[BaseModel], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        if source.__name__ == "IncomingRequest" and source.__module__ == __name__:
+            # (Called while the class is built, before its name is bound: hence the lambda.)
+            return core_schema.no_info_plain_validator_function(lambda v: _decode_incoming(v))
+        return handler(source)
+
+
+class DeployRequest(IncomingRequest):
     """What the platform asks for: deploy `project_id` from `repo_url`@`branch`.
 
-    Validated once, at the edge, before anything is started.
+    Validated where it is built, and again by the workflow that receives it, before
+    anything is started.
     """
 
     kind: Literal["deploy"] = "deploy"
@@ -253,7 +305,7 @@ class DeployRequest(_Model):
     secrets: dict[str, str] = Field(default_factory=dict)
     # Told the outcome with a signed JSON POST when the deploy ends.
     callback_url: str | None = None
-    deployment_id: str = Field(default_factory=new_deployment_id)
+    deployment_id: str = Field(default="", description=DEPLOYMENT_ID_DESCRIPTION)
     timings: DeployTimings = Field(default_factory=DeployTimings)
 
     @field_validator("branch")
@@ -273,12 +325,10 @@ class DeployRequest(_Model):
             )
         return v
 
-    @field_validator("deployment_id")
+    @field_validator("deployment_id", mode="before")
     @classmethod
-    def _deployment_id(cls, v: str) -> str:
-        if not _DEPLOYMENT_ID_RE.fullmatch(v):
-            raise ValueError("deployment id must be lower-case letters, digits and '-'")
-        return v
+    def _deployment_id(cls, v: object) -> object:
+        return _optional_deployment_id(v)
 
     @field_validator("env")
     @classmethod
@@ -350,22 +400,27 @@ class DeployRequest(_Model):
         return workflow_id_for(self.project_id)
 
 
-class RollbackRequest(_Model):
+class RollbackRequest(IncomingRequest):
     """Put a project back on a recorded release: `to_deployment_id`, or the one before the
     release that runs now."""
 
     kind: Literal["rollback"] = "rollback"
     project_id: ProjectId
     to_deployment_id: str | None = None
-    deployment_id: str = Field(default_factory=new_deployment_id)
+    deployment_id: str = Field(default="", description=DEPLOYMENT_ID_DESCRIPTION)
     timings: DeployTimings = Field(default_factory=DeployTimings)
 
-    @field_validator("to_deployment_id", "deployment_id")
+    @field_validator("to_deployment_id")
     @classmethod
-    def _ids(cls, v: str | None) -> str | None:
+    def _to(cls, v: str | None) -> str | None:
         if v is not None and not _DEPLOYMENT_ID_RE.fullmatch(v):
             raise ValueError("deployment id must be lower-case letters, digits and '-'")
         return v
+
+    @field_validator("deployment_id", mode="before")
+    @classmethod
+    def _deployment_id(cls, v: object) -> object:
+        return _optional_deployment_id(v)
 
     @property
     def app_name(self) -> str:
@@ -376,8 +431,60 @@ class RollbackRequest(_Model):
         return workflow_id_for(self.project_id)
 
 
+def _request_kind(value: Any) -> str:
+    # A JSON caller may leave `kind` out: a request is a deploy unless it says otherwise.
+    if isinstance(value, dict):
+        return str(value.get("kind", "deploy"))
+    return str(getattr(value, "kind", "deploy"))
+
+
 # What a project's deploy workflow runs, one at a time: a deploy or a rollback.
-ProjectRequest = Annotated[DeployRequest | RollbackRequest, Field(discriminator="kind")]
+ProjectRequest = Annotated[
+    Annotated[DeployRequest, Tag("deploy")] | Annotated[RollbackRequest, Tag("rollback")],
+    Discriminator(
+        _request_kind,
+        custom_error_type="invalid_kind",
+        custom_error_message="kind must be 'deploy' (the default) or 'rollback'",
+    ),
+]
+PROJECT_REQUEST: TypeAdapter[DeployRequest | RollbackRequest] = TypeAdapter(ProjectRequest)
+
+
+class InvalidRequest(IncomingRequest):
+    """A payload that is no valid request, as the workflow received it: the reason only."""
+
+    kind: Literal["invalid"] = "invalid"
+    error: str
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """Every problem of a request on one line: `field: message; field: message`."""
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("deploy", "rollback"))
+        message = str(e["msg"]).removeprefix("Value error, ")
+        problems.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(problems)
+
+
+def _decode_incoming(value: Any) -> IncomingRequest:
+    if isinstance(value, IncomingRequest):
+        return value
+    try:
+        return PROJECT_REQUEST.validate_python(value)
+    except ValidationError as err:
+        return InvalidRequest(error=describe_validation_error(err))
+
+
+class Accepted(_Model):
+    """The answer to `submit_request`: the request is this project's deployment
+    `deployment_id`, running or queued in run `run_id` of workflow `workflow_id`."""
+
+    deployment_id: str
+    project_id: str
+    workflow_id: str
+    run_id: str
+    status: DeployStatus  # deploying, queued, or the final status of one already ended
 
 
 class LoadReleaseInput(_Model):
@@ -450,6 +557,9 @@ class RecordStartResult(_Model):
     # That release's secrets (names, parameters, versions), to put back if this deploy
     # changes them and fails; None when the project has no deployed release.
     previous_secrets: list[SecretVersion] | None = None
+    # Set when the deployment had already ended (the same request sent again after its
+    # run closed): what it ended as. The run then reports it instead of deploying again.
+    finished: DeployResult | None = None
 
 
 class RecordResultInput(_Model):

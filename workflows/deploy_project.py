@@ -1,8 +1,17 @@
 """DeployProjectWorkflow: a project's deploys to Fly.io, one at a time, one activity per step.
 
-Workflow id `deploy-<project_id>`: one run per project at a time. A request that arrives
-while a deploy runs is queued through the `submit` signal (signal-with-start); when the
-running deploy ends, the newest queued request runs next and older ones end `superseded`.
+Workflow id `deploy-<project_id>`: one run per project at a time. A request reaches it as
+the run's input and through the `submit_request` update (update-with-start: the caller is
+told at once whether it was accepted, and which deployment it became), or the older
+`submit` signal. A request that arrives while a deploy runs is queued; when the running
+deploy ends, the newest queued request runs next and older ones end `superseded`.
+
+Inputs decode the same way every time (nothing is generated while decoding), and never fail
+to decode: a payload that is no valid request becomes an `InvalidRequest`, which the update
+validator rejects before it enters the history and which, as the run's input, ends the run
+at once. A request without a deployment id gets one here, from the workflow's deterministic
+clock and random; a request whose id is already known (a caller's retry) is the same
+deployment, not a new one.
 
 Deterministic code only: no I/O, no settings, no clock but `workflow.now()`. Activities are
 referred to by name so that this module imports nothing with side effects.
@@ -30,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
 
     from turbodeploy import metrics
     from turbodeploy.models import (
+        Accepted,
         AppSecretsInput,
         AppSecretsResult,
         BuildInput,
@@ -48,6 +58,8 @@ with workflow.unsafe.imports_passed_through():
         FlyctlDeployResult,
         HealthCheckInput,
         HealthCheckResult,
+        IncomingRequest,
+        InvalidRequest,
         LoadReleaseInput,
         MachineOutcome,
         NotifyInput,
@@ -70,6 +82,7 @@ with workflow.unsafe.imports_passed_through():
         SecretVersion,
         SnapshotInput,
         Strategy,
+        deployment_id_at,
     )
     from workflows import policies
     from workflows.policies import StepPolicy
@@ -86,6 +99,10 @@ STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE]
 # Outcomes kept for the `outcome` query and `wait_outcome` update; older ones are in the
 # database.
 _MAX_OUTCOMES = 100
+
+# The error type of a request refused for its content: an update rejected by its validator,
+# or a run whose input is no valid request.
+INVALID_REQUEST = "InvalidRequest"
 
 
 @dataclass
@@ -118,7 +135,18 @@ class Cancelled(Exception):
 
 @workflow.defn(name="DeployProjectWorkflow")
 class DeployProjectWorkflow:
-    def __init__(self) -> None:
+    @workflow.init
+    def __init__(self, request: IncomingRequest) -> None:
+        # The start input as sent, and as accepted (with its deployment id). Signal- and
+        # update-with-start deliver it a second time, to the handler, in the first
+        # workflow task: that copy is the same request, even without an id.
+        self._start_sent = request
+        admitted = _admit(request, None)
+        # The accepted start request, or why the run cannot take it.
+        self._start: ProjectRequest | str = (
+            admitted if isinstance(admitted, str) else _with_id(admitted)
+        )
+        self._start_claimable = not isinstance(admitted, str)
         self._current: ProjectRequest | None = None
         self._queue: list[ProjectRequest] = []
         self._outcomes: dict[str, DeployResult] = {}
@@ -133,11 +161,16 @@ class DeployProjectWorkflow:
     # ------------------------------------------------------------------ the run
 
     @workflow.run
-    async def run(self, request: ProjectRequest) -> DeployResult:
+    async def run(self, request: IncomingRequest) -> DeployResult:
+        start = self._start
+        if isinstance(start, str):
+            # Nothing was started or written: say why, at once, and never retry.
+            self._set_status(DeployStatus.FAILED)
+            raise ApplicationError(start, type=INVALID_REQUEST, non_retryable=True)
         # Signal-with-start delivers the first request twice: as input and as `submit`.
-        self._queue = [r for r in self._queue if r.deployment_id != request.deployment_id]
-        self._pending.add(request.deployment_id)
-        current = request
+        self._queue = [r for r in self._queue if r.deployment_id != start.deployment_id]
+        self._pending.add(start.deployment_id)
+        current = start
         while True:
             result = await self._deploy_one(current)
             if self._cancel_requested:
@@ -173,17 +206,67 @@ class DeployProjectWorkflow:
             )
         return result
 
+    @workflow.update(name="submit_request")
+    async def submit_request(self, request: IncomingRequest) -> Accepted:
+        """Take a deploy or rollback: the one running or queued under its deployment id
+        when that id is known here, else a new deployment, queued behind the running one."""
+        admitted = _admit(request, self._start)
+        assert not isinstance(admitted, str)  # the validator refused it
+        return await self._take(admitted)
+
+    @submit_request.validator
+    def _valid_request(self, request: IncomingRequest) -> None:
+        # Runs before the update enters the history: a refused request leaves no trace.
+        admitted = _admit(request, self._start)
+        if isinstance(admitted, str):
+            raise ApplicationError(admitted, type=INVALID_REQUEST, non_retryable=True)
+
     @workflow.signal(name="submit")
-    async def submit(self, request: ProjectRequest) -> None:
-        """Queue a deploy or rollback (sent by the client via signal-with-start)."""
-        if request.deployment_id in self._pending | set(self._outcomes):
+    async def submit(self, request: IncomingRequest) -> None:
+        """Queue a deploy or rollback: `submit_request` for callers of signal-with-start.
+
+        A signal cannot be refused: an invalid one is logged and dropped."""
+        admitted = _admit(request, self._start)
+        if isinstance(admitted, str):
+            workflow.logger.warning("submit signal dropped: %s", admitted)
             return
+        await self._take(admitted)
+
+    async def _take(self, request: ProjectRequest) -> Accepted:
+        if self._start_claimable and request == self._start_sent:
+            self._start_claimable = False
+            assert not isinstance(self._start, str)
+            return self._accepted(self._start.deployment_id)
+        if request.deployment_id in self._pending | set(self._outcomes):
+            return self._accepted(request.deployment_id)
+        request = _with_id(request)
         self._queue.append(request)
         self._pending.add(request.deployment_id)
         # Behind a running deploy it may wait a while: the platform finds its row meanwhile.
         # (The first request arrives before anything runs; its row is written as it starts.)
         if self._current is not None and workflow.patched("record-queued"):
             await self._record_queued(request)
+        return self._accepted(request.deployment_id)
+
+    def _accepted(self, deployment_id: str) -> Accepted:
+        outcome = self._outcomes.get(deployment_id)
+        if outcome is not None:
+            status = outcome.status
+        elif self._current is not None and self._current.deployment_id == deployment_id:
+            status = DeployStatus.DEPLOYING
+        elif any(r.deployment_id == deployment_id for r in self._queue):
+            status = DeployStatus.QUEUED
+        else:
+            status = DeployStatus.DEPLOYING  # the start request, about to begin
+        info = workflow.info()
+        assert not isinstance(self._start, str)
+        return Accepted(
+            deployment_id=deployment_id,
+            project_id=self._start.project_id,
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+            status=status,
+        )
 
     @workflow.query(name="progress")
     def progress(self) -> DeployProgress:
@@ -245,6 +328,12 @@ class DeployProjectWorkflow:
         # Independent of each other, so they run together: one step less to wait for.
         credentials = asyncio.ensure_future(self._credentials())
         started = await self._record_start(request, DeployStep.RECORD_START, mark_step=True)
+        self._start_claimable = False
+        if started.finished is not None:
+            credentials.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ActivityError):
+                await credentials
+            return self._already_ended(started.finished)
         d.url, d.checks_hint = started.url, started.checks_hint
         d.previous_secrets = started.previous_secrets
         try:
@@ -280,6 +369,21 @@ class DeployProjectWorkflow:
         workflow.logger.info(
             "deployment %s ended %s after %.1fs", request.deployment_id, status, elapsed
         )
+        return result
+
+    def _already_ended(self, result: DeployResult) -> DeployResult:
+        """A request sent again after its deployment ended (in an earlier run): its
+        recorded outcome stands, and nothing is deployed, recorded or notified again."""
+        workflow.logger.info(
+            "deployment %s already ended %s; not deployed again",
+            result.deployment_id,
+            result.status,
+        )
+        self._step = DeployStep.DONE if result.status is DeployStatus.DEPLOYED else self._step
+        self._detail = f"already ended {result.status} in an earlier run"
+        self._error = result.error
+        self._set_status(result.status)
+        self._remember(result)
         return result
 
     async def _steps(self, d: _Deploy, request: DeployRequest, org_slug: str) -> None:
@@ -691,6 +795,9 @@ class DeployProjectWorkflow:
     ) -> None:
         """Record a request that never ran (superseded or cancelled) with its final status."""
         started = await self._record_start(request, self._step, mark_step=False)
+        if started.finished is not None:
+            self._remember(started.finished)
+            return
         await self._step_run(
             self._step,
             "record_deploy_result",
@@ -839,6 +946,35 @@ class NotifyWorkflow:
             f"to {input.callback_url}"[:390],
         )
         return result
+
+
+def _admit(incoming: IncomingRequest, start: ProjectRequest | str | None) -> ProjectRequest | str:
+    """The request as this run can take it, or why it cannot.
+
+    A handler's request must be of the project the run was started for. (Compared with the
+    start request rather than the workflow id, which a replay may change.)
+    """
+    if isinstance(incoming, InvalidRequest):
+        return f"invalid request: {incoming.error}"
+    if not isinstance(incoming, DeployRequest | RollbackRequest):
+        return f"invalid request: unknown kind of request {type(incoming).__name__}"
+    if isinstance(start, str):
+        return start
+    if start is not None and incoming.project_id != start.project_id:
+        return (
+            f"invalid request: project {incoming.project_id} is deployed by workflow "
+            f"{incoming.workflow_id}, not by {start.workflow_id}"
+        )
+    return incoming
+
+
+def _with_id(request: ProjectRequest) -> ProjectRequest:
+    """`request` with its deployment id: the caller's, or a new one that replays the same."""
+    if request.deployment_id:
+        return request
+    millis = int(workflow.now().timestamp() * 1000)
+    new_id = deployment_id_at(millis, workflow.uuid4().hex[:10])
+    return request.model_copy(update={"deployment_id": new_id})
 
 
 def _record_input(request: ProjectRequest) -> RecordStartInput:

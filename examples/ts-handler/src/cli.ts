@@ -1,0 +1,93 @@
+/**
+ * `node dist/cli.js deploy '<request JSON>'` (or the JSON on stdin): start a deploy, print
+ * what happens as JSON lines, and exit 0 when it deployed, 1 when it ended otherwise, 2
+ * when the request was refused. Connects as the `temporal` CLI does by default:
+ * TEMPORAL_ADDRESS (localhost:7233), TEMPORAL_NAMESPACE (default); the task queue is
+ * TURBODEPLOY_TASK_QUEUE (turbodeploy).
+ */
+import { readFileSync } from 'node:fs';
+import { Client, Connection } from '@temporalio/client';
+import {
+  DEFAULT_TASK_QUEUE,
+  DeployFailed,
+  DeployRejected,
+  DeployRequest,
+  progress,
+  startDeploy,
+  waitForResult,
+} from './handler';
+
+function emit(event: string, body: object): void {
+  process.stdout.write(JSON.stringify({ event, ...body }) + '\n');
+}
+
+async function follow(client: Client, projectId: string, done: () => boolean): Promise<void> {
+  let last = '';
+  while (!done()) {
+    try {
+      const now = await progress(client, projectId);
+      const key = `${now.deployment_id}/${now.step}/${now.status}`;
+      if (key !== last) {
+        emit('progress', now);
+        last = key;
+      }
+    } catch {
+      // A run that just closed answers no query; the result below says how it ended.
+    }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
+
+async function main(): Promise<number> {
+  const [command, json] = process.argv.slice(2);
+  if (command !== 'deploy') {
+    process.stderr.write("usage: cli.js deploy '<request JSON>'\n");
+    return 64;
+  }
+  const request = JSON.parse(json ?? readFileSync(0, 'utf8')) as DeployRequest;
+  const connection = await Connection.connect({
+    address: process.env.TEMPORAL_ADDRESS ?? 'localhost:7233',
+  });
+  const client = new Client({
+    connection,
+    namespace: process.env.TEMPORAL_NAMESPACE ?? 'default',
+  });
+  try {
+    const accepted = await startDeploy(
+      client,
+      request,
+      process.env.TURBODEPLOY_TASK_QUEUE ?? DEFAULT_TASK_QUEUE,
+    );
+    emit('accepted', accepted);
+    let finished = false;
+    const following = follow(client, request.project_id, () => finished);
+    try {
+      const result = await waitForResult(client, accepted);
+      emit('deployed', result);
+      return 0;
+    } finally {
+      finished = true;
+      await following;
+    }
+  } catch (err) {
+    if (err instanceof DeployRejected) {
+      emit('rejected', { type: err.type, message: err.message });
+      return 2;
+    }
+    if (err instanceof DeployFailed) {
+      emit('failed', err.result);
+      return 1;
+    }
+    throw err;
+  } finally {
+    await connection.close();
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`${err instanceof Error ? err.stack : String(err)}\n`);
+    process.exit(70);
+  },
+);

@@ -139,7 +139,7 @@ async def test_postgres_outage_mid_deploy_is_waited_out(
     assert max(retried) >= 2, f"the outage did not span a database write: {retried}"
     [row] = await deployment_rows(own_postgres.url, settings.db_schema, request.project_id)
     assert row["status"] == "deployed"
-    assert row["deployment_id"] == request.deployment_id
+    assert row["deployment_id"] == handle.deployment_id == result.deployment_id
     assert sorted(row["machine_ids"]) == sorted(result.machine_ids)
     assert row["commit_sha"] == result.commit_sha
     assert row["finished_at"] is not None

@@ -16,7 +16,6 @@ language").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +28,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -167,22 +167,20 @@ async def submit(
     )
     sent: IncomingRequest = request
     try:
-        answer = await asyncio.wait_for(
-            client.execute_update_with_start_workflow(
-                DeployProjectWorkflow.submit_request,
-                sent,
-                start_workflow_operation=start,
-                # The server answers a repeat of the same update id with the first answer.
-                id=f"submit-{request.deployment_id}",
-            ),
-            accept_timeout.total_seconds(),
+        answer = await client.execute_update_with_start_workflow(
+            DeployProjectWorkflow.submit_request,
+            sent,
+            start_workflow_operation=start,
+            # The server answers a repeat of the same update id with the first answer.
+            id=f"submit-{request.deployment_id}",
+            rpc_timeout=accept_timeout,
         )
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type == "InvalidRequest":
             raise RequestRejected(cause.message) from err
         raise
-    except TimeoutError:
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
         description = await deploy_handle(client, request.project_id).describe()
         if description.status != WorkflowExecutionStatus.RUNNING:
             raise DeployError(

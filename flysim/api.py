@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flysim._http import ApiError, Handler, SimContext, flag, json_body, path_app, request_org
 from flysim.state import GONE_STATES, App, IPAssignment, Lease, Machine, iso, ulid
 from flysim.validation import REGION_RE, ConfigError, app_name_error, check_machine_config
-
-if TYPE_CHECKING:
-    from flysim.server import FlySim
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 LEASE_HEADER = "fly-machine-lease-nonce"
 WAIT_STATES = frozenset({"started", "stopped", "destroyed", "suspended"})
@@ -32,58 +26,18 @@ _WAIT_POLL_CAP = 0.5
 _GO_DURATION_RE = re.compile(r"^(\d+)s$")
 
 
-class ApiError(Exception):
-    """Answered as `{"error": message, "status": "unknown"}` (the spec's ErrorResponse)."""
-
-    def __init__(self, status_code: int, message: str, body: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.status_code = status_code
-        self.body = body if body is not None else {"error": message, "status": "unknown"}
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body, status_code=exc.status_code)
-
-
 def _ok() -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").lower() in {"1", "true", "yes"}
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise ApiError(400, "invalid JSON request body") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
 class _Api:
-    def __init__(self, sim: FlySim) -> None:
+    def __init__(self, sim: SimContext) -> None:
         self.sim = sim
 
     # ------------------------------------------------------------------ lookups
 
-    def _org(self, request: Request) -> str:
-        return str(request.scope["flysim.org"])
-
     def _app(self, request: Request) -> App:
-        name = request.path_params["app_name"]
-        app = self.sim.world.apps.get(name)
-        if app is None:
-            raise ApiError(404, f"app not found: {name}")
-        if app.org != self._org(request):
-            raise ApiError(403, f"app {name} belongs to another organization")
-        self.sim.world.advance(app)
-        return app
+        return path_app(self.sim.world, request)
 
     def _machine(self, request: Request) -> tuple[App, Machine]:
         app = self._app(request)
@@ -120,7 +74,7 @@ class _Api:
     # --------------------------------------------------------------------- apps
 
     async def apps_list(self, request: Request) -> Response:
-        org = self._org(request)
+        org = request_org(request)
         slug = request.query_params.get("org_slug") or org
         if slug != org:
             raise ApiError(403, f"not authorized to list apps of organization {slug}")
@@ -133,8 +87,8 @@ class _Api:
         return JSONResponse({"total_apps": len(listed), "apps": listed})
 
     async def apps_create(self, request: Request) -> Response:
-        org = self._org(request)
-        body = await _body(request)
+        org = request_org(request)
+        body = await json_body(request)
         name = body.get("app_name") or body.get("name")
         problem = app_name_error(name)
         if problem:
@@ -177,7 +131,7 @@ class _Api:
 
     async def ips_create(self, request: Request) -> Response:
         app = self._app(request)
-        body = await _body(request)
+        body = await json_body(request)
         kind = body.get("type")
         if kind not in {"v6", "v4", "shared_v4", "private_v6"}:
             raise ApiError(400, "type must be one of v6, v4, shared_v4, private_v6")
@@ -208,7 +162,7 @@ class _Api:
     async def machines_list(self, request: Request) -> Response:
         app = self._app(request)
         query = request.query_params
-        include_deleted = _flag(query.get("include_deleted"))
+        include_deleted = flag(query.get("include_deleted"))
         region = query.get("region")
         wanted_meta = {k[9:]: v for k, v in query.items() if k.startswith("metadata.")}
         listed = []
@@ -225,7 +179,7 @@ class _Api:
 
     async def machines_create(self, request: Request) -> Response:
         app = self._app(request)
-        body = await _body(request)
+        body = await json_body(request)
         try:
             config = check_machine_config(body.get("config"))
         except ConfigError as exc:
@@ -263,7 +217,7 @@ class _Api:
             )
         result = self._json(machine)
         if lease_ttl:
-            result["nonce"] = self._new_lease(machine, self._org(request), lease_ttl, "").nonce
+            result["nonce"] = self._new_lease(machine, request_org(request), lease_ttl, "").nonce
         return JSONResponse(result)
 
     async def machines_show(self, request: Request) -> Response:
@@ -273,7 +227,7 @@ class _Api:
     async def machines_update(self, request: Request) -> Response:
         _, machine = self._machine(request)
         self._check_lease(request, machine)
-        body = await _body(request)
+        body = await json_body(request)
         if machine.state in GONE_STATES:
             raise ApiError(412, f"machine {machine.id} is {machine.state}")
         try:
@@ -314,7 +268,7 @@ class _Api:
         result = self._json(machine)
         lease_ttl = body.get("lease_ttl")
         if isinstance(lease_ttl, int) and lease_ttl > 0 and machine.active_lease(now) is None:
-            result["nonce"] = self._new_lease(machine, self._org(request), lease_ttl, "").nonce
+            result["nonce"] = self._new_lease(machine, request_org(request), lease_ttl, "").nonce
         return JSONResponse(result)
 
     async def machines_delete(self, request: Request) -> Response:
@@ -322,7 +276,7 @@ class _Api:
         self._check_lease(request, machine)
         if machine.state in GONE_STATES:
             raise ApiError(404, f"machine {machine.id} is already {machine.state}")
-        force = _flag(request.query_params.get("force")) or _flag(request.query_params.get("kill"))
+        force = flag(request.query_params.get("force")) or flag(request.query_params.get("kill"))
         running = machine.state in ACTIVE_STATES
         if running and not force:
             raise ApiError(
@@ -352,7 +306,7 @@ class _Api:
     async def machines_stop(self, request: Request) -> Response:
         _, machine = self._machine(request)
         self._check_lease(request, machine)
-        await _body(request)
+        await json_body(request)
         if machine.state in GONE_STATES:
             raise ApiError(412, f"unable to stop machine {machine.id}: it is {machine.state}")
         if machine.state not in {"stopped", "stopping", "suspended"}:
@@ -428,7 +382,7 @@ class _Api:
 
     async def lease_create(self, request: Request) -> Response:
         _, machine = self._machine(request)
-        body = await _body(request)
+        body = await json_body(request)
         ttl_raw = body.get("ttl", request.query_params.get("ttl"))
         try:
             ttl = (
@@ -451,7 +405,7 @@ class _Api:
             lease.expires_at = now + ttl
         else:
             lease = self._new_lease(
-                machine, self._org(request), ttl, str(body.get("description") or "")
+                machine, request_org(request), ttl, str(body.get("description") or "")
             )
         return JSONResponse({"status": "success", "data": lease.to_json()})
 
@@ -482,7 +436,7 @@ class _Api:
     async def metadata_set(self, request: Request) -> Response:
         _, machine = self._machine(request)
         self._check_lease(request, machine)
-        body = await _body(request)
+        body = await json_body(request)
         value = body.get("value")
         if not isinstance(value, str):
             raise ApiError(400, 'body must be {"value": "<string>"}')
@@ -530,7 +484,7 @@ def _reached(machine: Machine, target: str, instance_id: str | None) -> bool:
     return target in {"stopped", "destroyed"}
 
 
-def api_routes(sim: FlySim) -> list[Route]:
+def api_routes(sim: SimContext) -> list[Route]:
     api = _Api(sim)
     m = "/v1/apps/{app_name}/machines/{machine_id}"
     table: list[tuple[str, Handler, list[str]]] = [

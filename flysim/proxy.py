@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flysim._http import SimContext
 from flysim.state import App, Machine
-
-if TYPE_CHECKING:
-    from flysim.server import FlySim
 
 _POLL_CAP = 0.5
 _WAKEABLE = frozenset({"stopped", "suspended", "created"})
@@ -33,7 +30,7 @@ def _autostart(machine: Machine) -> bool:
 
 
 class _Proxy:
-    def __init__(self, sim: FlySim) -> None:
+    def __init__(self, sim: SimContext) -> None:
         self.sim = sim
 
     async def handle(self, request: Request) -> Response:
@@ -115,7 +112,7 @@ class _Proxy:
         return JSONResponse(body, headers=headers)
 
 
-def proxy_routes(sim: FlySim) -> list[Route]:
+def proxy_routes(sim: SimContext) -> list[Route]:
     proxy = _Proxy(sim)
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     return [

@@ -19,19 +19,15 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from flysim.api import ApiError, _Api, _body
+from flysim._http import ApiError, Handler, SimContext, flag, json_body, path_app
 from flysim.state import App, iso
-
-if TYPE_CHECKING:
-    from flysim.server import FlySim
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 _MAX_VALUE_BYTES = 64 * 1024
@@ -179,7 +175,12 @@ class SecretVault:
         return out
 
 
-def machine_runtime_env(sim: FlySim, app_name: str, machine_id: str) -> dict[str, str]:
+class VaultHost(SimContext, Protocol):
+    @property
+    def secrets(self) -> SecretVault: ...
+
+
+def machine_runtime_env(sim: VaultHost, app_name: str, machine_id: str) -> dict[str, str]:
     """The environment the machine's process sees: `config.env` with the app's secrets
     as of its last boot laid over it (as of now for a machine that never booted)."""
     app = sim.world.apps.get(app_name)
@@ -214,21 +215,20 @@ def _value(name: str, value: Any) -> str:
 
 
 class _SecretsApi:
-    def __init__(self, sim: FlySim) -> None:
+    def __init__(self, sim: VaultHost) -> None:
         self.sim = sim
-        self._api = _Api(sim)
 
     @property
     def vault(self) -> SecretVault:
         return self.sim.secrets
 
     def _app(self, request: Request) -> App:
-        return self._api._app(request)
+        return path_app(self.sim.world, request)
 
     async def list(self, request: Request) -> Response:
         app = self._app(request)
         query = request.query_params
-        if query.get("show_secrets", "").lower() in {"1", "true", "yes"}:
+        if flag(query.get("show_secrets")):
             raise ApiError(403, "secret values can only be read from a machine of the app")
         raw = query.get("version")
         version = None
@@ -240,7 +240,7 @@ class _SecretsApi:
 
     async def update(self, request: Request) -> Response:
         app = self._app(request)
-        body = await _body(request)
+        body = await json_body(request)
         values = body.get("values")
         if not isinstance(values, dict) or not values:
             raise ApiError(400, "values must be a non-empty object of secret names to values")
@@ -255,7 +255,7 @@ class _SecretsApi:
     async def show(self, request: Request) -> Response:
         app = self._app(request)
         name = _name(request)
-        if request.query_params.get("show_secrets", "").lower() in {"1", "true", "yes"}:
+        if flag(request.query_params.get("show_secrets")):
             raise ApiError(403, "secret values can only be read from a machine of the app")
         found = self.vault.get(app, name)
         if found is None:
@@ -265,7 +265,7 @@ class _SecretsApi:
     async def set_one(self, request: Request) -> Response:
         app = self._app(request)
         name = _name(request)
-        body = await _body(request)
+        body = await json_body(request)
         version = self.vault.update(app, {name: _value(name, body.get("value"))}, time.time())
         found = self.vault.get(app, name)
         assert found is not None
@@ -279,10 +279,10 @@ class _SecretsApi:
         return JSONResponse({"version": self.vault.update(app, {name: None}, time.time())})
 
 
-def secret_routes(sim: FlySim) -> list[Route]:
+def secret_routes(sim: VaultHost) -> list[Route]:
     api = _SecretsApi(sim)
     base = "/v1/apps/{app_name}/secrets"
-    table: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = [
+    table: list[tuple[str, Handler, list[str]]] = [
         (base, api.list, ["GET"]),
         (base, api.update, ["POST"]),
         (f"{base}/{{secret_name}}", api.show, ["GET"]),

@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from flysim.api import ApiError, api_routes, error_response
+from flysim._http import ApiError, error_response
+from flysim.api import api_routes
 from flysim.config import SimConfig
 from flysim.proxy import proxy_routes
 from flysim.secrets import SecretVault, machine_runtime_env, secret_routes

@@ -22,14 +22,14 @@ from temporalio.exceptions import ApplicationError
 from activities._errors import to_application_error
 from activities.secrets import SECRETS_UNAVAILABLE, CredentialStore, build_ssm_client
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     AppSecretsInput,
     AppSecretsResult,
     RestoreSecretsInput,
     RestoreSecretsResult,
     SecretVersion,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

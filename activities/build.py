@@ -50,16 +50,16 @@ from temporalio.exceptions import ApplicationError
 
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy import gitrepo
-from turbodeploy.models import (
+from turbodeploy.core import gitrepo
+from turbodeploy.core.models import (
     BuildInput,
     BuildResult,
     FlyctlDeployInput,
     FlyctlDeployResult,
     validate_image,
 )
-from turbodeploy.processes import StopPolicy, start_in_group, stop_group
-from turbodeploy.settings import Settings
+from turbodeploy.core.processes import StopPolicy, start_in_group, stop_group
+from turbodeploy.core.settings import Settings
 
 FLYCTL_FAILED: Final = "FlyctlFailed"
 FLYCTL_INTERRUPTED: Final = "FlyctlInterrupted"

@@ -15,13 +15,13 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy.db import (
+from turbodeploy.core.db import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
     NewDeployment,
 )
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     CheckWindow,
     DeployResult,
     DeployStatus,
@@ -31,7 +31,7 @@ from turbodeploy.models import (
     RecordStartResult,
     ReleaseRecord,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 DEPLOYMENT_NOT_FOUND = "DeploymentNotFound"

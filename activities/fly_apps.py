@@ -24,8 +24,8 @@ from flyapi import (
     FlyUnprocessable,
     IPAssignment,
 )
-from turbodeploy.models import EnsureAppInput, EnsureAppResult
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import EnsureAppInput, EnsureAppResult
+from turbodeploy.core.settings import Settings
 
 
 class FlyAppActivities:

@@ -14,9 +14,9 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy import dockerfile, flytoml, gitrepo
-from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
-from turbodeploy.settings import Settings
+from turbodeploy.core import dockerfile, flytoml, gitrepo
+from turbodeploy.core.models import PrepareConfigInput, PrepareConfigResult
+from turbodeploy.core.settings import Settings
 
 FLY_TOML = "fly.toml"
 _DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy.models import HealthCheckInput, HealthCheckResult
+from turbodeploy.core.models import HealthCheckInput, HealthCheckResult
 
 log = logging.getLogger(__name__)
 

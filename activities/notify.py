@@ -35,8 +35,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import _Cached, _Secret, build_ssm_client
-from turbodeploy.models import NotifyInput, NotifyResult
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import NotifyInput, NotifyResult
+from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

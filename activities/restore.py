@@ -33,7 +33,7 @@ from activities.rollout import (
     all_or_first_error,
 )
 from flyapi import FlyClient, Machine
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     DeployTimings,
     MachineSnapshot,
     ReleaseSnapshot,
@@ -41,7 +41,7 @@ from turbodeploy.models import (
     RestoreResult,
     SnapshotInput,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 
 class ReleaseActivities:

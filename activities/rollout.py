@@ -46,8 +46,8 @@ from flyapi import (
     FlyUnauthorized,
     Machine,
 )
-from turbodeploy.flytoml import machine_config, overlay_managed
-from turbodeploy.models import (
+from turbodeploy.core.flytoml import machine_config, overlay_managed
+from turbodeploy.core.models import (
     CheckWindow,
     DeployTimings,
     MachineOutcome,
@@ -55,7 +55,7 @@ from turbodeploy.models import (
     RolloutResult,
     Strategy,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 PROCESS_GROUP = "app"
 DEPLOYMENT_KEY = "turbodeploy_deployment_id"

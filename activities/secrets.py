@@ -25,8 +25,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy.models import CredentialsResult
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import CredentialsResult
+from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

@@ -37,9 +37,9 @@ class BaselineWorkflow:
 
 
 async def _serve() -> None:
-    from turbodeploy import metrics
-    from turbodeploy.logs import configure_logging
-    from turbodeploy.settings import Settings
+    from turbodeploy.core import metrics
+    from turbodeploy.core.logs import configure_logging
+    from turbodeploy.core.settings import Settings
     from worker import connect, create_worker
 
     settings = Settings()

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from flyapi import FlyClient, FlyError, FlyUnauthorized, Machine
-from turbodeploy.flytoml import FlyTomlError, machine_config, overlay_managed
+from turbodeploy.core.flytoml import FlyTomlError, machine_config, overlay_managed
 
 VERSION: Final = "0.0.0-standin"
 EXIT_FAILED: Final = 1

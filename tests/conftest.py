@@ -25,8 +25,8 @@ from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from flyapi import FlyClient
 from turbodeploy import embedded
-from turbodeploy.db import DeploymentStore, create_pool
-from turbodeploy.settings import Settings
+from turbodeploy.core.db import DeploymentStore, create_pool
+from turbodeploy.core.settings import Settings
 from worker import create_worker
 
 REFERENCE_DIR = Path(

@@ -24,7 +24,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 
 from flysim import FlySim, SimConfig
-from turbodeploy.models import DeployTimings
+from turbodeploy.core.models import DeployTimings
 
 # Not resolved: the tests may run from a copy whose files link back here, and the worker
 # must start from the copy the test imports.

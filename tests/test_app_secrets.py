@@ -19,14 +19,14 @@ from activities.app_secrets import AppSecretActivities
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyNotFound
 from turbodeploy import embedded
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     AppSecretsInput,
     AppSecretsResult,
     RestoreSecretsInput,
     RestoreSecretsResult,
     SecretVersion,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 IMAGE = "registry.fly.io/secrets-test:1"
 

@@ -23,15 +23,15 @@ from activities.build import BuildActivities, FlyctlProgress, flaps_base_url
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
 from turbodeploy import embedded
-from turbodeploy.dockerfile import render_dockerfile
-from turbodeploy.flytoml import render_fly_toml
-from turbodeploy.models import (
+from turbodeploy.core.dockerfile import render_dockerfile
+from turbodeploy.core.flytoml import render_fly_toml
+from turbodeploy.core.models import (
     BuildInput,
     DeployTimings,
     FlyctlDeployInput,
     app_name_for,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 PACKAGE_JSON = '{"name": "hello", "private": true, "scripts": {"build": "nitro build"}}\n'
 TIMINGS = DeployTimings(

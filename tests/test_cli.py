@@ -29,8 +29,8 @@ from temporalio.worker import Worker
 
 from turbodeploy import embedded
 from turbodeploy.cli import main as turbodeploy_cli
-from turbodeploy.models import DeployProgress
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import DeployProgress
+from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"

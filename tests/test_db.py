@@ -15,17 +15,17 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.deployments import DeploymentActivities
 from turbodeploy import embedded
-from turbodeploy.db import (
+from turbodeploy.core.db import (
     MAX_ERROR_CHARS,
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
     create_pool,
 )
-from turbodeploy.db.queries import Queries
-from turbodeploy.db.store import _migrations
-from turbodeploy.models import DeploymentRow, DeployStatus, RecordResultInput, RecordStartInput
-from turbodeploy.settings import Settings
+from turbodeploy.core.db.queries import Queries
+from turbodeploy.core.db.store import _migrations
+from turbodeploy.core.models import DeploymentRow, DeployStatus, RecordResultInput, RecordStartInput
+from turbodeploy.core.settings import Settings
 
 MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]
 

@@ -17,8 +17,8 @@ from harness import fast_timings
 from temporalio.client import Client
 
 from turbodeploy.client import DeployFailed, start_deploy
-from turbodeploy.models import DeployRequest, DeployStatus
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import DeployRequest, DeployStatus
+from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 FAST = fast_timings(

@@ -29,8 +29,8 @@ from harness import (
 from temporalio.client import Client
 
 from turbodeploy.client import start_deploy
-from turbodeploy.models import DeployRequest, DeployResult, DeployStatus
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import DeployRequest, DeployResult, DeployStatus
+from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 from worker import create_worker
 

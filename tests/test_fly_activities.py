@@ -18,9 +18,9 @@ from activities.fly_apps import FlyAppActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
-from turbodeploy.flytoml import machine_config
-from turbodeploy.models import DeployTimings, EnsureAppInput, RolloutInput
-from turbodeploy.settings import Settings
+from turbodeploy.core.flytoml import machine_config
+from turbodeploy.core.models import DeployTimings, EnsureAppInput, RolloutInput
+from turbodeploy.core.settings import Settings
 
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),

@@ -18,9 +18,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fly_config import FlyConfigActivities
-from turbodeploy import dockerfile, flytoml, gitrepo
-from turbodeploy.models import PrepareConfigInput, PrepareConfigResult
-from turbodeploy.settings import Settings
+from turbodeploy.core import dockerfile, flytoml, gitrepo
+from turbodeploy.core.models import PrepareConfigInput, PrepareConfigResult
+from turbodeploy.core.settings import Settings
 
 NITRO_TREE = {
     "package.json": (

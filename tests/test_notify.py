@@ -32,8 +32,8 @@ from activities.notify import (
     verify_signature,
 )
 from turbodeploy import embedded
-from turbodeploy.models import DeploymentNotice, DeployStatus, NotifyInput, NotifyResult
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import DeploymentNotice, DeployStatus, NotifyInput, NotifyResult
+from turbodeploy.core.settings import Settings
 
 
 @dataclass

@@ -27,9 +27,9 @@ from harness import (
 from temporalio.client import Client
 
 from turbodeploy.client import start_deploy
+from turbodeploy.core.models import DeployRequest, DeployStatus
+from turbodeploy.core.settings import Settings
 from turbodeploy.embedded import free_port
-from turbodeploy.models import DeployRequest, DeployStatus
-from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 from worker import create_worker
 

@@ -29,14 +29,14 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     DeployRequest,
     DeployResult,
     DeployStatus,
     DeployStep,
     new_deployment_id,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 FAST = fast_timings(

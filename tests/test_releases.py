@@ -12,8 +12,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.deployments import DeploymentActivities
-from turbodeploy.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
-from turbodeploy.models import (
+from turbodeploy.core.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
+from turbodeploy.core.models import (
     CheckWindow,
     DeployStatus,
     LoadReleaseInput,
@@ -25,7 +25,7 @@ from turbodeploy.models import (
     SecretVersion,
     Strategy,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 FLY_TOML = (
     'app = "turbobackend-x"\nprimary_region = "iad"\n\n[http_service]\n  internal_port = 3000\n'

@@ -25,8 +25,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from turbodeploy.client import start_deploy
-from turbodeploy.models import DeployRequest
-from turbodeploy.settings import Settings
+from turbodeploy.core.models import DeployRequest
+from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 from worker import create_worker
 from workflows import DeployProjectWorkflow

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from pydantic import TypeAdapter, ValidationError
 
 from turbodeploy.cli import main
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     MAX_PROJECT_ID_LENGTH,
     PROJECT_REQUEST,
     DeployRequest,

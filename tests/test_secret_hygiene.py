@@ -26,7 +26,7 @@ from harness import (
 from temporalio.client import Client
 
 from turbodeploy.client import start_deploy
-from turbodeploy.models import DeployRequest
+from turbodeploy.core.models import DeployRequest
 from turbodeploy.stack import publish_example
 
 

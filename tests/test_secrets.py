@@ -19,7 +19,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.secrets import CredentialActivities, CredentialStore, build_ssm_client
 from turbodeploy import embedded
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 
 class CountingCalls:

@@ -31,7 +31,7 @@ from activities.rollout import (
     RolloutActivities,
 )
 from flyapi import FlyClient, Machine, RequestRetry
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     CheckWindow,
     DeployTimings,
     MachineOutcome,
@@ -42,7 +42,7 @@ from turbodeploy.models import (
     SnapshotInput,
     Strategy,
 )
-from turbodeploy.settings import Settings
+from turbodeploy.core.settings import Settings
 
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),

@@ -39,7 +39,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     Accepted,
     DeployProgress,
     DeployRequest,
@@ -51,7 +51,7 @@ from turbodeploy.models import (
     new_deployment_id,
     workflow_id_for,
 )
-from turbodeploy.settings import TASK_QUEUE
+from turbodeploy.core.settings import TASK_QUEUE
 from workflows.deploy_project import DEPLOY_STATUS, FLY_APP, PROJECT_ID, DeployProjectWorkflow
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from turbodeploy import metrics
-    from turbodeploy.models import (
+    from turbodeploy.core import metrics
+    from turbodeploy.core.models import (
         Accepted,
         AppSecretsInput,
         AppSecretsResult,

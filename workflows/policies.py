@@ -14,7 +14,7 @@ from datetime import timedelta
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
-from turbodeploy.models import DeployTimings
+from turbodeploy.core.models import DeployTimings
 
 # Errors that no retry can fix. Activities raise them as non-retryable already; listing them
 # here too keeps a misclassified raise from retrying a hopeless request for minutes.

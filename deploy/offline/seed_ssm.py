@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from turbodeploy.core.settings import Settings
 from turbodeploy.embedded import seed_ssm
-from turbodeploy.settings import Settings
 
 
 def main() -> int:

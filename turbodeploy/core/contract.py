@@ -5,7 +5,7 @@ payloads, exported from the models that decode them, so the two cannot disagree 
 committed copies in `schemas/` are checked against these by the tests). README: "Starting
 deploys from any language".
 
-    python -m turbodeploy.contract [DIRECTORY]    # write the schemas (default: schemas/)
+    python -m turbodeploy.core.contract [DIRECTORY]    # write the schemas (default: schemas/)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from turbodeploy.models import (
+from turbodeploy.core.models import (
     WORKFLOW_ID_PREFIX,
     Accepted,
     DeployProgress,
@@ -26,7 +26,7 @@ from turbodeploy.models import (
     ProjectRequest,
     RollbackRequest,
 )
-from turbodeploy.settings import TASK_QUEUE
+from turbodeploy.core.settings import TASK_QUEUE
 
 WORKFLOW_TYPE = "DeployProjectWorkflow"
 DEFAULT_TASK_QUEUE = TASK_QUEUE
@@ -59,7 +59,7 @@ _SCHEMAS: dict[str, tuple[Any, Mode]] = {
     "deploy-result": (DeployResult, "serialization"),
 }
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def schemas() -> dict[str, dict[str, Any]]:

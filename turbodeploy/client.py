@@ -39,6 +39,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from turbodeploy.core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
 from turbodeploy.core.models import (
     Accepted,
     DeployProgress,
@@ -52,7 +53,7 @@ from turbodeploy.core.models import (
     workflow_id_for,
 )
 from turbodeploy.core.settings import TASK_QUEUE
-from workflows.deploy_project import DEPLOY_STATUS, FLY_APP, PROJECT_ID, DeployProjectWorkflow
+from workflows.deploy_project import DeployProjectWorkflow
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from turbodeploy.core import contract
+
 # Search attributes the workflow keeps up to date; registered on every server we start.
-SEARCH_ATTRIBUTES = ("ProjectId", "FlyApp", "DeployStatus")
+SEARCH_ATTRIBUTES = contract.SEARCH_ATTRIBUTES
 
 
 def free_port() -> int:

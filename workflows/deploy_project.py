@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -38,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from turbodeploy.core import metrics
+    from turbodeploy.core.contract import DEPLOY_STATUS, PROJECT_ID
     from turbodeploy.core.models import (
         Accepted,
         AppSecretsInput,
@@ -89,9 +89,6 @@ with workflow.unsafe.imports_passed_through():
 
 ResultT = TypeVar("ResultT", bound=BaseModel)
 
-PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
-FLY_APP = SearchAttributeKey.for_keyword("FlyApp")
-DEPLOY_STATUS = SearchAttributeKey.for_keyword("DeployStatus")
 
 # The steps a person sees in the progress query, in order.
 STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE]

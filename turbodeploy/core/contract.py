@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
+from temporalio.common import SearchAttributeKey
 
 from turbodeploy.core.models import (
     WORKFLOW_ID_PREFIX,
@@ -44,7 +45,11 @@ INVALID_REQUEST = "InvalidRequest"  # the update's rejection, or the run's failu
 DEPLOY_FAILED = "DeployFailed"  # the run's failure: its last deployment did not deploy
 DEPLOY_ROLLED_BACK = "DeployRolledBack"  # ... and the previous release serves again
 
-SEARCH_ATTRIBUTES = ("ProjectId", "FlyApp", "DeployStatus")  # Keyword, set by the caller
+# Keyword search attributes, set by the caller at start; the workflow keeps DeployStatus true.
+PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
+FLY_APP = SearchAttributeKey.for_keyword("FlyApp")
+DEPLOY_STATUS = SearchAttributeKey.for_keyword("DeployStatus")
+SEARCH_ATTRIBUTES = (PROJECT_ID.name, FLY_APP.name, DEPLOY_STATUS.name)
 
 Mode = Literal["validation", "serialization"]
 

@@ -16,19 +16,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._errors import to_application_error
 from activities.secrets import SECRETS_UNAVAILABLE, CredentialStore, build_ssm_client
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy.core.models import (
-    AppSecretsInput,
-    AppSecretsResult,
-    RestoreSecretsInput,
-    RestoreSecretsResult,
-    SecretVersion,
-)
+from turbodeploy.core.models import Model, SecretVersion
 from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -47,6 +42,32 @@ _DENIED_CODES = frozenset(
     {"AccessDeniedException", "AccessDenied", "InvalidKeyId", "KMSAccessDeniedException"}
 )
 _INVALID_CODES = frozenset({"ValidationException", "InvalidParameterException"})
+
+
+class AppSecretsInput(Model):
+    app_name: str
+    secrets: dict[str, str]  # env name -> SSM parameter name
+
+
+class AppSecretsResult(Model):
+    """Names and versions only: a value never leaves the activity."""
+
+    secrets: list[SecretVersion] = Field(default_factory=list)
+    added: list[str] = Field(default_factory=list)  # names the app did not have before
+
+
+class RestoreSecretsInput(Model):
+    """Put the app's secrets back as a release had them: each value read again from its
+    SSM parameter at the recorded version, and the names that release did not have removed."""
+
+    app_name: str
+    secrets: list[SecretVersion] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class RestoreSecretsResult(Model):
+    restored: list[SecretVersion] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)  # only names the app still had
 
 
 class AppSecretActivities:

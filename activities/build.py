@@ -51,13 +51,7 @@ from temporalio.exceptions import ApplicationError
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyError, FlyUnauthorized
 from turbodeploy.core import gitrepo
-from turbodeploy.core.models import (
-    BuildInput,
-    BuildResult,
-    FlyctlDeployInput,
-    FlyctlDeployResult,
-    validate_image,
-)
+from turbodeploy.core.models import DeployTimings, Model, validate_image
 from turbodeploy.core.processes import StopPolicy, start_in_group, stop_group
 from turbodeploy.core.settings import Settings
 
@@ -131,6 +125,34 @@ _TRANSIENT_RE: Final = re.compile(
     r"builder .*(unavailable|not ready|failed to start)|no capacity|try again",
     re.I,
 )
+
+
+class BuildInput(Model):
+    deployment_id: str
+    app_name: str
+    repo_url: str
+    commit_sha: str
+
+
+class BuildResult(Model):
+    image: str
+    output_excerpt: str = ""
+
+
+class FlyctlDeployInput(Model):
+    deployment_id: str
+    app_name: str
+    repo_url: str
+    commit_sha: str
+    image: str | None = None
+    machine_count: int = 1
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class FlyctlDeployResult(Model):
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    output_excerpt: str = ""
 
 
 class FlyctlProgress(BaseModel):

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import asyncpg
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -25,11 +26,9 @@ from turbodeploy.core.models import (
     CheckWindow,
     DeployResult,
     DeployStatus,
-    LoadReleaseInput,
-    RecordResultInput,
-    RecordStartInput,
-    RecordStartResult,
+    Model,
     ReleaseRecord,
+    SecretVersion,
 )
 from turbodeploy.core.settings import Settings
 
@@ -39,6 +38,46 @@ DEPLOYMENT_CONFLICT = "DeploymentConflict"
 DEPLOYMENT_RECORD_INVALID = "DeploymentRecordInvalid"
 RELEASE_NOT_FOUND = "ReleaseNotFound"
 RELEASE_NOT_RESTORABLE = "ReleaseNotRestorable"
+
+
+class RecordStartInput(Model):
+    deployment_id: str
+    project_id: str
+    app_name: str
+    workflow_id: str
+    run_id: str
+    repo_url: str | None = None
+    branch: str | None = None
+    image: str | None = None
+
+
+class RecordStartResult(Model):
+    url: str
+    started_at: int  # epoch seconds
+    # From the project's last deployed release, for the rollout's health-check reads.
+    checks_hint: CheckWindow | None = None
+    # That release's secrets (names, parameters, versions), to put back if this deploy
+    # changes them and fails; None when the project has no deployed release.
+    previous_secrets: list[SecretVersion] | None = None
+    # Set when the deployment had already ended (the same request sent again after its
+    # run closed): what it ended as. The run then reports it instead of deploying again.
+    finished: DeployResult | None = None
+
+
+class RecordResultInput(Model):
+    deployment_id: str
+    status: DeployStatus
+    commit_sha: str | None = None
+    image: str | None = None
+    machine_ids: list[str] = Field(default_factory=list)
+    error: str | None = None
+    # Recorded in the same step when the deploy reached the rollout.
+    release: ReleaseRecord | None = None
+
+
+class LoadReleaseInput(Model):
+    project_id: str
+    deployment_id: str | None = None  # None: the last good release before the current one
 
 
 class DeploymentActivities:

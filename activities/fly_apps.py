@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Literal
 
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -24,8 +25,21 @@ from flyapi import (
     FlyUnprocessable,
     IPAssignment,
 )
-from turbodeploy.core.models import EnsureAppInput, EnsureAppResult
+from turbodeploy.core.models import DeployTimings, Model
 from turbodeploy.core.settings import Settings
+
+
+class EnsureAppInput(Model):
+    app_name: str
+    org_slug: str
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class EnsureAppResult(Model):
+    app_name: str
+    url: str
+    created: bool
+    ips: list[str] = Field(default_factory=list)
 
 
 class FlyAppActivities:

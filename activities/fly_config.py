@@ -11,15 +11,34 @@ import asyncio
 import contextlib
 from datetime import timedelta
 
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from turbodeploy.core import dockerfile, flytoml, gitrepo
-from turbodeploy.core.models import PrepareConfigInput, PrepareConfigResult
+from turbodeploy.core.models import Model
 from turbodeploy.core.settings import Settings
 
 FLY_TOML = "fly.toml"
 _DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)
+
+
+class PrepareConfigInput(Model):
+    deployment_id: str
+    project_id: str
+    app_name: str
+    repo_url: str
+    branch: str
+    region: str
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class PrepareConfigResult(Model):
+    commit_sha: str
+    committed: bool  # False when fly.toml was already up to date
+    fly_toml: str  # the rendered file, as committed
+    merged_existing: bool  # True when the repository had its own fly.toml
+    dockerfile_generated: bool = False  # True when we wrote a Dockerfile (the repo had none)
 
 
 class FlyConfigActivities:

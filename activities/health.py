@@ -12,15 +12,27 @@ import logging
 import time
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy.core.models import HealthCheckInput, HealthCheckResult
+from turbodeploy.core.models import DeployTimings, Model
 
 log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/api/health"
+
+
+class HealthCheckInput(Model):
+    url: str
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class HealthCheckResult(Model):
+    healthy: bool
+    attempts: int
+    last_status: int | None = None
+    detail: str = ""
 
 
 class _HealthProgress(BaseModel):

@@ -35,7 +35,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import _Cached, _Secret, build_ssm_client
-from turbodeploy.core.models import NotifyInput, NotifyResult
+from turbodeploy.core.models import DeploymentNotice, Model
 from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,6 +53,17 @@ _TIMEOUT_SECONDS = 10.0
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 _MAX_RETRY_AFTER = timedelta(minutes=10)
 _EXCERPT_CHARS = 200
+
+
+class NotifyInput(Model):
+    callback_url: str
+    notice: DeploymentNotice
+
+
+class NotifyResult(Model):
+    delivered: bool
+    attempts: int
+    status_code: int | None = None
 
 
 def sign(key: bytes, body: bytes, timestamp: int) -> str:

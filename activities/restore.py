@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -33,15 +34,30 @@ from activities.rollout import (
     all_or_first_error,
 )
 from flyapi import FlyClient, Machine
-from turbodeploy.core.models import (
-    DeployTimings,
-    MachineSnapshot,
-    ReleaseSnapshot,
-    RestoreInput,
-    RestoreResult,
-    SnapshotInput,
-)
+from turbodeploy.core.models import DeployTimings, MachineSnapshot, Model, ReleaseSnapshot
 from turbodeploy.core.settings import Settings
+
+
+class SnapshotInput(Model):
+    app_name: str
+
+
+class RestoreInput(Model):
+    """Make the app's `app` process group match `snapshot`: changed machines get their
+    snapshot config back, missing ones are recreated (marked with `deployment_id`, so a
+    retry finds them), and every other machine of the group is destroyed. Idempotent."""
+
+    app_name: str
+    deployment_id: str
+    snapshot: ReleaseSnapshot
+    reason: str = ""
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+
+class RestoreResult(Model):
+    restored: list[str] = Field(default_factory=list)  # machine ids put back
+    destroyed: list[str] = Field(default_factory=list)  # machine ids removed
+    unchanged: list[str] = Field(default_factory=list)
 
 
 class ReleaseActivities:

@@ -47,14 +47,7 @@ from flyapi import (
     Machine,
 )
 from turbodeploy.core.flytoml import machine_config, overlay_managed
-from turbodeploy.core.models import (
-    CheckWindow,
-    DeployTimings,
-    MachineOutcome,
-    RolloutInput,
-    RolloutResult,
-    Strategy,
-)
+from turbodeploy.core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
 from turbodeploy.core.settings import Settings
 
 PROCESS_GROUP = "app"
@@ -81,6 +74,30 @@ _MAX_HEARTBEAT_SECONDS = 10.0
 _STOP_WAIT_MAX_SECONDS = 60.0
 
 _T = TypeVar("_T")
+
+
+class RolloutInput(Model):
+    deployment_id: str
+    app_name: str
+    image: str
+    region: str
+    fly_toml: str
+    machine_count: int = 1
+    strategy: Strategy = Strategy.ROLLING
+    max_unavailable: float = 0.33
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+    # When the machines of the app's last release passed their checks: the first read of
+    # a new machine's checks waits until then.
+    checks_hint: CheckWindow | None = None
+
+
+class RolloutResult(Model):
+    machines: list[MachineOutcome]
+    image_digest: str | None = None
+
+    @property
+    def machine_ids(self) -> list[str]:
+        return [m.machine_id for m in self.machines]
 
 
 class RolloutProgress(BaseModel):

@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from turbodeploy.core.models import CredentialsResult
+from turbodeploy.core.models import Model
 from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,6 +49,14 @@ _DENIED_CODES = frozenset(
 _ORG_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 T = TypeVar("T")
+
+
+class CredentialsResult(Model):
+    """Proof that a token is available, without the token: the org and the SSM version."""
+
+    org_slug: str
+    token_parameter: str
+    token_version: int
 
 
 def build_ssm_client(settings: Settings) -> SSMClient:

@@ -15,17 +15,17 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.app_secrets import AppSecretActivities
-from activities.secrets import CredentialStore
-from flyapi import FlyClient, FlyNotFound
-from turbodeploy import embedded
-from turbodeploy.core.models import (
+from activities.app_secrets import (
+    AppSecretActivities,
     AppSecretsInput,
     AppSecretsResult,
     RestoreSecretsInput,
     RestoreSecretsResult,
-    SecretVersion,
 )
+from activities.secrets import CredentialStore
+from flyapi import FlyClient, FlyNotFound
+from turbodeploy import embedded
+from turbodeploy.core.models import SecretVersion
 from turbodeploy.core.settings import Settings
 
 IMAGE = "registry.fly.io/secrets-test:1"

@@ -19,18 +19,19 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.build import BuildActivities, FlyctlProgress, flaps_base_url
+from activities.build import (
+    BuildActivities,
+    BuildInput,
+    FlyctlDeployInput,
+    FlyctlProgress,
+    flaps_base_url,
+)
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
 from turbodeploy import embedded
 from turbodeploy.core.dockerfile import render_dockerfile
 from turbodeploy.core.flytoml import render_fly_toml
-from turbodeploy.core.models import (
-    BuildInput,
-    DeployTimings,
-    FlyctlDeployInput,
-    app_name_for,
-)
+from turbodeploy.core.models import DeployTimings, app_name_for
 from turbodeploy.core.settings import Settings
 
 PACKAGE_JSON = '{"name": "hello", "private": true, "scripts": {"build": "nitro build"}}\n'

@@ -13,7 +13,7 @@ import pytest_asyncio
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.deployments import DeploymentActivities
+from activities.deployments import DeploymentActivities, RecordResultInput, RecordStartInput
 from turbodeploy import embedded
 from turbodeploy.core.db import (
     MAX_ERROR_CHARS,
@@ -24,7 +24,7 @@ from turbodeploy.core.db import (
 )
 from turbodeploy.core.db.queries import Queries
 from turbodeploy.core.db.store import _migrations
-from turbodeploy.core.models import DeploymentRow, DeployStatus, RecordResultInput, RecordStartInput
+from turbodeploy.core.models import DeploymentRow, DeployStatus
 from turbodeploy.core.settings import Settings
 
 MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]

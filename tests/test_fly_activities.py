@@ -14,12 +14,12 @@ from conftest import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.fly_apps import FlyAppActivities
-from activities.rollout import RolloutActivities
+from activities.fly_apps import EnsureAppInput, FlyAppActivities
+from activities.rollout import RolloutActivities, RolloutInput
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, Machine
 from turbodeploy.core.flytoml import machine_config
-from turbodeploy.core.models import DeployTimings, EnsureAppInput, RolloutInput
+from turbodeploy.core.models import DeployTimings
 from turbodeploy.core.settings import Settings
 
 TIMINGS = DeployTimings(

@@ -17,9 +17,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.fly_config import FlyConfigActivities
+from activities.fly_config import FlyConfigActivities, PrepareConfigInput, PrepareConfigResult
 from turbodeploy.core import dockerfile, flytoml, gitrepo
-from turbodeploy.core.models import PrepareConfigInput, PrepareConfigResult
 from turbodeploy.core.settings import Settings
 
 NITRO_TREE = {

@@ -28,11 +28,13 @@ from activities.notify import (
     SIGNATURE_HEADER,
     CallbackKeys,
     NotifyActivities,
+    NotifyInput,
+    NotifyResult,
     sign,
     verify_signature,
 )
 from turbodeploy import embedded
-from turbodeploy.core.models import DeploymentNotice, DeployStatus, NotifyInput, NotifyResult
+from turbodeploy.core.models import DeploymentNotice, DeployStatus
 from turbodeploy.core.settings import Settings
 
 

@@ -11,15 +11,13 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.deployments import DeploymentActivities
+from activities.deployments import DeploymentActivities, LoadReleaseInput, RecordStartInput
 from turbodeploy.core.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
 from turbodeploy.core.models import (
     CheckWindow,
     DeployStatus,
-    LoadReleaseInput,
     MachineOutcome,
     MachineSnapshot,
-    RecordStartInput,
     ReleaseRecord,
     ReleaseSnapshot,
     SecretVersion,

@@ -22,13 +22,15 @@ from conftest import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.restore import ReleaseActivities
+from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
 from activities.rollout import (
     CANARY_KEY,
     GREEN_KEY,
     RESTORED_BY_KEY,
     CheckPace,
     RolloutActivities,
+    RolloutInput,
+    RolloutResult,
 )
 from flyapi import FlyClient, Machine, RequestRetry
 from turbodeploy.core.models import (
@@ -36,10 +38,6 @@ from turbodeploy.core.models import (
     DeployTimings,
     MachineOutcome,
     ReleaseSnapshot,
-    RestoreInput,
-    RolloutInput,
-    RolloutResult,
-    SnapshotInput,
     Strategy,
 )
 from turbodeploy.core.settings import Settings

@@ -36,51 +36,45 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
+    from activities.app_secrets import (
+        AppSecretsInput,
+        AppSecretsResult,
+        RestoreSecretsInput,
+        RestoreSecretsResult,
+    )
+    from activities.build import BuildInput, BuildResult, FlyctlDeployInput, FlyctlDeployResult
+    from activities.deployments import (
+        LoadReleaseInput,
+        RecordResultInput,
+        RecordStartInput,
+        RecordStartResult,
+    )
+    from activities.fly_apps import EnsureAppInput, EnsureAppResult
+    from activities.fly_config import PrepareConfigInput, PrepareConfigResult
+    from activities.health import HealthCheckInput, HealthCheckResult
+    from activities.notify import NotifyInput, NotifyResult
+    from activities.restore import RestoreInput, RestoreResult, SnapshotInput
+    from activities.rollout import RolloutInput, RolloutResult
+    from activities.secrets import CredentialsResult
     from turbodeploy.core import metrics
     from turbodeploy.core.contract import DEPLOY_STATUS, PROJECT_ID
     from turbodeploy.core.models import (
         Accepted,
-        AppSecretsInput,
-        AppSecretsResult,
-        BuildInput,
-        BuildResult,
         CheckWindow,
-        CredentialsResult,
         DeploymentNotice,
         DeployProgress,
         DeployRequest,
         DeployResult,
         DeployStatus,
         DeployStep,
-        EnsureAppInput,
-        EnsureAppResult,
-        FlyctlDeployInput,
-        FlyctlDeployResult,
-        HealthCheckInput,
-        HealthCheckResult,
         IncomingRequest,
         InvalidRequest,
-        LoadReleaseInput,
         MachineOutcome,
-        NotifyInput,
-        NotifyResult,
-        PrepareConfigInput,
-        PrepareConfigResult,
         ProjectRequest,
-        RecordResultInput,
-        RecordStartInput,
-        RecordStartResult,
         ReleaseRecord,
         ReleaseSnapshot,
-        RestoreInput,
-        RestoreResult,
-        RestoreSecretsInput,
-        RestoreSecretsResult,
         RollbackRequest,
-        RolloutInput,
-        RolloutResult,
         SecretVersion,
-        SnapshotInput,
         Strategy,
         deployment_id_at,
     )

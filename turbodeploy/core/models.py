@@ -1,6 +1,7 @@
-"""Typed inputs and results shared by the client, the workflow and the activities.
+"""The data that crosses layers: requests, results, progress, releases, timings.
 
-Everything here is plain data: safe to import inside the workflow sandbox, serialised as
+The input and result of each activity live beside that activity (activities/), on the
+`Model` base defined here. Everything here is plain data: safe to import inside the workflow sandbox, serialised as
 JSON by the pydantic data converter, and readable in the Temporal Web UI. No secret ever
 lives in these models: the Fly API token is resolved inside activities only.
 
@@ -175,7 +176,7 @@ def workflow_id_for(project_id: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{project_id}"
 
 
-class _Model(BaseModel):
+class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -204,7 +205,7 @@ class Strategy(StrEnum):
     FLYCTL = "flyctl"  # hand the whole deploy to `flyctl deploy --remote-only`
 
 
-class DeployTimings(_Model):
+class DeployTimings(Model):
     """Every wait and poll of a deploy, with production defaults.
 
     They are inputs (not constants) so that tests run in milliseconds and an operator can
@@ -261,7 +262,7 @@ def _optional_deployment_id(value: object) -> object:
     return value
 
 
-class IncomingRequest(_Model):
+class IncomingRequest(Model):
     """What a workflow input, the `submit_request` update and the `submit` signal decode
     to: a `DeployRequest`, a `RollbackRequest`, or an `InvalidRequest` saying why the
     payload is neither.
@@ -476,7 +477,7 @@ def _decode_incoming(value: Any) -> IncomingRequest:
         return InvalidRequest(error=describe_validation_error(err))
 
 
-class Accepted(_Model):
+class Accepted(Model):
     """The answer to `submit_request`: the request is this project's deployment
     `deployment_id`, running or queued in run `run_id` of workflow `workflow_id`."""
 
@@ -485,11 +486,6 @@ class Accepted(_Model):
     workflow_id: str
     run_id: str
     status: DeployStatus  # deploying, queued, or the final status of one already ended
-
-
-class LoadReleaseInput(_Model):
-    project_id: str
-    deployment_id: str | None = None  # None: the last good release before the current one
 
 
 class DeployStep(StrEnum):
@@ -508,7 +504,7 @@ class DeployStep(StrEnum):
     DONE = "done"
 
 
-class DeployProgress(_Model):
+class DeployProgress(Model):
     deployment_id: str
     project_id: str
     step: DeployStep
@@ -521,7 +517,7 @@ class DeployProgress(_Model):
     queued: list[str] = Field(default_factory=list)  # deployment ids waiting behind this one
 
 
-class DeployResult(_Model):
+class DeployResult(Model):
     deployment_id: str
     project_id: str
     app_name: str
@@ -533,101 +529,7 @@ class DeployResult(_Model):
     error: str | None = None
 
 
-# ----------------------------------------------------------------------------------------
-# Activity inputs and results. One model per activity.
-# ----------------------------------------------------------------------------------------
-
-
-class RecordStartInput(_Model):
-    deployment_id: str
-    project_id: str
-    app_name: str
-    workflow_id: str
-    run_id: str
-    repo_url: str | None = None
-    branch: str | None = None
-    image: str | None = None
-
-
-class RecordStartResult(_Model):
-    url: str
-    started_at: int  # epoch seconds
-    # From the project's last deployed release, for the rollout's health-check reads.
-    checks_hint: CheckWindow | None = None
-    # That release's secrets (names, parameters, versions), to put back if this deploy
-    # changes them and fails; None when the project has no deployed release.
-    previous_secrets: list[SecretVersion] | None = None
-    # Set when the deployment had already ended (the same request sent again after its
-    # run closed): what it ended as. The run then reports it instead of deploying again.
-    finished: DeployResult | None = None
-
-
-class RecordResultInput(_Model):
-    deployment_id: str
-    status: DeployStatus
-    commit_sha: str | None = None
-    image: str | None = None
-    machine_ids: list[str] = Field(default_factory=list)
-    error: str | None = None
-    # Recorded in the same step when the deploy reached the rollout.
-    release: ReleaseRecord | None = None
-
-
-class CredentialsResult(_Model):
-    """Proof that a token is available, without the token: the org and the SSM version."""
-
-    org_slug: str
-    token_parameter: str
-    token_version: int
-
-
-class PrepareConfigInput(_Model):
-    deployment_id: str
-    project_id: str
-    app_name: str
-    repo_url: str
-    branch: str
-    region: str
-    env: dict[str, str] = Field(default_factory=dict)
-
-
-class PrepareConfigResult(_Model):
-    commit_sha: str
-    committed: bool  # False when fly.toml was already up to date
-    fly_toml: str  # the rendered file, as committed
-    merged_existing: bool  # True when the repository had its own fly.toml
-    dockerfile_generated: bool = False  # True when we wrote a Dockerfile (the repo had none)
-
-
-class EnsureAppInput(_Model):
-    app_name: str
-    org_slug: str
-    timings: DeployTimings = Field(default_factory=DeployTimings)
-
-
-class EnsureAppResult(_Model):
-    app_name: str
-    url: str
-    created: bool
-    ips: list[str] = Field(default_factory=list)
-
-
-class RolloutInput(_Model):
-    deployment_id: str
-    app_name: str
-    image: str
-    region: str
-    fly_toml: str
-    machine_count: int = 1
-    strategy: Strategy = Strategy.ROLLING
-    max_unavailable: float = 0.33
-    timings: DeployTimings = Field(default_factory=DeployTimings)
-    # When the machines of the app's last release passed their checks: the first read of
-    # a new machine's checks waits until then.
-    checks_hint: CheckWindow | None = None
-
-
-class CheckWindow(_Model):
+class CheckWindow(Model):
     """When a machine's health checks first passed, in seconds after it was seen started.
 
     They passed after `failing_until` (the last read that saw a check not passing; 0 when
@@ -647,7 +549,7 @@ class CheckWindow(_Model):
         return windows[(len(windows) - 1) // 2] if windows else None
 
 
-class MachineOutcome(_Model):
+class MachineOutcome(Model):
     machine_id: str
     action: str  # "created" | "updated" | "unchanged"
     instance_id: str | None = None
@@ -659,20 +561,7 @@ class MachineOutcome(_Model):
     checks_passed: CheckWindow | None = None
 
 
-class RolloutResult(_Model):
-    machines: list[MachineOutcome]
-    image_digest: str | None = None
-
-    @property
-    def machine_ids(self) -> list[str]:
-        return [m.machine_id for m in self.machines]
-
-
-class SnapshotInput(_Model):
-    app_name: str
-
-
-class MachineSnapshot(_Model):
+class MachineSnapshot(Model):
     """One machine of a release as it ran: enough to put it back exactly."""
 
     machine_id: str
@@ -682,7 +571,7 @@ class MachineSnapshot(_Model):
     config: dict[str, Any]
 
 
-class ReleaseSnapshot(_Model):
+class ReleaseSnapshot(Model):
     """The app's `app` process group machines before a rollout touches them."""
 
     app_name: str
@@ -694,85 +583,13 @@ class ReleaseSnapshot(_Model):
         return images.pop() if len(images) == 1 else None
 
 
-class RestoreInput(_Model):
-    """Make the app's `app` process group match `snapshot`: changed machines get their
-    snapshot config back, missing ones are recreated (marked with `deployment_id`, so a
-    retry finds them), and every other machine of the group is destroyed. Idempotent."""
-
-    app_name: str
-    deployment_id: str
-    snapshot: ReleaseSnapshot
-    reason: str = ""
-    timings: DeployTimings = Field(default_factory=DeployTimings)
-
-
-class RestoreResult(_Model):
-    restored: list[str] = Field(default_factory=list)  # machine ids put back
-    destroyed: list[str] = Field(default_factory=list)  # machine ids removed
-    unchanged: list[str] = Field(default_factory=list)
-
-
-class BuildInput(_Model):
-    deployment_id: str
-    app_name: str
-    repo_url: str
-    commit_sha: str
-
-
-class BuildResult(_Model):
-    image: str
-    output_excerpt: str = ""
-
-
-class FlyctlDeployInput(_Model):
-    deployment_id: str
-    app_name: str
-    repo_url: str
-    commit_sha: str
-    image: str | None = None
-    machine_count: int = 1
-    timings: DeployTimings = Field(default_factory=DeployTimings)
-
-
-class FlyctlDeployResult(_Model):
-    image: str | None = None
-    machine_ids: list[str] = Field(default_factory=list)
-    output_excerpt: str = ""
-
-
-class AppSecretsInput(_Model):
-    app_name: str
-    secrets: dict[str, str]  # env name -> SSM parameter name
-
-
-class SecretVersion(_Model):
+class SecretVersion(Model):
     name: str
     parameter: str
     version: int
 
 
-class AppSecretsResult(_Model):
-    """Names and versions only: a value never leaves the activity."""
-
-    secrets: list[SecretVersion] = Field(default_factory=list)
-    added: list[str] = Field(default_factory=list)  # names the app did not have before
-
-
-class RestoreSecretsInput(_Model):
-    """Put the app's secrets back as a release had them: each value read again from its
-    SSM parameter at the recorded version, and the names that release did not have removed."""
-
-    app_name: str
-    secrets: list[SecretVersion] = Field(default_factory=list)
-    remove: list[str] = Field(default_factory=list)
-
-
-class RestoreSecretsResult(_Model):
-    restored: list[SecretVersion] = Field(default_factory=list)
-    removed: list[str] = Field(default_factory=list)  # only names the app still had
-
-
-class ReleaseRecord(_Model):
+class ReleaseRecord(Model):
     """A release bundle: everything needed to put this release back later."""
 
     deployment_id: str
@@ -791,7 +608,7 @@ class ReleaseRecord(_Model):
     created_at: int | None = None
 
 
-class DeploymentNotice(_Model):
+class DeploymentNotice(Model):
     """The JSON body POSTed to a request's callback URL when a deploy ends."""
 
     deployment_id: str
@@ -804,30 +621,7 @@ class DeploymentNotice(_Model):
     image: str | None = None
 
 
-class NotifyInput(_Model):
-    callback_url: str
-    notice: DeploymentNotice
-
-
-class NotifyResult(_Model):
-    delivered: bool
-    attempts: int
-    status_code: int | None = None
-
-
-class HealthCheckInput(_Model):
-    url: str
-    timings: DeployTimings = Field(default_factory=DeployTimings)
-
-
-class HealthCheckResult(_Model):
-    healthy: bool
-    attempts: int
-    last_status: int | None = None
-    detail: str = ""
-
-
-class DeploymentRow(_Model):
+class DeploymentRow(Model):
     """One row of `project_deployments`, as read back by the CLI."""
 
     deployment_id: str

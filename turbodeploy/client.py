@@ -112,9 +112,7 @@ class DeployHandle:
         return outcome
 
     async def _outcome(self, run_id: str | None) -> DeployResult | None:
-        handle = self.client.get_workflow_handle_for(
-            DeployProjectWorkflow.run, self.workflow_id, run_id=run_id
-        )
+        handle = self.client.get_workflow_handle(self.workflow_id, run_id=run_id)
         try:
             result: DeployResult = await handle.execute_update(
                 "wait_outcome", self.deployment_id, result_type=DeployResult
@@ -122,7 +120,10 @@ class DeployHandle:
             return result
         except (WorkflowUpdateFailedError, RPCError):
             # The run closed (or moved on) before answering: its query still knows.
-            return await handle.query(DeployProjectWorkflow.outcome, self.deployment_id)
+            found: DeployResult | None = await handle.query(
+                "outcome", self.deployment_id, result_type=DeployResult
+            )
+            return found
 
 
 async def submit(

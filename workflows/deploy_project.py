@@ -14,13 +14,17 @@ clock and random; a request whose id is already known (a caller's retry) is the 
 deployment, not a new one.
 
 Deterministic code only: no I/O, no settings, no clock but `workflow.now()`. Activities are
-referred to by name so that this module imports nothing with side effects.
+referred to by their methods (`workflow.execute_activity_method`), so mypy checks each
+step's input and result against the activity; their modules are imported passed through
+the sandbox, and this module is imported only by the worker (callers use the names in
+turbodeploy/core/contract.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,25 +41,29 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from activities.app_secrets import (
+        AppSecretActivities,
         AppSecretsInput,
-        AppSecretsResult,
         RestoreSecretsInput,
-        RestoreSecretsResult,
     )
-    from activities.build import BuildInput, BuildResult, FlyctlDeployInput, FlyctlDeployResult
+    from activities.build import (
+        BuildActivities,
+        BuildInput,
+        FlyctlDeployInput,
+    )
     from activities.deployments import (
+        DeploymentActivities,
         LoadReleaseInput,
         RecordResultInput,
         RecordStartInput,
         RecordStartResult,
     )
-    from activities.fly_apps import EnsureAppInput, EnsureAppResult
-    from activities.fly_config import PrepareConfigInput, PrepareConfigResult
-    from activities.health import HealthCheckInput, HealthCheckResult
-    from activities.notify import NotifyInput, NotifyResult
-    from activities.restore import RestoreInput, RestoreResult, SnapshotInput
-    from activities.rollout import RolloutInput, RolloutResult
-    from activities.secrets import CredentialsResult
+    from activities.fly_apps import EnsureAppInput, FlyAppActivities
+    from activities.fly_config import FlyConfigActivities, PrepareConfigInput
+    from activities.health import HealthActivities, HealthCheckInput, HealthCheckResult
+    from activities.notify import NotifyActivities, NotifyInput, NotifyResult
+    from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
+    from activities.rollout import RolloutActivities, RolloutInput
+    from activities.secrets import CredentialActivities, CredentialsResult
     from turbodeploy.core import metrics
     from turbodeploy.core.contract import DEPLOY_STATUS, PROJECT_ID
     from turbodeploy.core.models import (
@@ -81,7 +89,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows import policies
     from workflows.policies import StepPolicy
 
-ResultT = TypeVar("ResultT", bound=BaseModel)
+ArgT = TypeVar("ArgT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel | None)
 
 
 # The steps a person sees in the progress query, in order.
@@ -382,7 +391,7 @@ class DeployProjectWorkflow:
         timings = request.timings
         config = await self._step_run(
             DeployStep.FLY_CONFIG,
-            "prepare_fly_config",
+            FlyConfigActivities.prepare_fly_config,
             PrepareConfigInput(
                 deployment_id=request.deployment_id,
                 project_id=request.project_id,
@@ -392,25 +401,22 @@ class DeployProjectWorkflow:
                 region=request.region,
                 env=request.env,
             ),
-            PrepareConfigResult,
             policies.fly_config(timings),
             f"Commit fly.toml to {request.repo_url}@{request.branch}",
         )
         d.commit_sha, d.fly_toml = config.commit_sha, config.fly_toml
         await self._step_run(
             DeployStep.APP,
-            "ensure_fly_app",
+            FlyAppActivities.ensure_app,
             EnsureAppInput(app_name=request.app_name, org_slug=org_slug, timings=timings),
-            EnsureAppResult,
             policies.app(timings),
             f"Ensure Fly app {request.app_name} in org {org_slug}",
         )
         if request.secrets:
             secrets = await self._step_run(
                 DeployStep.SECRETS,
-                "set_app_secrets",
+                AppSecretActivities.set_app_secrets,
                 AppSecretsInput(app_name=request.app_name, secrets=request.secrets),
-                AppSecretsResult,
                 policies.secrets(timings),
                 f"Set {len(request.secrets)} secret(s) on {request.app_name}: "
                 + ", ".join(sorted(request.secrets)),
@@ -419,14 +425,13 @@ class DeployProjectWorkflow:
         if d.image is None and request.strategy is not Strategy.FLYCTL:
             built = await self._step_run(
                 DeployStep.BUILD,
-                "build_image",
+                BuildActivities.build_image,
                 BuildInput(
                     deployment_id=request.deployment_id,
                     app_name=request.app_name,
                     repo_url=request.repo_url,
                     commit_sha=config.commit_sha,
                 ),
-                BuildResult,
                 policies.build(timings),
                 f"Build {request.app_name} at {config.commit_sha[:12]} with flyctl",
             )
@@ -435,7 +440,7 @@ class DeployProjectWorkflow:
         if request.strategy is Strategy.FLYCTL:
             handed = await self._step_run(
                 DeployStep.ROLLOUT,
-                "flyctl_deploy",
+                BuildActivities.flyctl_deploy,
                 FlyctlDeployInput(
                     deployment_id=request.deployment_id,
                     app_name=request.app_name,
@@ -445,7 +450,6 @@ class DeployProjectWorkflow:
                     machine_count=request.machine_count,
                     timings=timings,
                 ),
-                FlyctlDeployResult,
                 policies.build(timings),
                 f"flyctl deploy {request.app_name} at {config.commit_sha[:12]}",
             )
@@ -455,7 +459,7 @@ class DeployProjectWorkflow:
             assert d.image is not None
             rollout = await self._step_run(
                 DeployStep.ROLLOUT,
-                "roll_out_release",
+                RolloutActivities.roll_out,
                 RolloutInput(
                     deployment_id=request.deployment_id,
                     app_name=request.app_name,
@@ -468,7 +472,6 @@ class DeployProjectWorkflow:
                     timings=timings,
                     checks_hint=d.checks_hint,
                 ),
-                RolloutResult,
                 policies.rollout(timings, request.machine_count),
                 f"Roll out {d.image} to {request.app_name} ({request.strategy}, "
                 f"{request.machine_count} machine(s))",
@@ -483,9 +486,8 @@ class DeployProjectWorkflow:
         target = request.to_deployment_id or "the release before the current one"
         release = await self._step_run(
             DeployStep.FLY_CONFIG,
-            "load_release",
+            DeploymentActivities.load_release,
             LoadReleaseInput(project_id=request.project_id, deployment_id=request.to_deployment_id),
-            ReleaseRecord,
             policies.RECORD,
             f"Load release {target} of {request.project_id}",
         )
@@ -504,9 +506,8 @@ class DeployProjectWorkflow:
         if changed and workflow.patched("restore-secrets"):
             await self._step_run(
                 DeployStep.SECRETS,
-                "restore_app_secrets",
+                AppSecretActivities.restore_app_secrets,
                 RestoreSecretsInput(app_name=request.app_name, secrets=changed),
-                RestoreSecretsResult,
                 policies.secrets(timings),
                 f"Put back {len(changed)} secret(s) of release {release.deployment_id} on "
                 f"{request.app_name}: " + ", ".join(s.name for s in changed),
@@ -516,7 +517,7 @@ class DeployProjectWorkflow:
         d.snapshot = await self._snapshot(d, before_rollout=True)
         restored = await self._step_run(
             DeployStep.ROLLOUT,
-            "restore_release",
+            ReleaseActivities.restore,
             RestoreInput(
                 app_name=request.app_name,
                 deployment_id=request.deployment_id,
@@ -524,7 +525,6 @@ class DeployProjectWorkflow:
                 reason=f"rollback to {release.deployment_id}",
                 timings=timings,
             ),
-            RestoreResult,
             policies.restore(timings, d.machine_count),
             f"Roll {request.app_name} back to release {release.deployment_id} ({release.image})",
         )
@@ -579,9 +579,8 @@ class DeployProjectWorkflow:
         try:
             await self._step_run(
                 DeployStep.ROLLBACK,
-                "restore_app_secrets",
+                AppSecretActivities.restore_app_secrets,
                 RestoreSecretsInput(app_name=app, secrets=restore, remove=remove),
-                RestoreSecretsResult,
                 policies.secrets(d.request.timings),
                 f"Put back the secrets of the last release on {app}: "
                 + ", ".join(sorted([s.name for s in restore] + remove)),
@@ -600,7 +599,7 @@ class DeployProjectWorkflow:
         try:
             restored = await self._step_run(
                 DeployStep.ROLLBACK,
-                "restore_release",
+                ReleaseActivities.restore,
                 RestoreInput(
                     app_name=request.app_name,
                     deployment_id=request.deployment_id,
@@ -608,7 +607,6 @@ class DeployProjectWorkflow:
                     reason=d.error or "",
                     timings=timings,
                 ),
-                RestoreResult,
                 policies.restore(timings, max(len(snapshot.machines), d.machine_count)),
                 (
                     f"Roll {request.app_name} back to {snapshot.image or 'its previous release'}"
@@ -644,11 +642,9 @@ class DeployProjectWorkflow:
         return True
 
     async def _credentials(self) -> CredentialsResult:
-        return await self._step_run(
+        return await self._step_run_no_arg(
             DeployStep.CREDENTIALS,
-            "resolve_credentials",
-            None,
-            CredentialsResult,
+            CredentialActivities.resolve_credentials,
             policies.CREDENTIALS,
             "Resolve the Fly API token from SSM",
         )
@@ -657,9 +653,8 @@ class DeployProjectWorkflow:
         timings = d.request.timings
         return await self._step_run(
             step,
-            "check_app_health",
+            HealthActivities.check_health,
             HealthCheckInput(url=d.url, timings=timings),
-            HealthCheckResult,
             policies.health(timings),
             summary,
             # Verifying a rollback finishes even when a cancellation arrives meanwhile.
@@ -672,9 +667,8 @@ class DeployProjectWorkflow:
         return await self._step_run(
             # The one "as released" runs beside the health check, as part of that step.
             DeployStep.ROLLOUT if before else DeployStep.HEALTH,
-            "snapshot_release",
+            ReleaseActivities.snapshot,
             SnapshotInput(app_name=d.request.app_name),
-            ReleaseSnapshot,
             policies.snapshot(d.request.timings),
             f"Snapshot machines of {d.request.app_name} {when}",
             # The one taken beside the health check must not take over the current step.
@@ -719,7 +713,7 @@ class DeployProjectWorkflow:
             )
         await self._step_run(
             DeployStep.RECORD_RESULT,
-            "record_deploy_result",
+            DeploymentActivities.record_result,
             RecordResultInput(
                 deployment_id=d.request.deployment_id,
                 status=status,
@@ -729,7 +723,6 @@ class DeployProjectWorkflow:
                 error=d.error,
                 release=release,
             ),
-            None,
             policies.RECORD,
             f"Record deployment {d.request.deployment_id} as {status}",
             mark_step=status is DeployStatus.DEPLOYED,
@@ -760,9 +753,8 @@ class DeployProjectWorkflow:
     ) -> RecordStartResult:
         return await self._step_run(
             step,
-            "record_deploy_started",
+            DeploymentActivities.record_started,
             _record_input(request),
-            RecordStartResult,
             policies.RECORD,
             f"Record deployment {request.deployment_id} of {request.project_id} as deploying",
             mark_step=mark_step,
@@ -772,9 +764,8 @@ class DeployProjectWorkflow:
     async def _record_queued(self, request: ProjectRequest) -> None:
         await self._step_run(
             self._step,
-            "record_deploy_queued",
+            DeploymentActivities.record_queued,
             _record_input(request),
-            None,
             policies.RECORD,
             f"Record deployment {request.deployment_id} of {request.project_id} as queued",
             mark_step=False,
@@ -791,9 +782,8 @@ class DeployProjectWorkflow:
             return
         await self._step_run(
             self._step,
-            "record_deploy_result",
+            DeploymentActivities.record_result,
             RecordResultInput(deployment_id=request.deployment_id, status=status, error=reason),
-            None,
             policies.RECORD,
             f"Record deployment {request.deployment_id} as {status}",
             mark_step=False,
@@ -871,9 +861,8 @@ class DeployProjectWorkflow:
     async def _step_run(
         self,
         step: DeployStep,
-        activity: str,
-        arg: BaseModel | None,
-        result_type: type[ResultT] | None,
+        activity: Callable[[Any, ArgT], Awaitable[ResultT]],
+        arg: ArgT,
         policy: StepPolicy,
         summary: str,
         *,
@@ -885,6 +874,38 @@ class DeployProjectWorkflow:
         `shielded` steps (records, rollback) are not interrupted by a cancellation: they
         finish, the cancellation is remembered, and the deploy ends `cancelled` after them.
         """
+        return await self._as_step(
+            step,
+            lambda: workflow.execute_activity_method(activity, arg, **policy.options(summary)),
+            summary,
+            mark_step=mark_step,
+            shielded=shielded,
+        )
+
+    async def _step_run_no_arg(
+        self,
+        step: DeployStep,
+        activity: Callable[[Any], Awaitable[ResultT]],
+        policy: StepPolicy,
+        summary: str,
+    ) -> ResultT:
+        return await self._as_step(
+            step,
+            lambda: workflow.execute_activity_method(activity, **policy.options(summary)),
+            summary,
+            mark_step=True,
+            shielded=False,
+        )
+
+    async def _as_step(
+        self,
+        step: DeployStep,
+        start: Callable[[], Awaitable[ResultT]],
+        summary: str,
+        *,
+        mark_step: bool,
+        shielded: bool,
+    ) -> ResultT:
         if not shielded:
             self._raise_if_cancelled()
         if mark_step:
@@ -893,18 +914,7 @@ class DeployProjectWorkflow:
             workflow.set_current_details(
                 f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}"
             )
-        args: list[Any] = [] if arg is None else [arg]
-        call = workflow.execute_activity(
-            activity,
-            args=args,
-            result_type=result_type,
-            start_to_close_timeout=policy.start_to_close,
-            schedule_to_close_timeout=policy.schedule_to_close,
-            heartbeat_timeout=policy.heartbeat,
-            retry_policy=policy.retry,
-            cancellation_type=policy.cancellation,
-            summary=summary[:390],
-        )
+        call = start()
         if shielded:
             task = asyncio.ensure_future(call)
             try:
@@ -916,7 +926,7 @@ class DeployProjectWorkflow:
             result = await call
         if mark_step and step not in self._done:
             self._done.append(step)
-        return result  # type: ignore[no-any-return]
+        return result
 
 
 @workflow.defn(name="NotifyDeploymentWorkflow")
@@ -925,18 +935,12 @@ class NotifyWorkflow:
 
     @workflow.run
     async def run(self, input: NotifyInput) -> NotifyResult:
-        policy = policies.NOTIFY
-        result: NotifyResult = await workflow.execute_activity(
-            "notify_deployment",
-            input,
-            result_type=NotifyResult,
-            start_to_close_timeout=policy.start_to_close,
-            schedule_to_close_timeout=policy.schedule_to_close,
-            retry_policy=policy.retry,
-            summary=f"POST {input.notice.status} of {input.notice.deployment_id} "
-            f"to {input.callback_url}"[:390],
+        summary = (
+            f"POST {input.notice.status} of {input.notice.deployment_id} to {input.callback_url}"
         )
-        return result
+        return await workflow.execute_activity_method(
+            NotifyActivities.notify_deployment, input, **policies.NOTIFY.options(summary)
+        )
 
 
 def _admit(incoming: IncomingRequest, start: ProjectRequest | str | None) -> ProjectRequest | str:

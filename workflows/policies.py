@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
@@ -54,6 +55,18 @@ class StepPolicy:
     cancellation: ActivityCancellationType = field(
         default=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
     )
+
+    def options(self, summary: str) -> dict[str, Any]:
+        """The keyword arguments of `workflow.execute_activity_method` for this policy."""
+        return {
+            "start_to_close_timeout": self.start_to_close,
+            "schedule_to_close_timeout": self.schedule_to_close,
+            "heartbeat_timeout": self.heartbeat,
+            "retry_policy": self.retry,
+            "cancellation_type": self.cancellation,
+            # The UI shows the summary; the server refuses one above 400 bytes.
+            "summary": summary[:390],
+        }
 
 
 def _retry(initial: float, maximum: float, attempts: int = 0, backoff: float = 2.0) -> RetryPolicy:

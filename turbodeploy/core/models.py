@@ -1,9 +1,10 @@
 """The data that crosses layers: requests, results, progress, releases, timings.
 
 The input and result of each activity live beside that activity (activities/), on the
-`Model` base defined here. Everything here is plain data: safe to import inside the workflow sandbox, serialised as
-JSON by the pydantic data converter, and readable in the Temporal Web UI. No secret ever
-lives in these models: the Fly API token is resolved inside activities only.
+`Model` base defined here. Everything here is plain data: safe to import inside the
+workflow sandbox, serialised as JSON by the pydantic data converter, and readable in the
+Temporal Web UI. No secret ever lives in these models: the Fly API token is resolved
+inside activities only.
 
 The naming conventions of the platform (app name, workflow id) are derived here and
 nowhere else, so a project id travels from the edge to the activities without being

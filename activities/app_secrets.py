@@ -20,8 +20,14 @@ from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._errors import to_application_error
-from activities.secrets import SECRETS_UNAVAILABLE, CredentialStore, build_ssm_client
+from activities._errors import (
+    SECRET_ACCESS_DENIED,
+    SECRET_INVALID,
+    SECRET_MISSING,
+    SECRETS_UNAVAILABLE,
+    to_application_error,
+)
+from activities.secrets import CredentialStore, build_ssm_client
 from flyapi import FlyClient, FlyError, FlyUnauthorized
 from turbodeploy.core.models import Model, SecretVersion
 from turbodeploy.core.settings import Settings
@@ -31,9 +37,6 @@ if TYPE_CHECKING:
     from mypy_boto3_ssm.type_defs import ParameterTypeDef
 
 # Error types, not values.
-SECRET_MISSING = "SecretMissing"  # noqa: S105
-SECRET_ACCESS_DENIED = "SecretAccessDenied"  # noqa: S105
-SECRET_INVALID = "SecretInvalid"  # noqa: S105
 
 # GetParameters takes at most this many names per call.
 _SSM_BATCH = 10
@@ -91,11 +94,9 @@ class AppSecretActivities:
         missing = sorted({p for p in input.secrets.values() if p not in parameters})
         if missing:
             names = sorted(n for n, p in input.secrets.items() if p in missing)
-            raise ApplicationError(
+            raise SECRET_MISSING(
                 f"SSM parameter(s) {', '.join(missing)} (for secret(s) {', '.join(names)}) "
-                f"do not exist in region {self._ssm.meta.region_name}",
-                type=SECRET_MISSING,
-                non_retryable=True,
+                f"do not exist in region {self._ssm.meta.region_name}"
             )
         for name, parameter in sorted(parameters.items()):
             if parameter.get("Type") != "SecureString":
@@ -144,11 +145,9 @@ class AppSecretActivities:
         for wanted in input.secrets:
             parameter = found.get((wanted.parameter, wanted.version))
             if parameter is None:
-                raise ApplicationError(
+                raise SECRET_MISSING(
                     f"SSM parameter {wanted.parameter} has no version {wanted.version} any more "
-                    f"(for secret {wanted.name}); the secret cannot be put back",
-                    type=SECRET_MISSING,
-                    non_retryable=True,
+                    f"(for secret {wanted.name}); the secret cannot be put back"
                 )
             values[wanted.name] = parameter.get("Value", "")
         removed: list[str] = []
@@ -196,9 +195,8 @@ class AppSecretActivities:
             except ClientError as err:
                 raise _ssm_error(err, batch) from None
             except BotoCoreError as err:
-                raise ApplicationError(
-                    f"SSM is unreachable reading {', '.join(batch)}: {type(err).__name__}",
-                    type=SECRETS_UNAVAILABLE,
+                raise SECRETS_UNAVAILABLE(
+                    f"SSM is unreachable reading {', '.join(batch)}: {type(err).__name__}"
                 ) from None
             found.extend(response.get("Parameters", []))
             activity.heartbeat(f"read {min(start + _SSM_BATCH, len(names))} of {len(names)}")
@@ -211,8 +209,8 @@ def _ssm_error(err: ClientError, names: list[str]) -> ApplicationError:
     code = error.get("Code", "")
     message = f"SSM GetParameters {', '.join(names)} failed: {code}: {error.get('Message', '')}"
     if code in _DENIED_CODES:
-        return ApplicationError(message, type=SECRET_ACCESS_DENIED, non_retryable=True)
+        return SECRET_ACCESS_DENIED(message)
     if code in _INVALID_CODES:
-        return ApplicationError(message, type=SECRET_INVALID, non_retryable=True)
+        return SECRET_INVALID(message)
     # Throttling, 5xx, and expired AWS credentials that the provider will refresh.
-    return ApplicationError(message, type=SECRETS_UNAVAILABLE)
+    return SECRETS_UNAVAILABLE(message)

@@ -48,17 +48,19 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._errors import (
+    FLYCTL_FAILED,
+    FLYCTL_INTERRUPTED,
+    FLYCTL_MISSING,
+    GIT_ERROR,
+    INVALID_BUILD_INPUT,
+)
 from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyError, FlyUnauthorized
 from turbodeploy.core import gitrepo
 from turbodeploy.core.models import DeployTimings, Model, validate_image
 from turbodeploy.core.processes import StopPolicy, start_in_group, stop_group
 from turbodeploy.core.settings import Settings
-
-FLYCTL_FAILED: Final = "FlyctlFailed"
-FLYCTL_INTERRUPTED: Final = "FlyctlInterrupted"
-FLYCTL_MISSING: Final = "FlyctlMissing"
-INVALID_BUILD_INPUT: Final = "InvalidBuildInput"
 
 FLY_CONFIG: Final = "fly.toml"
 REGISTRY: Final = "registry.fly.io"
@@ -198,9 +200,8 @@ class BuildActivities:
         run = await self._run_at_commit(input.repo_url, input.commit_sha, args, what=what)
         image = run.pushed_image(input.app_name, label)
         if image is None:
-            raise ApplicationError(
+            raise FLYCTL_FAILED(
                 f"{what}: flyctl succeeded but reported no pushed image.\n{run.excerpt()}",
-                type=FLYCTL_FAILED,
                 non_retryable=True,
             )
         activity.logger.info("%s pushed %s", what, image)
@@ -256,9 +257,7 @@ class BuildActivities:
                 ) as checkout:
                     return await self._flyctl_with_token(args, checkout.path, output)
             except gitrepo.GitError as exc:
-                raise ApplicationError(
-                    f"{what}: {exc}", type="GitError", non_retryable=not exc.retryable
-                ) from None
+                raise GIT_ERROR(f"{what}: {exc}", non_retryable=not exc.retryable) from None
 
         return await self._run(in_checkout, what=what)
 
@@ -299,11 +298,9 @@ class BuildActivities:
         env = self._child_env(token)
         executable = shutil.which(self._flyctl, path=env.get("PATH"))
         if executable is None:
-            raise ApplicationError(
+            raise FLYCTL_MISSING(
                 f"flyctl is not installed on this worker ({self._flyctl!r} was not found): "
-                f"{_INSTALL_HINT}",
-                type=FLYCTL_MISSING,
-                non_retryable=True,
+                f"{_INSTALL_HINT}"
             )
         try:
             proc = await start_in_group(
@@ -314,10 +311,8 @@ class BuildActivities:
                 stderr=asyncio.subprocess.STDOUT,
             )
         except OSError as exc:
-            raise ApplicationError(
-                f"flyctl at {executable} cannot be started ({exc.strerror}): {_INSTALL_HINT}",
-                type=FLYCTL_MISSING,
-                non_retryable=True,
+            raise FLYCTL_MISSING(
+                f"flyctl at {executable} cannot be started ({exc.strerror}): {_INSTALL_HINT}"
             ) from None
         activity.logger.info("started flyctl %s (pid %d)", " ".join(args), proc.pid)
         assert proc.stdout is not None
@@ -500,17 +495,12 @@ def _failure(what: str, code: int, output: _Output) -> ApplicationError:
     excerpt = output.excerpt()
     if code == _EXIT_INTERRUPTED or code < 0:
         how = f"killed by signal {_signal_name(-code)}" if code < 0 else "exit code 127"
-        return ApplicationError(
-            f"{what} was interrupted ({how}).\n{excerpt}",
-            type=FLYCTL_INTERRUPTED,
-            non_retryable=False,
-        )
+        return FLYCTL_INTERRUPTED(f"{what} was interrupted ({how}).\n{excerpt}")
     reason = output.error_text()
     transient = not _PERMANENT_RE.search(reason) and bool(_TRANSIENT_RE.search(reason))
-    return ApplicationError(
+    return FLYCTL_FAILED(
         f"{what} failed (flyctl exit code {code}"
         f"{', a transient error: retried' if transient else ''}).\n{excerpt}",
-        type=FLYCTL_FAILED,
         non_retryable=not transient,
     )
 
@@ -527,18 +517,12 @@ def _signal_name(number: int) -> str:
 
 def _check_app(app: str) -> None:
     if not _APP_NAME_RE.fullmatch(app):
-        raise ApplicationError(
-            f"{app!r} is not a Fly app name", type=INVALID_BUILD_INPUT, non_retryable=True
-        )
+        raise INVALID_BUILD_INPUT(f"{app!r} is not a Fly app name")
 
 
 def _check_label(label: str) -> str:
     if not _LABEL_RE.fullmatch(label):
-        raise ApplicationError(
-            f"{label!r} cannot be an image label (a Docker tag)",
-            type=INVALID_BUILD_INPUT,
-            non_retryable=True,
-        )
+        raise INVALID_BUILD_INPUT(f"{label!r} cannot be an image label (a Docker tag)")
     return label
 
 
@@ -546,7 +530,7 @@ def _check_image(image: str) -> str:
     try:
         return validate_image(image)
     except ValueError as exc:
-        raise ApplicationError(str(exc), type=INVALID_BUILD_INPUT, non_retryable=True) from None
+        raise INVALID_BUILD_INPUT(str(exc)) from None
 
 
 __all__ = [

@@ -16,6 +16,14 @@ from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._errors import (
+    DATABASE_UNAVAILABLE,
+    DEPLOYMENT_CONFLICT,
+    DEPLOYMENT_NOT_FOUND,
+    DEPLOYMENT_RECORD_INVALID,
+    RELEASE_NOT_FOUND,
+    RELEASE_NOT_RESTORABLE,
+)
 from turbodeploy.core.db import (
     DeploymentConflict,
     DeploymentNotFound,
@@ -31,13 +39,6 @@ from turbodeploy.core.models import (
     SecretVersion,
 )
 from turbodeploy.core.settings import Settings
-
-DATABASE_UNAVAILABLE = "DatabaseUnavailable"
-DEPLOYMENT_NOT_FOUND = "DeploymentNotFound"
-DEPLOYMENT_CONFLICT = "DeploymentConflict"
-DEPLOYMENT_RECORD_INVALID = "DeploymentRecordInvalid"
-RELEASE_NOT_FOUND = "ReleaseNotFound"
-RELEASE_NOT_RESTORABLE = "ReleaseNotRestorable"
 
 
 class RecordStartInput(Model):
@@ -206,11 +207,9 @@ class DeploymentActivities:
                 if release.status is not DeployStatus.DEPLOYED
                 else "has no snapshot of its machines"
             )
-            raise ApplicationError(
+            raise RELEASE_NOT_RESTORABLE(
                 f"release {release.deployment_id} of project {project} {problem}; "
-                "only a deployed release can be put back",
-                type=RELEASE_NOT_RESTORABLE,
-                non_retryable=True,
+                "only a deployed release can be put back"
             )
         activity.logger.info(
             "loaded release %s of project %s (image %s)",
@@ -222,7 +221,7 @@ class DeploymentActivities:
 
 
 def _release_not_found(message: str) -> ApplicationError:
-    return ApplicationError(message, type=RELEASE_NOT_FOUND, non_retryable=True)
+    return RELEASE_NOT_FOUND(message)
 
 
 @contextlib.contextmanager
@@ -230,21 +229,18 @@ def _classified_errors() -> Iterator[None]:
     try:
         yield
     except DeploymentNotFound as err:
-        raise ApplicationError(str(err), type=DEPLOYMENT_NOT_FOUND, non_retryable=True) from err
+        raise DEPLOYMENT_NOT_FOUND(str(err)) from err
     except DeploymentConflict as err:
-        raise ApplicationError(str(err), type=DEPLOYMENT_CONFLICT, non_retryable=True) from err
+        raise DEPLOYMENT_CONFLICT(str(err)) from err
     # SQLSTATE classes 22 and 23, and values asyncpg cannot encode (a ValueError): the values
     # themselves are rejected, and a retry would send them again.
     except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError) as err:
-        raise ApplicationError(
-            f"the database rejected the deployment record: {err}",
-            type=DEPLOYMENT_RECORD_INVALID,
-            non_retryable=True,
+        raise DEPLOYMENT_RECORD_INVALID(
+            f"the database rejected the deployment record: {err}"
         ) from err
     # Connection refused or dropped, pool closed or exhausted (TimeoutError is an OSError),
     # server shutting down, serialization failures: all may pass.
     except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError) as err:
-        raise ApplicationError(
-            f"the deployment database is unavailable: {type(err).__name__}: {err}",
-            type=DATABASE_UNAVAILABLE,
+        raise DATABASE_UNAVAILABLE(
+            f"the deployment database is unavailable: {type(err).__name__}: {err}"
         ) from err

@@ -14,7 +14,7 @@ from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._errors import to_application_error
+from activities._errors import APP_NAME_TAKEN, APP_NOT_VISIBLE, to_application_error
 from activities.secrets import CredentialStore
 from flyapi import (
     App,
@@ -111,10 +111,9 @@ class FlyAppActivities:
                 return app
             activity.heartbeat()
             if time.monotonic() >= deadline:
-                raise ApplicationError(
+                raise APP_NOT_VISIBLE(
                     f"Fly app {input.app_name} was created but is still not visible after "
-                    f"{timings.app_visible_timeout}",
-                    type="AppNotVisible",
+                    f"{timings.app_visible_timeout}"
                 )
             await asyncio.sleep(timings.app_visible_poll.total_seconds())
 
@@ -159,4 +158,4 @@ def _check_owner(app: App, org_slug: str, *, detail: str = "") -> None:
 
 
 def _name_taken(message: str) -> ApplicationError:
-    return ApplicationError(message, type="AppNameTaken", non_retryable=True)
+    return APP_NAME_TAKEN(message)

@@ -13,8 +13,8 @@ from datetime import timedelta
 
 from pydantic import Field
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities._errors import FLY_TOML_ERROR, GIT_ERROR
 from turbodeploy.core import dockerfile, flytoml, gitrepo
 from turbodeploy.core.models import Model
 from turbodeploy.core.settings import Settings
@@ -57,15 +57,9 @@ class FlyConfigActivities:
             try:
                 return await self._prepare(input, beat)
             except gitrepo.GitError as exc:
-                raise ApplicationError(
-                    str(exc), type="GitError", non_retryable=not exc.retryable
-                ) from None
+                raise GIT_ERROR(str(exc), non_retryable=not exc.retryable) from None
             except flytoml.FlyTomlError as exc:
-                raise ApplicationError(
-                    f"branch {input.branch!r}: {exc}",
-                    type="FlyTomlError",
-                    non_retryable=True,
-                ) from None
+                raise FLY_TOML_ERROR(f"branch {input.branch!r}: {exc}") from None
 
     async def _prepare(self, input: PrepareConfigInput, beat: _Heartbeat) -> PrepareConfigResult:
         beat.step("cloning")

@@ -14,8 +14,8 @@ import time
 import httpx
 from pydantic import BaseModel, Field
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities._errors import HEALTH_CHECK_FAILED
 from turbodeploy.core.models import DeployTimings, Model
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,10 @@ class HealthActivities:
         last = (f"last answer {progress.last_status}" if progress.last_status else "no answer") + (
             f" ({progress.last_error})" if progress.last_error else ""
         )
-        raise ApplicationError(
+        raise HEALTH_CHECK_FAILED(
             f"{url} did not answer 200 within {timings.health_deadline.total_seconds():g}s "
             f"after {progress.attempts} attempt(s); {last}",
             progress.model_dump(),
-            type="HealthCheckFailed",
-            non_retryable=True,
         )
 
 

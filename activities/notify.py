@@ -32,8 +32,13 @@ from urllib.parse import urlsplit
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities._errors import (
+    CALLBACK_KEY_MISSING,
+    CALLBACK_REJECTED,
+    CALLBACK_UNAVAILABLE,
+    SECRETS_UNAVAILABLE,
+)
 from activities.secrets import _Cached, _Secret, build_ssm_client
 from turbodeploy.core.models import DeploymentNotice, Model
 from turbodeploy.core.settings import Settings
@@ -43,10 +48,6 @@ if TYPE_CHECKING:
 
 SIGNATURE_HEADER = "X-Turbodeploy-Signature"
 DELIVERY_HEADER = "X-Turbodeploy-Delivery"
-CALLBACK_REJECTED = "CallbackRejected"
-CALLBACK_UNAVAILABLE = "CallbackUnavailable"
-CALLBACK_KEY_MISSING = "CallbackKeyMissing"
-SECRETS_UNAVAILABLE = "SecretsUnavailable"
 DEFAULT_KEY_PARAMETER = "/turbobackend/callbacks/hmac_key"
 
 _TIMEOUT_SECONDS = 10.0
@@ -138,27 +139,18 @@ class CallbackKeys:
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             if code == "ParameterNotFound":
-                raise ApplicationError(
+                raise CALLBACK_KEY_MISSING(
                     f"the callback signing key parameter {name} does not exist in SSM "
-                    f"(region {self._region})",
-                    type=CALLBACK_KEY_MISSING,
-                    non_retryable=True,
+                    f"(region {self._region})"
                 ) from None
-            raise ApplicationError(
-                f"SSM GetParameter {name} failed: {code}", type=SECRETS_UNAVAILABLE
-            ) from None
+            raise SECRETS_UNAVAILABLE(f"SSM GetParameter {name} failed: {code}") from None
         except BotoCoreError as err:
-            raise ApplicationError(
-                f"SSM is unreachable reading {name}: {type(err).__name__}",
-                type=SECRETS_UNAVAILABLE,
+            raise SECRETS_UNAVAILABLE(
+                f"SSM is unreachable reading {name}: {type(err).__name__}"
             ) from None
         value = response["Parameter"].get("Value", "").strip()
         if not value:
-            raise ApplicationError(
-                f"the callback signing key parameter {name} is empty",
-                type=CALLBACK_KEY_MISSING,
-                non_retryable=True,
-            )
+            raise CALLBACK_KEY_MISSING(f"the callback signing key parameter {name} is empty")
         return _Secret(value)
 
 
@@ -204,9 +196,8 @@ class NotifyActivities:
             response = await self._http.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             # Not chained: the httpx exception holds the request and its headers.
-            raise ApplicationError(
-                f"callback {shown} unreachable: {type(exc).__name__}: {exc}",
-                type=CALLBACK_UNAVAILABLE,
+            raise CALLBACK_UNAVAILABLE(
+                f"callback {shown} unreachable: {type(exc).__name__}: {exc}"
             ) from None
         status = response.status_code
         if response.is_success:
@@ -221,12 +212,10 @@ class NotifyActivities:
         excerpt = response.text[:_EXCERPT_CHARS].strip()
         message = f"callback {shown} answered {status}" + (f": {excerpt}" if excerpt else "")
         if status in _RETRYABLE_STATUS or status >= 500:
-            raise ApplicationError(
-                message,
-                type=CALLBACK_UNAVAILABLE,
-                next_retry_delay=_retry_after(response.headers.get("Retry-After")),
+            raise CALLBACK_UNAVAILABLE(
+                message, next_retry_delay=_retry_after(response.headers.get("Retry-After"))
             )
-        raise ApplicationError(message, type=CALLBACK_REJECTED, non_retryable=True)
+        raise CALLBACK_REJECTED(message)
 
 
 def _display_url(url: str) -> str:

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities._errors import APP_NOT_FOUND
 from activities.rollout import (
     ASLEEP_STATES,
     CANARY_KEY,
@@ -121,10 +121,8 @@ class _Restore:
             listed = await self._s.list_group()
             if listed is None:
                 if wanted:
-                    raise ApplicationError(
-                        f"Fly app {self._app} no longer exists: its release cannot be restored",
-                        type="AppNotFound",
-                        non_retryable=True,
+                    raise APP_NOT_FOUND(
+                        f"Fly app {self._app} no longer exists: its release cannot be restored"
                     )
                 return RestoreResult()
             await self._s.lease_all(listed)

@@ -35,7 +35,14 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._errors import to_application_error
+from activities._errors import (
+    BLUE_GREEN_NEEDS_CHECKS,
+    BLUE_GREEN_WITH_VOLUMES,
+    FLY_TOML_ERROR,
+    MACHINE_UNHEALTHY,
+    UNSUPPORTED_STRATEGY,
+    to_application_error,
+)
 from flyapi import (
     FlyClient,
     FlyError,
@@ -542,20 +549,16 @@ class _Rollout:
     async def run(self) -> RolloutResult:
         strategy, dep = self._input.strategy, self._deployment
         if strategy is Strategy.FLYCTL:
-            raise ApplicationError(
-                "The flyctl strategy is run by flyctl_deploy, not by roll_out_release",
-                type="UnsupportedStrategy",
-                non_retryable=True,
+            raise UNSUPPORTED_STRATEGY(
+                "The flyctl strategy is run by flyctl_deploy, not by roll_out_release"
             )
         # Before anything is touched: a config the platform cannot run fails here.
         probe = self._config({})
         if strategy is Strategy.BLUEGREEN and not has_checks(probe):
-            raise ApplicationError(
+            raise BLUE_GREEN_NEEDS_CHECKS(
                 f"Blue-green deploy of {self._app} needs at least one health check in "
                 "fly.toml ([[http_service.checks]] or [checks]): without one nothing tells "
-                "when the new machines may take the traffic",
-                type="BlueGreenNeedsChecks",
-                non_retryable=True,
+                "when the new machines may take the traffic"
             )
         async with self._s.running():
             listed = await self._s.list_group() or []
@@ -671,10 +674,8 @@ class _Rollout:
                 process_group=PROCESS_GROUP,
             )
         except ValueError as exc:
-            raise ApplicationError(
-                f"fly.toml of {self._app} cannot be turned into a machine config: {exc}",
-                type="FlyTomlError",
-                non_retryable=True,
+            raise FLY_TOML_ERROR(
+                f"fly.toml of {self._app} cannot be turned into a machine config: {exc}"
             ) from None
 
     def _slot_config(self, slot: int, *, created: bool) -> dict[str, Any]:
@@ -993,11 +994,9 @@ def _derived(model: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 def _refuse_volumes(app: str, machines: list[Machine]) -> None:
     with_mounts = [m.id for m in machines if m.config.get("mounts")]
     if with_mounts:
-        raise ApplicationError(
+        raise BLUE_GREEN_WITH_VOLUMES(
             f"Blue-green deploy of {app} is not possible: machine(s) {', '.join(with_mounts)} "
-            "have volumes, which a new machine cannot share; use the rolling strategy",
-            type="BlueGreenWithVolumes",
-            non_retryable=True,
+            "have volumes, which a new machine cannot share; use the rolling strategy"
         )
 
 
@@ -1026,13 +1025,11 @@ def _human(value: timedelta) -> str:
 
 
 def _unhealthy(message: str, machine: Machine) -> ApplicationError:
-    return ApplicationError(
+    return MACHINE_UNHEALTHY(
         message,
         {
             "machine_id": machine.id,
             "state": machine.state,
             "checks": [c.model_dump(mode="json") for c in machine.checks],
         },
-        type="MachineUnhealthy",
-        non_retryable=True,
     )

@@ -23,8 +23,13 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
+from activities._errors import (
+    CREDENTIALS_ACCESS_DENIED,
+    CREDENTIALS_INVALID,
+    CREDENTIALS_MISSING,
+    SECRETS_UNAVAILABLE,
+)
 from turbodeploy.core.models import Model
 from turbodeploy.core.settings import Settings
 
@@ -34,10 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS_MISSING = "CredentialsMissing"
-CREDENTIALS_INVALID = "CredentialsInvalid"
-CREDENTIALS_ACCESS_DENIED = "CredentialsAccessDenied"
-SECRETS_UNAVAILABLE = "SecretsUnavailable"
 
 _CONNECT_TIMEOUT_SECONDS = 3.0
 _READ_TIMEOUT_SECONDS = 5.0
@@ -199,25 +200,17 @@ class CredentialStore:
         name = self._settings.fly_token_parameter
         parameter = await self._get_parameter(name)
         if parameter is None:
-            raise ApplicationError(
+            raise CREDENTIALS_MISSING(
                 f"the Fly API token parameter {name} does not exist in SSM "
-                f"(region {self._settings.aws_region})",
-                type=CREDENTIALS_MISSING,
-                non_retryable=True,
+                f"(region {self._settings.aws_region})"
             )
         # A trailing newline (a token pasted from a file) would break the HTTP header.
         value = parameter.get("Value", "").strip()
         if not value:
-            raise ApplicationError(
-                f"the Fly API token parameter {name} is empty",
-                type=CREDENTIALS_MISSING,
-                non_retryable=True,
-            )
+            raise CREDENTIALS_MISSING(f"the Fly API token parameter {name} is empty")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise ApplicationError(
-                f"the Fly API token parameter {name} holds control characters",
-                type=CREDENTIALS_INVALID,
-                non_retryable=True,
+            raise CREDENTIALS_INVALID(
+                f"the Fly API token parameter {name} holds control characters"
             )
         kind = parameter.get("Type")
         if kind != "SecureString":
@@ -241,10 +234,8 @@ class CredentialStore:
             )
             return self._settings.fly_default_org
         if not _ORG_SLUG_RE.match(slug):
-            raise ApplicationError(
-                f"SSM parameter {name} holds {slug[:80]!r}, which is not a Fly org slug",
-                type=CREDENTIALS_INVALID,
-                non_retryable=True,
+            raise CREDENTIALS_INVALID(
+                f"SSM parameter {name} holds {slug[:80]!r}, which is not a Fly org slug"
             )
         return slug
 
@@ -261,15 +252,11 @@ class CredentialStore:
                 return None
             message = f"SSM GetParameter {name} failed: {code}: {error.get('Message', '')}"
             if code in _DENIED_CODES:
-                raise ApplicationError(
-                    message, type=CREDENTIALS_ACCESS_DENIED, non_retryable=True
-                ) from err
+                raise CREDENTIALS_ACCESS_DENIED(message) from err
             # Throttling, 5xx, and expired AWS credentials that the provider will refresh.
-            raise ApplicationError(message, type=SECRETS_UNAVAILABLE) from err
+            raise SECRETS_UNAVAILABLE(message) from err
         except BotoCoreError as err:
-            raise ApplicationError(
-                f"SSM is unreachable reading {name}: {err}", type=SECRETS_UNAVAILABLE
-            ) from err
+            raise SECRETS_UNAVAILABLE(f"SSM is unreachable reading {name}: {err}") from err
         return response["Parameter"]
 
 

@@ -15,32 +15,8 @@ from typing import Any
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
+from activities._errors import NON_RETRYABLE
 from turbodeploy.core.models import DeployTimings
-
-# Errors that no retry can fix. Activities raise them as non-retryable already; listing them
-# here too keeps a misclassified raise from retrying a hopeless request for minutes.
-NON_RETRYABLE = [
-    "CredentialsMissing",
-    "CredentialsInvalid",
-    "CredentialsAccessDenied",
-    "SecretMissing",
-    "FlyBadRequest",
-    "FlyUnauthorized",
-    "FlyForbidden",
-    "FlyNotFound",
-    "FlyUnprocessable",
-    "AppNameTaken",
-    "FlyTomlError",
-    "MachineUnhealthy",
-    "HealthCheckFailed",
-    "DeploymentNotFound",
-    "DeploymentConflict",
-    "DeploymentRecordInvalid",
-    "ReleaseNotFound",
-    "FlyctlFailed",
-    "FlyctlMissing",
-    "CallbackRejected",
-]
 
 
 @dataclass(frozen=True)
@@ -75,6 +51,8 @@ def _retry(initial: float, maximum: float, attempts: int = 0, backoff: float = 2
         backoff_coefficient=backoff,
         maximum_interval=timedelta(seconds=maximum),
         maximum_attempts=attempts,
+        # Derived from the catalogue of failures: a raise that forgot to say it is
+        # hopeless still does not retry for minutes.
         non_retryable_error_types=NON_RETRYABLE,
     )
 

@@ -25,7 +25,7 @@ from pydantic import Field
 from temporalio import activity
 
 from activities._errors import APP_NOT_FOUND
-from activities.rollout import (
+from activities._machines import (
     ASLEEP_STATES,
     CANARY_KEY,
     RESTORED_BY_KEY,

@@ -22,16 +22,9 @@ from conftest import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities._machines import CANARY_KEY, GREEN_KEY, RESTORED_BY_KEY, CheckPace
 from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
-from activities.rollout import (
-    CANARY_KEY,
-    GREEN_KEY,
-    RESTORED_BY_KEY,
-    CheckPace,
-    RolloutActivities,
-    RolloutInput,
-    RolloutResult,
-)
+from activities.rollout import RolloutActivities, RolloutInput, RolloutResult
 from flyapi import FlyClient, Machine, RequestRetry
 from turbodeploy.core.models import (
     CheckWindow,

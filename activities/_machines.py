@@ -1,0 +1,533 @@
+"""Machines under lease, shared by the rollout and the restore: leases held and refreshed
+while an attempt runs and always released, heartbeats with progress, waits for a state or
+for checks, creates and destroys that a retry can repeat, and the metadata markers that let
+a later attempt adopt what an earlier one did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities._errors import (
+    MACHINE_UNHEALTHY,
+    to_application_error,
+)
+from flyapi import (
+    FlyClient,
+    FlyError,
+    FlyForbidden,
+    FlyNotFound,
+    FlyRetryableError,
+    FlyTransportError,
+    FlyUnauthorized,
+    Machine,
+)
+from turbodeploy.core.models import CheckWindow, DeployTimings
+
+PROCESS_GROUP = "app"
+DEPLOYMENT_KEY = "turbodeploy_deployment_id"
+SLOT_KEY = "turbodeploy_slot"
+CREATED_IN_KEY = "turbodeploy_created_in"
+CANARY_KEY = "turbodeploy_canary_of"
+GREEN_KEY = "turbodeploy_green_of"
+RESTORED_BY_KEY = "turbodeploy_restored_by"
+RESTORES_KEY = "turbodeploy_restores"
+LEASE_DESCRIPTION = "turbodeploy rollout"
+# A stopped (scaled-to-zero) machine is updated without being woken: the proxy starts it
+# on the next request, and the public health check makes that request.
+ASLEEP_STATES = frozenset({"stopped", "suspended"})
+_DEAD_STATES = frozenset({"failed", "destroyed", "destroying"})
+_MIN_HEARTBEAT_SECONDS = 0.05
+_MAX_HEARTBEAT_SECONDS = 10.0
+_T = TypeVar("_T")
+
+
+class RolloutProgress(BaseModel):
+    """Heartbeat details: where the rollout is, readable in the Web UI."""
+
+    done: list[str] = Field(default_factory=list)
+    current: str | None = None
+    step: str = "listing machines"
+
+
+class MachineSession:
+    """One activity attempt's work on one app's machines: the leases it holds, its
+    heartbeats and its progress."""
+
+    def __init__(
+        self,
+        fly: FlyClient,
+        app: str,
+        timings: DeployTimings,
+        checks_hint: CheckWindow | None = None,
+    ) -> None:
+        self.fly = fly
+        self.app = app
+        self.timings = timings
+        # When checks are expected to pass after a start: the last release's, then what
+        # this session's own machines showed.
+        self.checks_hint = checks_hint
+        self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
+        self.leases: dict[str, str] = {}
+        self.progress = RolloutProgress()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[MachineSession]:
+        """Heartbeat and keep the leases alive inside; release every lease on the way out."""
+        background = [
+            asyncio.create_task(self._heartbeat_forever()),
+            asyncio.create_task(self._refresh_leases_forever()),
+        ]
+        try:
+            yield self
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            # Shielded: a cancelled activity must still hand its machines back.
+            await asyncio.shield(self.release_all())
+
+    # ------------------------------------------------------------------------- listing
+
+    async def list_group(self) -> list[Machine] | None:
+        """The live v2 machines of the `app` process group, oldest first; None without app."""
+        try:
+            machines = await self.read(
+                f"List machines of Fly app {self.app}",
+                lambda: self.fly.list_machines(self.app),
+                missing_ok=True,
+            )
+        except FlyNotFound:
+            return None
+        return sorted(
+            (m for m in machines if in_group(m)), key=lambda m: (m.created_at or "", m.id)
+        )
+
+    async def find(self, matches: Callable[[Machine], bool]) -> list[Machine]:
+        return await self._lookup(matches) or []
+
+    async def _lookup(self, matches: Callable[[Machine], bool]) -> list[Machine] | None:
+        """The group's machines that `matches`; None when they could not be listed."""
+        try:
+            listed = await self.fly.list_machines(self.app)
+        except FlyError:
+            return None
+        return [m for m in listed if matches(m) and in_group(m)]
+
+    # -------------------------------------------------------------------------- leases
+
+    async def lease_all(self, machines: Iterable[Machine]) -> None:
+        """Lease every machine, or none: on any failure the leases taken are given back
+        and a retryable error says which machine could not be leased."""
+        targets = [m for m in machines if m.id not in self.leases]
+        if not targets:
+            return
+        self.set_progress(", ".join(m.id for m in targets), "leasing machines")
+        results = await asyncio.gather(
+            *(self._lease(m.id) for m in targets), return_exceptions=True
+        )
+        for machine, result in zip(targets, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if not isinstance(result, FlyError):
+                continue
+            await self.release_all()
+            error = to_application_error(
+                result, action=f"Lease machine {machine.id} of Fly app {self.app}"
+            )
+            if isinstance(result, FlyUnauthorized | FlyForbidden):
+                raise error from None
+            # Nothing has been touched yet; whatever held the lease or removed the
+            # machine, a later attempt starts from a fresh listing.
+            raise ApplicationError(
+                error.message, type=error.type, next_retry_delay=error.next_retry_delay
+            ) from None
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _lease(self, machine_id: str) -> None:
+        lease = await self.fly.acquire_lease(
+            self.app, machine_id, self.ttl, description=LEASE_DESCRIPTION
+        )
+        self.leases[machine_id] = lease.nonce
+        activity.logger.info("Leased machine %s of Fly app %s", machine_id, self.app)
+
+    async def _refresh_leases_forever(self) -> None:
+        interval = self.ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(self._refresh(m, n) for m, n in list(self.leases.items())))
+
+    async def _refresh(self, machine_id: str, nonce: str) -> None:
+        try:
+            lease = await self.fly.acquire_lease(self.app, machine_id, self.ttl, nonce=nonce)
+        except FlyError as exc:
+            activity.logger.warning(
+                "Could not refresh the lease on machine %s of Fly app %s: %s",
+                machine_id,
+                self.app,
+                exc,
+            )
+            return
+        if machine_id in self.leases:
+            self.leases[machine_id] = lease.nonce
+
+    async def release_all(self) -> None:
+        leases, self.leases = self.leases, {}
+        await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
+
+    async def release(self, machine_id: str) -> None:
+        """Hand back one machine the rollout is done with (as flyctl does), so the leases
+        still to refresh are only those of machines still being worked on."""
+        nonce = self.leases.pop(machine_id, None)
+        if nonce is not None:
+            await asyncio.shield(self._release(machine_id, nonce))
+
+    async def _release(self, machine_id: str, nonce: str) -> None:
+        try:
+            await self.fly.release_lease(self.app, machine_id, nonce)
+        except FlyError as exc:
+            # It expires on its own after the ttl; the next deploy only waits longer.
+            activity.logger.warning(
+                "Could not release the lease on machine %s of Fly app %s: %s",
+                machine_id,
+                self.app,
+                exc,
+            )
+        else:
+            activity.logger.info("Released machine %s of Fly app %s", machine_id, self.app)
+
+    # ----------------------------------------------------------------------- mutations
+
+    async def create(
+        self,
+        config: dict[str, Any],
+        region: str,
+        *,
+        label: str,
+        matches: Callable[[Machine], bool],
+        skip_launch: bool = False,
+        skip_service_registration: bool = False,
+    ) -> Machine:
+        """Create a leased machine; after a lost or late answer, adopt the machine the
+        create made anyway (found by `matches` on its metadata)."""
+        self.set_progress(label, "creating machine")
+        action = f"Create {label} in Fly app {self.app}"
+        attempt = 1
+        while True:
+            try:
+                machine = await self.fly.create_machine(
+                    self.app,
+                    config,
+                    region,
+                    lease_ttl=self.ttl,
+                    skip_launch=skip_launch,
+                    skip_service_registration=skip_service_registration,
+                )
+                break
+            except (FlyRetryableError, FlyTransportError) as exc:
+                found = await self._lookup(matches)
+                if found:
+                    activity.logger.info(
+                        "Machine %s of Fly app %s was created despite: %s",
+                        found[0].id,
+                        self.app,
+                        exc,
+                    )
+                    return found[0]
+                # Created again only when a listing shows the first try made nothing (a
+                # failed listing proves nothing), as the Fly client retries its other calls.
+                delay = self.fly.retry_delay(exc, attempt) if found is not None else None
+                if delay is None:
+                    raise to_application_error(exc, action=action) from None
+                why = f"{action}: {exc}; none was made, again in {delay:.1f}s"
+                activity.logger.info("%s", why)
+                await self.fly.pause(delay, why)
+                attempt += 1
+            except FlyError as exc:
+                raise to_application_error(exc, action=action) from None
+        if machine.nonce:
+            self.leases[machine.id] = machine.nonce
+        activity.logger.info(
+            "Created %s as machine %s in Fly app %s, region %s",
+            label,
+            machine.id,
+            self.app,
+            machine.region,
+        )
+        return machine
+
+    async def update(
+        self, machine: Machine, config: Mapping[str, Any], *, skip_launch: bool
+    ) -> Machine:
+        self.set_progress(machine.id, "updating machine")
+        updated = await self.call(
+            f"Update machine {machine.id} of Fly app {self.app}",
+            self.fly.update_machine(
+                self.app,
+                machine.id,
+                config,
+                machine.region,
+                nonce=self.leases.get(machine.id),
+                skip_launch=skip_launch,
+            ),
+        )
+        if skip_launch and updated.state not in ASLEEP_STATES:
+            # Some servers answer with the pre-update state; what counts is that we did
+            # not ask for a start.
+            updated = updated.model_copy(update={"state": machine.state})
+        return updated
+
+    async def destroy(self, machine_id: str) -> None:
+        """Destroy the machine even while it runs; one already gone is not an error."""
+        self.set_progress(machine_id, "destroying machine")
+        try:
+            await self.fly.delete_machine(
+                self.app, machine_id, force=True, nonce=self.leases.get(machine_id)
+            )
+        except FlyNotFound:
+            pass
+        except FlyError as exc:
+            raise to_application_error(
+                exc, action=f"Destroy machine {machine_id} of Fly app {self.app}"
+            ) from None
+        # A destroyed machine's lease goes with it.
+        self.leases.pop(machine_id, None)
+        activity.logger.info("Destroyed machine %s of Fly app %s", machine_id, self.app)
+
+    async def destroy_quietly(self, machine_ids: Iterable[str]) -> list[str]:
+        """Destroy what can be destroyed while another failure is on its way up."""
+        ids = list(dict.fromkeys(machine_ids))
+        results = await asyncio.gather(*(self.destroy(m) for m in ids), return_exceptions=True)
+        destroyed = []
+        for machine_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Exception):
+                activity.logger.warning(
+                    "Could not destroy machine %s of Fly app %s: %s", machine_id, self.app, result
+                )
+            else:
+                destroyed.append(machine_id)
+        return destroyed
+
+    # --------------------------------------------------------------------------- waits
+
+    async def wait_healthy(self, machine: Machine, config: Mapping[str, Any]) -> CheckWindow | None:
+        """Wait for this version of the machine to start, then for all its checks to pass.
+
+        Returns when the checks passed after the start (None without checks).
+        """
+        timeout = self.timings.machine_wait_timeout
+        deadline = time.monotonic() + timeout.total_seconds()
+        where = f"machine {machine.id} of Fly app {self.app}"
+        self.set_progress(machine.id, "waiting for machine to start")
+        while not await self.read(
+            f"Wait for {where} to start",
+            lambda: self.fly.wait_machine(
+                self.app,
+                machine.id,
+                "started",
+                instance_id=machine.instance_id,
+                timeout=max(deadline - time.monotonic(), 0),
+            ),
+        ):
+            current = await self.read(
+                f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
+            )
+            if current.state in _DEAD_STATES or time.monotonic() >= deadline:
+                raise _unhealthy(
+                    f"Machine {machine.id} of Fly app {self.app} did not start within "
+                    f"{_human(timeout)} (state {current.state})",
+                    current,
+                )
+        if not has_checks(config):
+            return None
+        self.set_progress(machine.id, "waiting for health checks")
+        started = time.monotonic()
+        pace = CheckPace(
+            self.checks_hint,
+            interval=self.timings.machine_poll_interval.total_seconds(),
+            near=self.timings.machine_poll_near_interval.total_seconds(),
+        )
+        failing_until = 0.0
+        while True:
+            now = time.monotonic()
+            await asyncio.sleep(min(pace.delay(now - started), max(deadline - now, 0)))
+            sent = time.monotonic() - started
+            current = await self.read(
+                f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
+            )
+            if current.checks and all(c.passing for c in current.checks):
+                window = CheckWindow(failing_until=failing_until, passing_at=pace.observed(sent))
+                activity.logger.info(
+                    "Machine %s of Fly app %s passes its %d check(s), %.1fs after its start",
+                    machine.id,
+                    self.app,
+                    len(current.checks),
+                    window.passing_at,
+                )
+                self.checks_hint = window
+                return window
+            failing_until = sent
+            if time.monotonic() >= deadline:
+                failing = [c for c in current.checks if not c.passing]
+                summary = "; ".join(
+                    f"{c.name or 'check'} is {c.status or 'unknown'}"
+                    + (f": {c.output.strip()}" if c.output and c.output.strip() else "")
+                    for c in failing
+                )
+                raise _unhealthy(
+                    f"Machine {machine.id} of Fly app {self.app} did not pass its health "
+                    f"checks within {_human(timeout)}: {summary or 'no check has reported yet'}",
+                    current,
+                )
+
+    # ---------------------------------------------------------------------------- misc
+
+    def set_progress(self, current: str, step: str) -> None:
+        self.progress.current = current
+        self.progress.step = step
+        activity.heartbeat(self.progress.model_dump())
+
+    def mark_done(self, machine_id: str) -> None:
+        self.progress.done.append(machine_id)
+        self.progress.current = None
+        self.progress.step = f"{len(self.progress.done)} machine(s) ready"
+        activity.heartbeat(self.progress.model_dump())
+
+    async def _heartbeat_forever(self) -> None:
+        # Server-side waits last up to a minute; keep the heartbeat alive across them.
+        timeout = activity.info().heartbeat_timeout
+        interval = timeout.total_seconds() / 3 if timeout else _MAX_HEARTBEAT_SECONDS
+        interval = min(max(interval, _MIN_HEARTBEAT_SECONDS), _MAX_HEARTBEAT_SECONDS)
+        while True:
+            await asyncio.sleep(interval)
+            activity.heartbeat(self.progress.model_dump())
+
+    @staticmethod
+    async def call(action: str, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
+
+    @staticmethod
+    async def read(
+        action: str, request: Callable[[], Awaitable[_T]], *, missing_ok: bool = False
+    ) -> _T:
+        """A request without side effects. A passing 429 or 5xx is retried by the client
+        itself (`flyapi.RequestRetry`, as the worker configures it), not here."""
+        try:
+            return await request()
+        except FlyError as exc:
+            if missing_ok and isinstance(exc, FlyNotFound):
+                raise
+            raise to_application_error(exc, action=action) from None
+
+
+async def all_or_first_error(awaitables: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Run concurrently; on the first failure cancel the rest and raise that failure."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+    return [task.result() for task in tasks]
+
+
+class CheckPace:
+    """When to read a machine's checks, from when they passed in the last release.
+
+    Without a hint: at once, then every `interval`. With one: first when the checks passed
+    last time, then every `near` for a while (the app may boot a little slower this time:
+    a quarter of the expected time, at least two near reads, at most one interval), then
+    every `interval`. Reads keep to that grid of times after the start, so the time each
+    read takes does not add up. A fixed interval rather than a backoff: backing off
+    overshoots checks that pass a few seconds after the start (measured: BENCHMARKS.md).
+    """
+
+    def __init__(self, hint: CheckWindow | None, *, interval: float, near: float) -> None:
+        self._hint = hint
+        self._times = self._grid(hint, interval, min(near, interval))
+        self._last = -1.0
+        self._reads = 0
+
+    @staticmethod
+    def _grid(hint: CheckWindow | None, interval: float, near: float) -> Iterator[float]:
+        if hint is None:
+            yield from (k * interval for k in itertools.count())
+            return
+        expected = hint.passing_at
+        near_until = expected + min(interval, max(2 * near, expected / 4))
+        yield from itertools.takewhile(
+            lambda t: t < near_until, (expected + k * near for k in itertools.count())
+        )
+        yield from (near_until + k * interval for k in itertools.count())
+
+    def delay(self, elapsed: float) -> float:
+        """Seconds to wait before the next read, `elapsed` seconds after the start.
+
+        A read that took longer than the grid step is followed by the next one at once.
+        """
+        self._reads += 1
+        at = next(t for t in self._times if t > self._last)
+        self._last = max(at, elapsed)
+        return max(at - elapsed, 0.0)
+
+    def observed(self, sent: float) -> float:
+        """When the checks passed, given the send time of the read that saw them pass."""
+        if self._hint is not None and self._reads == 1:
+            # The first read, made when expected, passed: the checks passed by then. Its
+            # send time is a little later; kept, it would creep up deploy after deploy.
+            return min(sent, self._hint.passing_at)
+        return sent
+
+
+def in_group(m: Machine) -> bool:
+    meta = m.metadata
+    return (
+        meta.get("fly_platform_version") == "v2"
+        and meta.get("fly_process_group") == PROCESS_GROUP
+        and not m.gone
+    )
+
+
+def has_checks(config: Mapping[str, Any]) -> bool:
+    if config.get("checks"):
+        return True
+    return any(isinstance(s, dict) and s.get("checks") for s in config.get("services") or [])
+
+
+def _human(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    return f"{seconds:g}s" if seconds < 120 else f"{seconds / 60:g} min"
+
+
+def _unhealthy(message: str, machine: Machine) -> ApplicationError:
+    return MACHINE_UNHEALTHY(
+        message,
+        {
+            "machine_id": machine.id,
+            "state": machine.state,
+            "checks": [c.model_dump(mode="json") for c in machine.checks],
+        },
+    )

@@ -27,7 +27,8 @@ from activities._errors import (
     SECRETS_UNAVAILABLE,
     to_application_error,
 )
-from activities.secrets import CredentialStore, build_ssm_client
+from activities._ssm import build_ssm_client
+from activities.secrets import CredentialStore
 from flyapi import FlyClient, FlyError, FlyUnauthorized
 from turbodeploy.core.models import Model, SecretVersion
 from turbodeploy.core.settings import Settings

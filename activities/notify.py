@@ -39,7 +39,7 @@ from activities._errors import (
     CALLBACK_UNAVAILABLE,
     SECRETS_UNAVAILABLE,
 )
-from activities.secrets import _Cached, _Secret, build_ssm_client
+from activities._ssm import Cached, Secret, build_ssm_client
 from turbodeploy.core.models import DeploymentNotice, Model
 from turbodeploy.core.settings import Settings
 
@@ -118,7 +118,7 @@ class CallbackKeys:
         self._parameter = parameter or configured
         self._region = settings.aws_region
         self._ssm = ssm_client if ssm_client is not None else build_ssm_client(settings)
-        self._cached: _Cached[_Secret] = _Cached(settings.token_cache_seconds)
+        self._cached: Cached[Secret] = Cached(settings.token_cache_seconds)
 
     async def key(self) -> bytes:
         secret = await self._cached.get(self._load)
@@ -130,7 +130,7 @@ class CallbackKeys:
     def __repr__(self) -> str:
         return f"CallbackKeys(parameter={self._parameter!r})"
 
-    async def _load(self) -> _Secret:
+    async def _load(self) -> Secret:
         name = self._parameter
         try:
             response = await asyncio.to_thread(
@@ -151,7 +151,7 @@ class CallbackKeys:
         value = response["Parameter"].get("Value", "").strip()
         if not value:
             raise CALLBACK_KEY_MISSING(f"the callback signing key parameter {name} is empty")
-        return _Secret(value)
+        return Secret(value)
 
 
 class NotifyActivities:

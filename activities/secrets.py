@@ -14,13 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from temporalio import activity
 
@@ -30,6 +26,7 @@ from activities._errors import (
     CREDENTIALS_MISSING,
     SECRETS_UNAVAILABLE,
 )
+from activities._ssm import Cached, Secret, build_ssm_client, hide_response_bodies
 from turbodeploy.core.models import Model
 from turbodeploy.core.settings import Settings
 
@@ -40,16 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-_CONNECT_TIMEOUT_SECONDS = 3.0
-_READ_TIMEOUT_SECONDS = 5.0
-_BOTOCORE_ATTEMPTS = 2
 # Errors no retry can fix: the worker's IAM role or the KMS key policy must change first.
 _DENIED_CODES = frozenset(
     {"AccessDeniedException", "AccessDenied", "InvalidKeyId", "KMSAccessDeniedException"}
 )
 _ORG_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-T = TypeVar("T")
 
 
 class CredentialsResult(Model):
@@ -60,115 +52,21 @@ class CredentialsResult(Model):
     token_version: int
 
 
-def build_ssm_client(settings: Settings) -> SSMClient:
-    """An SSM client for the configured region and endpoint, with short timeouts."""
-    _hide_response_bodies()
-    config = Config(
-        connect_timeout=_CONNECT_TIMEOUT_SECONDS,
-        read_timeout=_READ_TIMEOUT_SECONDS,
-        retries={"mode": "standard", "total_max_attempts": _BOTOCORE_ATTEMPTS},
-    )
-    # A session of its own: the default session is not safe to share between threads.
-    return boto3.session.Session().client(
-        "ssm",
-        region_name=settings.aws_region,
-        endpoint_url=settings.aws_endpoint_url,
-        config=config,
-    )
-
-
-class _ResponseBodyFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Response body")
-
-
-def _hide_response_bodies() -> None:
-    """botocore logs whole response bodies at DEBUG, decrypted parameter values included."""
-    parsers = logging.getLogger("botocore.parsers")
-    if not any(isinstance(f, _ResponseBodyFilter) for f in parsers.filters):
-        parsers.addFilter(_ResponseBodyFilter())
-
-
-class _Secret:
-    """A string that does not show itself in reprs, logs or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError("a secret cannot be pickled")
-
-
 @dataclass(frozen=True)
 class _Token:
-    secret: _Secret
+    secret: Secret
     version: int
-
-
-class _Cached(Generic[T]):
-    """One value, kept for `ttl` seconds, loaded by a single in-flight call.
-
-    Callers arriving during a load share its outcome, a failure included: with SSM down, a
-    burst of activities makes one slow request, not one after the other.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._value: T | None = None
-        self._expires_at = 0.0
-        self._loading: asyncio.Task[T] | None = None
-
-    async def get(self, load: Callable[[], Awaitable[T]]) -> T:
-        if self._value is not None and time.monotonic() < self._expires_at:
-            return self._value
-        if self._loading is None:
-            self._loading = asyncio.create_task(self._load(load))
-            # Retrieve the outcome even if every caller was cancelled meanwhile.
-            self._loading.add_done_callback(lambda t: t.cancelled() or t.exception())
-        # One caller's cancellation must not cancel the load the others wait for.
-        return await asyncio.shield(self._loading)
-
-    def clear(self) -> None:
-        # A load already in flight may predate the change: later callers start their own.
-        self._loading = None
-        self._value = None
-
-    async def _load(self, load: Callable[[], Awaitable[T]]) -> T:
-        task = asyncio.current_task()
-        try:
-            value = await load()
-        finally:
-            stale = self._loading is not task
-            if not stale:
-                self._loading = None
-        if not stale:
-            self._value = value
-            self._expires_at = time.monotonic() + self._ttl
-        return value
-
-    def __repr__(self) -> str:
-        return f"_Cached(value={self._value!r})"
 
 
 class CredentialStore:
     """The Fly credentials of one worker, shared by all its activities."""
 
     def __init__(self, settings: Settings, *, ssm_client: SSMClient | None = None) -> None:
-        _hide_response_bodies()
+        hide_response_bodies()
         self._settings = settings
         self._ssm = ssm_client if ssm_client is not None else build_ssm_client(settings)
-        self._token: _Cached[_Token] = _Cached(settings.token_cache_seconds)
-        self._org: _Cached[str] = _Cached(settings.token_cache_seconds)
+        self._token: Cached[_Token] = Cached(settings.token_cache_seconds)
+        self._org: Cached[str] = Cached(settings.token_cache_seconds)
 
     @property
     def token_parameter(self) -> str:
@@ -222,7 +120,7 @@ class CredentialStore:
             )
         version = parameter.get("Version", 0)
         log.debug("read the Fly API token from %s (version %d)", name, version)
-        return _Token(_Secret(value), version)
+        return _Token(Secret(value), version)
 
     async def _load_org(self) -> str:
         name = self._settings.fly_org_parameter

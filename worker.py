@@ -78,8 +78,8 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     notify = NotifyActivities(settings)
     records = DeploymentActivities(store, settings)
     apps = FlyAppActivities(fly, credentials, settings)
-    rollout = RolloutActivities(fly, settings)
-    releases = ReleaseActivities(fly, settings)
+    rollout = RolloutActivities(fly)
+    releases = ReleaseActivities(fly)
     builds = BuildActivities(credentials, settings, fly=fly)
     app_secrets = AppSecretActivities(fly, credentials, settings)
     try:
@@ -91,7 +91,6 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 records.record_started,
                 records.record_queued,
                 records.record_result,
-                records.record_release,
                 records.load_release,
                 CredentialActivities(credentials).resolve_credentials,
                 FlyConfigActivities(settings).prepare_fly_config,

@@ -164,17 +164,6 @@ class DeploymentActivities:
             )
         activity.logger.info("deployment %s recorded as %s", input.deployment_id, input.status)
 
-    @activity.defn(name="record_release")
-    async def record_release(self, input: ReleaseRecord) -> None:
-        with _classified_errors():
-            await self._store.record_release(input)
-        activity.logger.info(
-            "release of deployment %s recorded (%s, image %s)",
-            input.deployment_id,
-            input.status,
-            input.image,
-        )
-
     @activity.defn(name="load_release")
     async def load_release(self, input: LoadReleaseInput) -> ReleaseRecord:
         """The named release, or the last `deployed` one before the newest `deployed` one.

@@ -35,7 +35,6 @@ from activities._machines import (
 )
 from flyapi import FlyClient, Machine
 from turbodeploy.core.models import DeployTimings, MachineSnapshot, Model, ReleaseSnapshot
-from turbodeploy.core.settings import Settings
 
 
 class SnapshotInput(Model):
@@ -61,9 +60,8 @@ class RestoreResult(Model):
 
 
 class ReleaseActivities:
-    def __init__(self, fly: FlyClient, settings: Settings) -> None:
+    def __init__(self, fly: FlyClient) -> None:
         self._fly = fly
-        self._settings = settings
 
     @activity.defn(name="snapshot_release")
     async def snapshot(self, input: SnapshotInput) -> ReleaseSnapshot:

@@ -59,7 +59,6 @@ from flyapi import (
 )
 from turbodeploy.core.flytoml import machine_config, overlay_managed
 from turbodeploy.core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
-from turbodeploy.core.settings import Settings
 
 # Markers that describe one deployment's handling of one machine; a machine derived from
 # another, or updated by a later deployment, must not inherit them.
@@ -107,9 +106,8 @@ class _Step:
 
 
 class RolloutActivities:
-    def __init__(self, fly: FlyClient, settings: Settings) -> None:
+    def __init__(self, fly: FlyClient) -> None:
         self._fly = fly
-        self._settings = settings
 
     @activity.defn(name="roll_out_release")
     async def roll_out(self, input: RolloutInput) -> RolloutResult:

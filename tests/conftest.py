@@ -207,7 +207,7 @@ def env(heartbeats: list[tuple[Any, ...]]) -> ActivityEnvironment:
 
 @pytest.fixture
 def rollout(fly: FlyClient, settings: Settings) -> RolloutActivities:
-    return RolloutActivities(fly, settings)
+    return RolloutActivities(fly)
 
 
 # -------------------------------------------------------------------- deployment records

@@ -11,7 +11,12 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.deployments import DeploymentActivities, LoadReleaseInput, RecordStartInput
+from activities.deployments import (
+    DeploymentActivities,
+    LoadReleaseInput,
+    RecordResultInput,
+    RecordStartInput,
+)
 from turbodeploy.core.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
 from turbodeploy.core.models import (
     CheckWindow,
@@ -229,8 +234,8 @@ async def test_record_and_load_releases_through_activities(
         release = _release(
             project_id, deployment_id, created_at=1_700_000_000 + n, image=f"r.fly.io/app:{n}"
         )
-        await env.run(activities.record_release, release)
-        await env.run(activities.record_release, release)  # a retried attempt
+        await store.record_release(release)
+        await store.record_release(release)  # a retried attempt
         releases.append(release)
 
     # By default: the release before the one running now.
@@ -280,8 +285,12 @@ async def test_recording_a_release_of_an_unknown_deployment_is_a_final_failure(
     activities: DeploymentActivities, project_id: str
 ) -> None:
     env = ActivityEnvironment()
+    release = _release(project_id, _deployment_id())
+    recorded = RecordResultInput(
+        deployment_id=release.deployment_id, status=DeployStatus.DEPLOYED, release=release
+    )
     with pytest.raises(ApplicationError) as caught:
-        await env.run(activities.record_release, _release(project_id, _deployment_id()))
+        await env.run(activities.record_result, recorded)
     assert (caught.value.type, caught.value.non_retryable) == ("DeploymentNotFound", True)
 
 

@@ -54,7 +54,7 @@ UPDATING = [Strategy.ROLLING, Strategy.IMMEDIATE, Strategy.CANARY]  # keep the m
 
 @pytest.fixture
 def releases(fly: FlyClient, settings: Settings) -> ReleaseActivities:
-    return ReleaseActivities(fly, settings)
+    return ReleaseActivities(fly)
 
 
 @pytest.fixture
@@ -950,7 +950,7 @@ async def test_a_create_refused_with_429_or_5xx_is_made_again_in_the_same_attemp
     since = time.time()
     async with retrying:
         result = await env.run(
-            RolloutActivities(retrying, settings).roll_out,
+            RolloutActivities(retrying).roll_out,
             _input(app, f"{image}:v1", "d-1", machine_count=3),
         )
     faults.rate_limit_rate = 0

@@ -1,5 +1,7 @@
-"""The app's secrets, by reference: each value is read from SSM Parameter Store inside this
-activity and handed to Fly's secrets API, which makes it an environment variable of every
+"""The `secrets` step (and its undoing in `rollback`): the app's secrets, by reference.
+
+Each value is read from SSM Parameter Store inside this activity and handed to Fly's
+secrets API, which makes it an environment variable of every
 machine booted from then on.
 
 A request names the parameters only. Values exist in this activity's memory for the time

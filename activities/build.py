@@ -1,4 +1,4 @@
-"""Building the image with `flyctl`, and the `flyctl` deploy strategy.
+"""The `build` step, the image built with `flyctl`, and the `flyctl` strategy of `rollout`.
 
 Both run `flyctl deploy --remote-only` in a checkout of exactly the commit the deploy
 prepared, so what is built is what was reviewed, whatever the branch does meanwhile:

@@ -1,5 +1,5 @@
-"""Steps 1 and 7: the deployment's row in PostgreSQL, written at the start and at the end,
-and the release bundle a later rollback restores.
+"""The `record_start` and `record_result` steps: the deployment's row in PostgreSQL,
+written at the start and at the end, and the release bundle a later rollback restores.
 
 A database that cannot be reached is a passing condition: the error stays retryable and the
 workflow's retry policy waits it out. A write the data itself makes impossible (an unknown

@@ -1,4 +1,4 @@
-"""Step 3: the Fly app exists in our organisation and has public IPs.
+"""The `app` step: the Fly app exists in our organisation and has public IPs.
 
 Safe to repeat: an app that is already ours is reused, and IPs are only allocated for the
 address families the app does not have yet.

@@ -1,4 +1,4 @@
-"""Step 2 of a deploy: render fly.toml into the project's repository and push it.
+"""The `fly_config` step: render fly.toml into the project's repository and push it.
 
 A Node project without a Dockerfile also gets a generated one (and a .dockerignore), in
 the same commit, so the build step finds everything it needs in the deployed commit.

@@ -1,4 +1,4 @@
-"""Step 5: the app answers `GET <url>/api/health` with 200 within its deadline.
+"""The `health` step: the app answers `GET <url>/api/health` with 200 within its deadline.
 
 A scale-to-zero app has no running machine until a request arrives; the Fly proxy wakes
 one and holds the request. So a slow answer or a connection that takes a while is not

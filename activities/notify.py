@@ -1,4 +1,4 @@
-"""The last step: tell the request's callback URL how the deploy ended.
+"""After the steps: tell the request's callback URL how the deploy ended.
 
 The `DeploymentNotice` is POSTed as JSON with two headers:
 

@@ -1,4 +1,5 @@
-"""A release as it runs (snapshot), and putting one back (restore).
+"""A release as it runs (snapshot, in `rollout` and `health`), and putting one back
+(restore, in `rollback`, and in `rollout` for a rollback request).
 
 The snapshot is taken before a rollout touches anything and again once a release runs, so
 that a failed or cancelled deploy can be undone automatically and an older release put

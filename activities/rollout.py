@@ -1,4 +1,4 @@
-"""Step 4: the app's machines run the new image and pass their checks.
+"""The `rollout` step: the app's machines run the new image and pass their checks.
 
 Strategies (`RolloutInput.strategy`):
 

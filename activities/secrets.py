@@ -1,4 +1,4 @@
-"""Step 2: the Fly API token and org, from AWS SSM Parameter Store.
+"""The `credentials` step: the Fly API token and org, from AWS SSM Parameter Store.
 
 The token is a SecureString read with decryption inside the worker only. It is held in
 memory for `token_cache_seconds`, handed to the Fly HTTP client, and never returned by an

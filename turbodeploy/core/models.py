@@ -490,7 +490,14 @@ class Accepted(Model):
 
 
 class DeployStep(StrEnum):
-    """The steps of a deploy, in order, as the progress query and the UI name them."""
+    """The steps of a deploy, in order: the one list that the progress query, the Web UI's
+    details, the README's diagram and the activity modules' docstrings name.
+
+    Each step is one activity (`rollout` is also where the machines are snapshotted first;
+    a rollback request restores a release in `fly_config`, `secrets` and `rollout`).
+    `secrets` and `build` run only when the request needs them, `rollback` only after a
+    failure; `done` is no step, the end.
+    """
 
     RECORD_START = "record_start"
     CREDENTIALS = "credentials"

@@ -100,11 +100,12 @@ def test_the_readme_draws_the_step_list() -> None:
     assert drawn == [s.value for s in DeployStep if s is not DeployStep.DONE]
 
 
-def test_the_workflow_names_no_activity_by_string() -> None:
-    source = (ROOT / "workflows" / "deploy_project.py").read_text()
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("execute_activity"):
-            raise AssertionError(f"line {node.lineno}: use execute_activity_method")
-    referenced = set(re.findall(r"\b([A-Z][A-Za-z]+Activities)\.([a-z_]+)\b", source))
+def test_the_workflows_name_no_activity_by_string() -> None:
+    referenced: set[tuple[str, str]] = set()
+    for path in (ROOT / "workflows").glob("*.py"):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("execute_activity"):
+                raise AssertionError(f"{path.name}:{node.lineno}: use execute_activity_method")
+        referenced |= set(re.findall(r"\b([A-Z][A-Za-z]+Activities)\.([a-z_]+)\b", source))
     assert len(referenced) >= 15

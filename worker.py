@@ -1,6 +1,6 @@
 """The deploy worker: `python worker.py`.
 
-Settings come from the environment (see turbodeploy/core/settings.py). The worker holds one
+Settings come from the environment (see core/settings.py). The worker holds one
 PostgreSQL pool, one Fly API connection pool and one SSM client for all the deploys it runs,
 and shuts down cleanly on SIGTERM: it stops polling, lets running activities finish within
 `TURBODEPLOY_GRACEFUL_SHUTDOWN_SECONDS`, then exits.
@@ -31,11 +31,11 @@ from activities.notify import NotifyActivities
 from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
+from core import metrics
+from core.db import DeploymentStore, create_pool
+from core.logs import configure_logging
+from core.settings import Settings
 from flyapi import FlyClient, RateLimiter, RequestRetry
-from turbodeploy.core import metrics
-from turbodeploy.core.db import DeploymentStore, create_pool
-from turbodeploy.core.logs import configure_logging
-from turbodeploy.core.settings import Settings
 from workflows.deploy_project import DeployProjectWorkflow, NotifyWorkflow
 
 log = logging.getLogger("turbodeploy.worker")

@@ -23,6 +23,7 @@ from activities._errors import (
     MACHINE_UNHEALTHY,
     to_application_error,
 )
+from core.models import CheckWindow, DeployTimings
 from flyapi import (
     FlyClient,
     FlyError,
@@ -33,7 +34,6 @@ from flyapi import (
     FlyUnauthorized,
     Machine,
 )
-from turbodeploy.core.models import CheckWindow, DeployTimings
 
 PROCESS_GROUP = "app"
 DEPLOYMENT_KEY = "turbodeploy_deployment_id"

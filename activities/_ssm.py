@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import boto3
 from botocore.config import Config
 
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

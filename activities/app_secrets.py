@@ -31,9 +31,9 @@ from activities._errors import (
 )
 from activities._ssm import build_ssm_client
 from activities.secrets import CredentialStore
+from core.models import Model, SecretVersion
+from core.settings import Settings
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy.core.models import Model, SecretVersion
-from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

@@ -56,11 +56,11 @@ from activities._errors import (
     INVALID_BUILD_INPUT,
 )
 from activities.secrets import CredentialStore
+from core import gitrepo
+from core.models import DeployTimings, Model, validate_image
+from core.processes import StopPolicy, start_in_group, stop_group
+from core.settings import Settings
 from flyapi import FlyClient, FlyError, FlyUnauthorized
-from turbodeploy.core import gitrepo
-from turbodeploy.core.models import DeployTimings, Model, validate_image
-from turbodeploy.core.processes import StopPolicy, start_in_group, stop_group
-from turbodeploy.core.settings import Settings
 
 FLY_CONFIG: Final = "fly.toml"
 REGISTRY: Final = "registry.fly.io"

@@ -24,13 +24,13 @@ from activities._errors import (
     RELEASE_NOT_FOUND,
     RELEASE_NOT_RESTORABLE,
 )
-from turbodeploy.core.db import (
+from core.db import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
     NewDeployment,
 )
-from turbodeploy.core.models import (
+from core.models import (
     CheckWindow,
     DeployResult,
     DeployStatus,
@@ -38,7 +38,7 @@ from turbodeploy.core.models import (
     ReleaseRecord,
     SecretVersion,
 )
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
 
 
 class RecordStartInput(Model):

@@ -16,6 +16,8 @@ from temporalio.exceptions import ApplicationError
 
 from activities._errors import APP_NAME_TAKEN, APP_NOT_VISIBLE, to_application_error
 from activities.secrets import CredentialStore
+from core.models import DeployTimings, Model
+from core.settings import Settings
 from flyapi import (
     App,
     FlyClient,
@@ -25,8 +27,6 @@ from flyapi import (
     FlyUnprocessable,
     IPAssignment,
 )
-from turbodeploy.core.models import DeployTimings, Model
-from turbodeploy.core.settings import Settings
 
 
 class EnsureAppInput(Model):

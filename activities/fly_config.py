@@ -15,9 +15,9 @@ from pydantic import Field
 from temporalio import activity
 
 from activities._errors import FLY_TOML_ERROR, GIT_ERROR
-from turbodeploy.core import dockerfile, flytoml, gitrepo
-from turbodeploy.core.models import Model
-from turbodeploy.core.settings import Settings
+from core import dockerfile, flytoml, gitrepo
+from core.models import Model
+from core.settings import Settings
 
 FLY_TOML = "fly.toml"
 _DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)

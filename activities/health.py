@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities._errors import HEALTH_CHECK_FAILED
-from turbodeploy.core.models import DeployTimings, Model
+from core.models import DeployTimings, Model
 
 log = logging.getLogger(__name__)
 

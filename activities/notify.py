@@ -40,8 +40,8 @@ from activities._errors import (
     SECRETS_UNAVAILABLE,
 )
 from activities._ssm import Cached, Secret, build_ssm_client
-from turbodeploy.core.models import DeploymentNotice, Model
-from turbodeploy.core.settings import Settings
+from core.models import DeploymentNotice, Model
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient

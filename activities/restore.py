@@ -34,8 +34,8 @@ from activities._machines import (
     MachineSession,
     all_or_first_error,
 )
+from core.models import DeployTimings, MachineSnapshot, Model, ReleaseSnapshot
 from flyapi import FlyClient, Machine
-from turbodeploy.core.models import DeployTimings, MachineSnapshot, Model, ReleaseSnapshot
 
 
 class SnapshotInput(Model):

@@ -52,13 +52,13 @@ from activities._machines import (
     all_or_first_error,
     has_checks,
 )
+from core.flytoml import machine_config, overlay_managed
+from core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
 from flyapi import (
     FlyClient,
     FlyError,
     Machine,
 )
-from turbodeploy.core.flytoml import machine_config, overlay_managed
-from turbodeploy.core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
 
 # Markers that describe one deployment's handling of one machine; a machine derived from
 # another, or updated by a later deployment, must not inherit them.

@@ -37,9 +37,9 @@ class BaselineWorkflow:
 
 
 async def _serve() -> None:
-    from turbodeploy.core import metrics
-    from turbodeploy.core.logs import configure_logging
-    from turbodeploy.core.settings import Settings
+    from core import metrics
+    from core.logs import configure_logging
+    from core.settings import Settings
     from worker import connect, create_worker
 
     settings = Settings()

@@ -24,8 +24,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
 from bench.stack import Stack, machine_cpu, sampled_peak
+from core.models import DeployRequest, Strategy
 from turbodeploy.client import start_deploy
-from turbodeploy.core.models import DeployRequest, Strategy
 
 IMAGE = "registry.fly.io/turbobackend-bench:deployment-1"
 REDEPLOY_IMAGE = "registry.fly.io/turbobackend-bench:deployment-2"

@@ -48,8 +48,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from core.flytoml import FlyTomlError, machine_config, overlay_managed
 from flyapi import FlyClient, FlyError, FlyUnauthorized, Machine
-from turbodeploy.core.flytoml import FlyTomlError, machine_config, overlay_managed
 
 VERSION: Final = "0.0.0-standin"
 EXIT_FAILED: Final = 1

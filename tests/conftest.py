@@ -23,10 +23,10 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
+from core.db import DeploymentStore, create_pool
+from core.settings import Settings
 from flyapi import FlyClient
 from turbodeploy import embedded
-from turbodeploy.core.db import DeploymentStore, create_pool
-from turbodeploy.core.settings import Settings
 from worker import create_worker
 
 REFERENCE_DIR = Path(

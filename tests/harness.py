@@ -23,8 +23,8 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 
+from core.models import DeployTimings
 from flysim import FlySim, SimConfig
-from turbodeploy.core.models import DeployTimings
 
 # Not resolved: the tests may run from a copy whose files link back here, and the worker
 # must start from the copy the test imports.

@@ -23,10 +23,10 @@ from activities.app_secrets import (
     RestoreSecretsResult,
 )
 from activities.secrets import CredentialStore
+from core.models import SecretVersion
+from core.settings import Settings
 from flyapi import FlyClient, FlyNotFound
 from turbodeploy import embedded
-from turbodeploy.core.models import SecretVersion
-from turbodeploy.core.settings import Settings
 
 IMAGE = "registry.fly.io/secrets-test:1"
 

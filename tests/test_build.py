@@ -27,12 +27,12 @@ from activities.build import (
     flaps_base_url,
 )
 from activities.secrets import CredentialStore
+from core.dockerfile import render_dockerfile
+from core.flytoml import render_fly_toml
+from core.models import DeployTimings, app_name_for
+from core.settings import Settings
 from flyapi import FlyClient, Machine
 from turbodeploy import embedded
-from turbodeploy.core.dockerfile import render_dockerfile
-from turbodeploy.core.flytoml import render_fly_toml
-from turbodeploy.core.models import DeployTimings, app_name_for
-from turbodeploy.core.settings import Settings
 
 PACKAGE_JSON = '{"name": "hello", "private": true, "scripts": {"build": "nitro build"}}\n'
 TIMINGS = DeployTimings(

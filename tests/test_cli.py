@@ -27,10 +27,10 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from core.models import DeployProgress
+from core.settings import Settings
 from turbodeploy import embedded
 from turbodeploy.cli import main as turbodeploy_cli
-from turbodeploy.core.models import DeployProgress
-from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"

@@ -28,9 +28,9 @@ import yaml
 from pydantic import AliasChoices
 from temporalio.client import Client
 
+from core.settings import Settings
 from flysim.cli import TOKENS_ENV, parse_tokens
 from turbodeploy import embedded
-from turbodeploy.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -650,8 +650,8 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     for path in (
         "pyproject.toml",
         "worker.py",
-        "turbodeploy/core/settings.py",
-        "turbodeploy/core/db/migrations/0001.sql",
+        "core/settings.py",
+        "core/db/migrations/0001.sql",
         "workflows/__init__.py",
         "activities/__init__.py",
         "flyapi/__init__.py",

@@ -37,11 +37,11 @@ from temporalio.common import SearchAttributeKey, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from core import contract
+from core.models import DeployRequest, DeployStatus
+from core.settings import Settings
 from turbodeploy import embedded
 from turbodeploy.client import RequestRejected, start_deploy
-from turbodeploy.core import contract
-from turbodeploy.core.models import DeployRequest, DeployStatus
-from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 from workflows.deploy_project import DeployProjectWorkflow
 
@@ -137,13 +137,11 @@ def _save_history(name: str, history: Any) -> None:
 def test_committed_schemas_match_the_models() -> None:
     committed = {p.name[: -len(".schema.json")] for p in contract.SCHEMA_DIR.glob("*.json")}
     exported = contract.schemas()
-    assert committed == set(exported), (
-        "run `python -m turbodeploy.core.contract` and commit schemas/"
-    )
+    assert committed == set(exported), "run `python -m core.contract` and commit schemas/"
     for stem, schema in exported.items():
         path = contract.SCHEMA_DIR / f"{stem}.schema.json"
         assert path.read_text() == contract.render(schema), (
-            f"{path.name} has drifted from the models: run `python -m turbodeploy.core.contract`"
+            f"{path.name} has drifted from the models: run `python -m core.contract`"
         )
 
 

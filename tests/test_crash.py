@@ -43,8 +43,8 @@ from harness import (
 )
 from temporalio.client import Client
 
+from core.models import DeployRequest, DeployResult, DeployStatus
 from turbodeploy.client import start_deploy
-from turbodeploy.core.models import DeployRequest, DeployResult, DeployStatus
 from turbodeploy.stack import publish_example
 
 IMAGE_2 = IMAGE.replace("deployment-1", "deployment-2")

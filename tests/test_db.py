@@ -14,18 +14,18 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.deployments import DeploymentActivities, RecordResultInput, RecordStartInput
-from turbodeploy import embedded
-from turbodeploy.core.db import (
+from core.db import (
     MAX_ERROR_CHARS,
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
     create_pool,
 )
-from turbodeploy.core.db.queries import Queries
-from turbodeploy.core.db.store import _migrations
-from turbodeploy.core.models import DeploymentRow, DeployStatus
-from turbodeploy.core.settings import Settings
+from core.db.queries import Queries
+from core.db.store import _migrations
+from core.models import DeploymentRow, DeployStatus
+from core.settings import Settings
+from turbodeploy import embedded
 
 MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]
 

@@ -16,9 +16,9 @@ from conftest import readable_history
 from harness import fast_timings
 from temporalio.client import Client
 
+from core.models import DeployRequest, DeployStatus
+from core.settings import Settings
 from turbodeploy.client import DeployFailed, start_deploy
-from turbodeploy.core.models import DeployRequest, DeployStatus
-from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 FAST = fast_timings(

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from turbodeploy.core.dockerfile import (
+from core.dockerfile import (
     render_dockerfile,
     render_dockerignore,
     wants_generated_dockerfile,

@@ -17,10 +17,10 @@ from temporalio.testing import ActivityEnvironment
 from activities.fly_apps import EnsureAppInput, FlyAppActivities
 from activities.rollout import RolloutActivities, RolloutInput
 from activities.secrets import CredentialStore
+from core.flytoml import machine_config
+from core.models import DeployTimings
+from core.settings import Settings
 from flyapi import FlyClient, Machine
-from turbodeploy.core.flytoml import machine_config
-from turbodeploy.core.models import DeployTimings
-from turbodeploy.core.settings import Settings
 
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),

@@ -18,8 +18,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fly_config import FlyConfigActivities, PrepareConfigInput, PrepareConfigResult
-from turbodeploy.core import dockerfile, flytoml, gitrepo
-from turbodeploy.core.settings import Settings
+from core import dockerfile, flytoml, gitrepo
+from core.settings import Settings
 
 NITRO_TREE = {
     "package.json": (

@@ -12,8 +12,8 @@ from conftest import REFERENCE_DIR, reference_file
 from jsonschema import Draft4Validator
 from jsonschema.exceptions import ValidationError
 
-from turbodeploy.core import flytoml
-from turbodeploy.core.flytoml import FlyTomlError, machine_config, overlay_managed, render_fly_toml
+from core import flytoml
+from core.flytoml import FlyTomlError, machine_config, overlay_managed, render_fly_toml
 
 APP = "turbobackend-p1"
 IMAGE = "registry.fly.io/turbobackend-p1:deployment-1"

@@ -19,15 +19,15 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 # The workflow below runs in the sandbox, which re-imports this module: what only the
-# activity and the test use is passed through, while `turbodeploy.core.metrics` is imported
+# activity and the test use is passed through, while `core.metrics` is imported
 # in the sandbox as workflow code imports it.
 with workflow.unsafe.imports_passed_through():
     import httpx
 
     from flyapi import FlyClient, FlyUnauthorized
     from turbodeploy import embedded
-from turbodeploy.core import metrics
-from turbodeploy.core.logs import TextFormatter, configure_logging, project_id_from_workflow_id
+from core import metrics
+from core.logs import TextFormatter, configure_logging, project_id_from_workflow_id
 
 
 @activity.defn(name="touch_fly")

@@ -33,9 +33,9 @@ from activities.notify import (
     sign,
     verify_signature,
 )
+from core.models import DeploymentNotice, DeployStatus
+from core.settings import Settings
 from turbodeploy import embedded
-from turbodeploy.core.models import DeploymentNotice, DeployStatus
-from turbodeploy.core.settings import Settings
 
 
 @dataclass

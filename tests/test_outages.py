@@ -26,9 +26,9 @@ from harness import (
 )
 from temporalio.client import Client
 
+from core.models import DeployRequest, DeployStatus
+from core.settings import Settings
 from turbodeploy.client import start_deploy
-from turbodeploy.core.models import DeployRequest, DeployStatus
-from turbodeploy.core.settings import Settings
 from turbodeploy.embedded import free_port
 from turbodeploy.stack import publish_example
 from worker import create_worker

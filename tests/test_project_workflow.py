@@ -19,6 +19,14 @@ from harness import fast_timings
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
 
+from core.models import (
+    DeployRequest,
+    DeployResult,
+    DeployStatus,
+    DeployStep,
+    new_deployment_id,
+)
+from core.settings import Settings
 from turbodeploy import embedded
 from turbodeploy.client import (
     DeployFailed,
@@ -29,14 +37,6 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.core.models import (
-    DeployRequest,
-    DeployResult,
-    DeployStatus,
-    DeployStep,
-    new_deployment_id,
-)
-from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
 FAST = fast_timings(

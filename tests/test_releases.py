@@ -17,8 +17,8 @@ from activities.deployments import (
     RecordResultInput,
     RecordStartInput,
 )
-from turbodeploy.core.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
-from turbodeploy.core.models import (
+from core.db import DeploymentConflict, DeploymentNotFound, DeploymentStore
+from core.models import (
     CheckWindow,
     DeployStatus,
     MachineOutcome,
@@ -28,7 +28,7 @@ from turbodeploy.core.models import (
     SecretVersion,
     Strategy,
 )
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
 
 FLY_TOML = (
     'app = "turbobackend-x"\nprimary_region = "iad"\n\n[http_service]\n  internal_port = 3000\n'

@@ -13,8 +13,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import TypeAdapter, ValidationError
 
-from turbodeploy.cli import main
-from turbodeploy.core.models import (
+from core.models import (
     MAX_PROJECT_ID_LENGTH,
     PROJECT_REQUEST,
     DeployRequest,
@@ -25,6 +24,7 @@ from turbodeploy.core.models import (
     app_name_for,
     workflow_id_for,
 )
+from turbodeploy.cli import main
 
 GOOD: dict[str, Any] = {
     "project_id": "p1",

@@ -25,8 +25,8 @@ from harness import (
 )
 from temporalio.client import Client
 
+from core.models import DeployRequest
 from turbodeploy.client import start_deploy
-from turbodeploy.core.models import DeployRequest
 from turbodeploy.stack import publish_example
 
 

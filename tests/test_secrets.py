@@ -18,8 +18,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.secrets import CredentialActivities, CredentialStore, build_ssm_client
+from core.settings import Settings
 from turbodeploy import embedded
-from turbodeploy.core.settings import Settings
 
 
 class CountingCalls:

@@ -25,15 +25,15 @@ from temporalio.testing import ActivityEnvironment
 from activities._machines import CANARY_KEY, GREEN_KEY, RESTORED_BY_KEY, CheckPace
 from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
 from activities.rollout import RolloutActivities, RolloutInput, RolloutResult
-from flyapi import FlyClient, Machine, RequestRetry
-from turbodeploy.core.models import (
+from core.models import (
     CheckWindow,
     DeployTimings,
     MachineOutcome,
     ReleaseSnapshot,
     Strategy,
 )
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
+from flyapi import FlyClient, Machine, RequestRetry
 
 TIMINGS = DeployTimings(
     machine_wait_timeout=timedelta(seconds=3),

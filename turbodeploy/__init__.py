@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from turbodeploy.core.models import DeployRequest, DeployResult, DeployStatus
+from core.models import DeployRequest, DeployResult, DeployStatus
 
 __all__ = ["DeployRequest", "DeployResult", "DeployStatus", "start_deploy"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily: workflow code imports turbodeploy.core.models and must not pull the
+    # Imported lazily: workflow code imports core.models and must not pull the
     # Temporal client into the sandbox with it.
     if name == "start_deploy":
         from turbodeploy.client import start_deploy

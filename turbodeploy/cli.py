@@ -29,21 +29,21 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from turbodeploy.core.models import (
+from core.models import (
     DeploymentRow,
     DeployProgress,
     DeployRequest,
     DeployStatus,
     Strategy,
 )
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
+    from core.db import DeploymentStore
+    from core.models import ReleaseRecord
     from turbodeploy.client import DeployHandle
-    from turbodeploy.core.db import DeploymentStore
-    from turbodeploy.core.models import ReleaseRecord
 
 T = TypeVar("T")
 
@@ -95,7 +95,7 @@ def _settings() -> Settings:
 
 
 def _project(project_id: str) -> str:
-    from turbodeploy.core.models import validate_project_id
+    from core.models import validate_project_id
 
     try:
         return validate_project_id(project_id)
@@ -303,7 +303,7 @@ def rollback(
     as_json: bool,
 ) -> None:
     """Put PROJECT_ID back on a recorded release (default: the one before the current)."""
-    from turbodeploy.core.models import RollbackRequest
+    from core.models import RollbackRequest
 
     extra: dict[str, Any] = {}
     if timings := _parse_timings(timings_json):
@@ -790,7 +790,7 @@ async def _with_store(
     answer is `unrecorded()` if given, else a clear error."""
     import asyncpg
 
-    from turbodeploy.core.db import DeploymentStore, create_pool
+    from core.db import DeploymentStore, create_pool
 
     assert settings.database_url
     try:

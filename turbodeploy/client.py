@@ -39,8 +39,8 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from turbodeploy.core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
-from turbodeploy.core.models import (
+from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
+from core.models import (
     Accepted,
     DeployProgress,
     DeployRequest,
@@ -52,7 +52,7 @@ from turbodeploy.core.models import (
     new_deployment_id,
     workflow_id_for,
 )
-from turbodeploy.core.settings import TASK_QUEUE
+from core.settings import TASK_QUEUE
 from workflows.deploy_project import DeployProjectWorkflow
 
 log = logging.getLogger(__name__)

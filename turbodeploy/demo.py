@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
+from core.logs import configure_logging
+from core.models import DeployRequest
 from turbodeploy.client import start_deploy
-from turbodeploy.core.logs import configure_logging
-from turbodeploy.core.models import DeployRequest
 from turbodeploy.stack import embedded_stack, publish_example
 
 console = Console(soft_wrap=True)  # links must stay whole to be clickable
@@ -52,7 +52,7 @@ async def run_demo(
         outcome = await follow(handle)
         row = None
         if stack.settings.database_url:
-            from turbodeploy.core.db import DeploymentStore, create_pool
+            from core.db import DeploymentStore, create_pool
 
             pool = await create_pool(stack.settings.database_url, 1, 1)
             try:

@@ -22,8 +22,8 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionDescription
 
-from turbodeploy.core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
-from turbodeploy.core.models import DeployStatus
+from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
+from core.models import DeployStatus
 
 
 class DeploySummary(BaseModel):

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from turbodeploy.core import contract
+from core import contract
 
 # Search attributes the workflow keeps up to date; registered on every server we start.
 SEARCH_ATTRIBUTES = contract.SEARCH_ATTRIBUTES

@@ -22,9 +22,9 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from core.metrics import make_runtime
+from core.settings import Settings
 from turbodeploy import embedded
-from turbodeploy.core.metrics import make_runtime
-from turbodeploy.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ async def run_stack(
     Prints the addresses and the environment that points the CLI at the stack, then a line
     `ready`. Returns the exit code: 0 after a clean stop.
     """
-    from turbodeploy.core.logs import configure_logging
+    from core.logs import configure_logging
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -49,9 +49,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
     from activities.rollout import RolloutActivities, RolloutInput
     from activities.secrets import CredentialActivities, CredentialsResult
-    from turbodeploy.core import metrics
-    from turbodeploy.core.contract import DEPLOY_STATUS, PROJECT_ID
-    from turbodeploy.core.models import (
+    from core import metrics
+    from core.contract import DEPLOY_STATUS, PROJECT_ID
+    from core.models import (
         CheckWindow,
         DeployRequest,
         DeployResult,

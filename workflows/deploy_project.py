@@ -17,7 +17,7 @@ Deterministic code only: no I/O, no settings, no clock but `workflow.now()`. Act
 referred to by their methods (`workflow.execute_activity_method`), so mypy checks each
 step's input and result against the activity; their modules are imported passed through
 the sandbox, and this module is imported only by the worker (callers use the names in
-turbodeploy/core/contract.py).
+core/contract.py).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ with workflow.unsafe.imports_passed_through():
         RecordResultInput,
     )
     from activities.notify import NotifyActivities, NotifyInput, NotifyResult
-    from turbodeploy.core import metrics
-    from turbodeploy.core.models import (
+    from core import metrics
+    from core.models import (
         Accepted,
         DeploymentNotice,
         DeployProgress,

@@ -16,7 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
 from activities._errors import NON_RETRYABLE
-from turbodeploy.core.models import DeployTimings
+from core.models import DeployTimings
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from turbodeploy.core.settings import Settings
+from core.settings import Settings
 from turbodeploy.embedded import seed_ssm
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from turbodeploy.core.settings import validate_schema_name
+from core.settings import validate_schema_name
 
 # Epoch seconds from the database clock, so workers with skewed clocks still agree.
 NOW = "FLOOR(EXTRACT(EPOCH FROM now()))::BIGINT"

@@ -5,7 +5,7 @@ payloads, exported from the models that decode them, so the two cannot disagree 
 committed copies in `schemas/` are checked against these by the tests). README: "Starting
 deploys from any language".
 
-    python -m turbodeploy.core.contract [DIRECTORY]    # write the schemas (default: schemas/)
+    python -m core.contract [DIRECTORY]    # write the schemas (default: schemas/)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 from temporalio.common import SearchAttributeKey
 
-from turbodeploy.core.models import (
+from core.models import (
     WORKFLOW_ID_PREFIX,
     Accepted,
     DeployProgress,
@@ -27,7 +27,7 @@ from turbodeploy.core.models import (
     ProjectRequest,
     RollbackRequest,
 )
-from turbodeploy.core.settings import TASK_QUEUE
+from core.settings import TASK_QUEUE
 
 WORKFLOW_TYPE = "DeployProjectWorkflow"
 DEFAULT_TASK_QUEUE = TASK_QUEUE
@@ -64,7 +64,7 @@ _SCHEMAS: dict[str, tuple[Any, Mode]] = {
     "deploy-result": (DeployResult, "serialization"),
 }
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 
 
 def schemas() -> dict[str, dict[str, Any]]:

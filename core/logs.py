@@ -15,7 +15,7 @@ from typing import Any
 
 from temporalio import activity, workflow
 
-from turbodeploy.core.models import WORKFLOW_ID_PREFIX
+from core.models import WORKFLOW_ID_PREFIX
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is kept.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

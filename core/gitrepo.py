@@ -42,7 +42,7 @@ from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.refs import HEADREF, Ref
 from dulwich.repo import Repo
 
-from turbodeploy.core.processes import StopPolicy, start_in_group, stop_group
+from core.processes import StopPolicy, start_in_group, stop_group
 
 DEFAULT_TIMEOUT: Final = 300.0
 PUSH_ATTEMPTS: Final = 3

@@ -19,8 +19,8 @@ from typing import Any, NotRequired, TypedDict, Unpack
 
 import asyncpg
 
-from turbodeploy.core.db.queries import Queries
-from turbodeploy.core.models import (
+from core.db.queries import Queries
+from core.models import (
     DeploymentRow,
     DeployStatus,
     MachineOutcome,
@@ -86,7 +86,7 @@ class _Migration:
 
 @functools.cache
 def _migrations() -> tuple[_Migration, ...]:
-    folder = resources.files("turbodeploy.core.db").joinpath("migrations")
+    folder = resources.files("core.db").joinpath("migrations")
     found: dict[int, _Migration] = {}
     for entry in folder.iterdir():
         if not entry.name.endswith(".sql"):

@@ -1,6 +1,6 @@
 """PostgreSQL records of deployments, in the schema named by `Settings.db_schema`."""
 
-from turbodeploy.core.db.store import (
+from core.db.store import (
     MAX_ERROR_CHARS,
     PLATFORM,
     DeploymentConflict,

@@ -120,17 +120,7 @@ class DeploymentActivities:
                 row.status,
                 row.run_id,
             )
-            finished = DeployResult(
-                deployment_id=row.deployment_id,
-                project_id=row.project_id,
-                app_name=row.app_name,
-                url=row.url,
-                status=row.status,
-                commit_sha=row.commit_sha,
-                image=row.image,
-                machine_ids=row.machine_ids,
-                error=row.error,
-            )
+            finished = row.outcome()
         return RecordStartResult(
             url=row.url,
             started_at=row.deployed_at,

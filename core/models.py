@@ -652,3 +652,7 @@ class DeploymentRow(Model):
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def outcome(self) -> DeployResult:
+        """What the recorded deployment ended as, as its workflow reports it."""
+        return DeployResult.model_validate(self.model_dump(include=set(DeployResult.model_fields)))

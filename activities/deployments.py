@@ -50,6 +50,8 @@ class RecordStartInput(Model):
     repo_url: str | None = None
     branch: str | None = None
     image: str | None = None
+    # The first run of the workflow's chain: a reset run shares it with the run it resets.
+    first_run_id: str | None = None
 
 
 class RecordStartResult(Model):
@@ -97,6 +99,7 @@ class DeploymentActivities:
             repo_url=input.repo_url,
             branch=input.branch,
             image=input.image,
+            first_run_id=input.first_run_id,
         )
 
     @activity.defn(name="record_deploy_started")

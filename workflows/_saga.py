@@ -196,12 +196,12 @@ class StepRunner:
         return result
 
     async def record_start(
-        self, request: ProjectRequest, step: DeployStep, *, mark_step: bool
+        self, request: ProjectRequest, step: DeployStep, *, mark_step: bool, restart: bool = False
     ) -> RecordStartResult:
         return await self.run(
             step,
             DeploymentActivities.record_started,
-            record_input(request),
+            record_input(request, restart=restart),
             policies.RECORD,
             f"Record deployment {request.deployment_id} of {request.project_id} as deploying",
             mark_step=mark_step,
@@ -214,10 +214,17 @@ class DeploySaga:
     deploy is cancelled: the app put back as it was, and the outcome recorded."""
 
     def __init__(
-        self, request: ProjectRequest, run: StepRunner, on_recorded: Callable[[], None]
+        self,
+        request: ProjectRequest,
+        run: StepRunner,
+        on_recorded: Callable[[], None],
+        *,
+        restart: bool = False,
     ) -> None:
         self._request = request
         self._run = run
+        # A finished deployment may start again only as the input of a reset run.
+        self._restart = restart
         # Called once the deployment's row is written: the first result of the run.
         self._on_recorded = on_recorded
 
@@ -239,7 +246,9 @@ class DeploySaga:
             d = _Deploy(request=request, strategy=Strategy.ROLLING, machine_count=1)
         # Independent of each other, so they run together: one step less to wait for.
         credentials = asyncio.ensure_future(self._credentials())
-        started = await self._run.record_start(request, DeployStep.RECORD_START, mark_step=True)
+        started = await self._run.record_start(
+            request, DeployStep.RECORD_START, mark_step=True, restart=self._restart
+        )
         self._on_recorded()
         if started.finished is not None:
             credentials.cancel()
@@ -642,7 +651,10 @@ class DeploySaga:
         )
 
 
-def record_input(request: ProjectRequest) -> RecordStartInput:
+def record_input(request: ProjectRequest, *, restart: bool = False) -> RecordStartInput:
+    """The row of `request`. With `restart` (the run's own start input), a row that a run of
+    this chain already finished starts again: that is what a reset asks for. A request that
+    reached the run otherwise never deploys twice."""
     info = workflow.info()
     deploy = request if isinstance(request, DeployRequest) else None
     return RecordStartInput(
@@ -651,6 +663,7 @@ def record_input(request: ProjectRequest) -> RecordStartInput:
         app_name=request.app_name,
         workflow_id=info.workflow_id,
         run_id=info.run_id,
+        first_run_id=info.first_execution_run_id if restart else None,
         repo_url=deploy.repo_url if deploy else None,
         branch=deploy.branch if deploy else None,
         image=deploy.image if deploy else None,

@@ -238,7 +238,9 @@ class DeployProjectWorkflow:
     async def _deploy_one(self, request: ProjectRequest) -> DeployResult:
         self._current = request
         started_at = workflow.now()
-        saga = DeploySaga(request, self._run, on_recorded=self._end_start_claim)
+        saga = DeploySaga(
+            request, self._run, on_recorded=self._end_start_claim, restart=request is self._start
+        )
         result, already_ended = await saga.run()
         self._remember(result)
         if already_ended:

@@ -41,18 +41,23 @@ _TEMPLATES = {
     ),
     # A queued row starts deploying (deployed_at becomes the start); a repeat while still
     # deploying points the row at the current run; a finished row is left alone (the WHERE
-    # makes the conflict a no-op, so RETURNING yields nothing).
+    # makes the conflict a no-op, so RETURNING yields nothing), unless a later run of the
+    # chain that wrote it starts it again (a reset): then it is deploying again, its old
+    # result cleared.
     "record_started": (
         "INSERT INTO {schema}.project_deployments AS d (deployment_id, project_id, platform,"
         " app_name, url, status, deployed_at, last_updated, workflow_id, run_id, repo_url,"
-        " branch, image)"
-        " VALUES ($1, $2, $3, $4, $5, 'deploying', {now}, {now}, $6, $7, $8, $9, $10)"
+        " branch, image, first_run_id)"
+        " VALUES ($1, $2, $3, $4, $5, 'deploying', {now}, {now}, $6, $7, $8, $9, $10, $11)"
         " ON CONFLICT (deployment_id) DO UPDATE SET status = 'deploying',"
         " deployed_at = CASE WHEN d.status = 'queued' THEN EXCLUDED.deployed_at"
         " ELSE d.deployed_at END,"
         " workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id,"
-        " image = COALESCE(EXCLUDED.image, d.image), last_updated = EXCLUDED.last_updated"
-        " WHERE d.status IN {open} AND d.project_id = EXCLUDED.project_id"
+        " image = COALESCE(EXCLUDED.image, d.image), last_updated = EXCLUDED.last_updated,"
+        " error = CASE WHEN d.status IN {open} THEN d.error END, finished_at = NULL,"
+        " first_run_id = COALESCE(d.first_run_id, EXCLUDED.first_run_id)"
+        " WHERE d.project_id = EXCLUDED.project_id AND (d.status IN {open}"
+        " OR (d.first_run_id = EXCLUDED.first_run_id AND d.run_id IS DISTINCT FROM $7))"
         " RETURNING {columns}"
     ),
     # A request waiting behind a running deploy. Never changes an existing row: the queued
@@ -60,8 +65,8 @@ _TEMPLATES = {
     "record_queued": (
         "INSERT INTO {schema}.project_deployments (deployment_id, project_id, platform,"
         " app_name, url, status, deployed_at, last_updated, workflow_id, run_id, repo_url,"
-        " branch, image)"
-        " VALUES ($1, $2, $3, $4, $5, 'queued', {now}, {now}, $6, $7, $8, $9, $10)"
+        " branch, image, first_run_id)"
+        " VALUES ($1, $2, $3, $4, $5, 'queued', {now}, {now}, $6, $7, $8, $9, $10, $11)"
         " ON CONFLICT (deployment_id) DO NOTHING"
         " RETURNING {columns}"
     ),

@@ -130,6 +130,8 @@ class NewDeployment(TypedDict):
     repo_url: NotRequired[str | None]
     branch: NotRequired[str | None]
     image: NotRequired[str | None]
+    # The first run of the workflow chain writing it (see record_started).
+    first_run_id: NotRequired[str | None]
 
 
 class DeploymentStore:
@@ -194,7 +196,9 @@ class DeploymentStore:
         """Insert the row as `deploying` (or move a `queued` one there), or return it.
 
         A repeat while still deploying points the row at the current run; a repeat after the
-        deployment finished changes nothing, so a late retry cannot undo a result.
+        deployment finished changes nothing, so a late retry cannot undo a result, unless it
+        comes from another run of the chain that wrote the row (`first_run_id`: a reset
+        run), which starts the deployment again.
         """
         return await self._insert(self._sql.record_started, row)
 
@@ -216,6 +220,7 @@ class DeploymentStore:
             row.get("repo_url"),
             row.get("branch"),
             row.get("image"),
+            row.get("first_run_id"),
         )
         if inserted is not None:
             return inserted

@@ -10,7 +10,7 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import FLY_TOML
+from harness import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 

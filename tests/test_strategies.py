@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FLY_TOML
+from harness import FLY_TOML
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 

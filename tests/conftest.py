@@ -5,17 +5,27 @@ fresh servers, so the suite stays fast.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import boto3
 import pytest
 import pytest_asyncio
+from harness import (
+    Rows,
+    deploy_request,
+    deployment_rows,
+    new_project_id,
+    reset_faults,
+    running_worker,
+    worker_settings,
+)
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -24,10 +34,11 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from core.db import DeploymentStore, create_pool
+from core.models import DeployRequest
 from core.settings import Settings
 from flyapi import FlyClient
 from turbodeploy import embedded
-from worker import create_worker
+from turbodeploy.stack import publish_example
 
 REFERENCE_DIR = Path(
     os.environ.get(
@@ -113,55 +124,38 @@ def task_queue() -> str:
 
 @pytest.fixture
 def project_id() -> str:
-    return f"p{uuid.uuid4().hex[:10]}"
+    return new_project_id()
 
 
 # --------------------------------------------------------------------------- deploys
 
-# A rendered-style fly.toml with one HTTP service and a health check, for activity tests.
-FLY_TOML = """
-app = "placeholder"
-primary_region = "iad"
 
-[http_service]
-  internal_port = 3000
-  force_https = true
-  auto_stop_machines = "stop"
-  auto_start_machines = true
-  min_machines_running = 0
-
-  [[http_service.checks]]
-    grace_period = "1s"
-    interval = "15s"
-    timeout = "5s"
-    method = "GET"
-    path = "/api/health"
-
-[[vm]]
-  size = "shared-cpu-1x"
-  memory = "256mb"
-"""
+@pytest.fixture
+def make_settings(
+    postgres_url: str, ssm_endpoint: str, flysim: Any, tmp_path: Path
+) -> Callable[..., Settings]:
+    """`harness.worker_settings` against the session servers: settings for a worker of the
+    test's own (`make_settings(name="faults", fly_api_rate=0)`)."""
+    return functools.partial(
+        worker_settings,
+        database_url=postgres_url,
+        ssm_endpoint=ssm_endpoint,
+        sim=flysim,
+        work_dir=tmp_path / "work",
+    )
 
 
 @pytest.fixture
 def settings(
-    postgres_url: str,
-    ssm_endpoint: str,
-    flysim: Any,
+    make_settings: Callable[..., Settings],
     task_queue: str,
     tmp_path: Path,
     temporal_client: Client,
 ) -> Settings:
     """Worker settings pointing at the session servers, with a schema of the test's own."""
-    return Settings(
+    return make_settings(
         temporal_address=temporal_client.service_client.config.target_host,
         task_queue=task_queue,
-        database_url=postgres_url,
-        db_schema=f"t_{uuid.uuid4().hex[:8]}",
-        aws_endpoint_url=ssm_endpoint,
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-        work_dir=str(tmp_path / "work"),
         flyctl_path=str(embedded.flyctl_standin(tmp_path / "flyctl-bin")),
         # The shared request budget has tests of its own (test_faults.py).
         fly_api_rate=0,
@@ -171,11 +165,45 @@ def settings(
 @pytest_asyncio.fixture
 async def worker(temporal_client: Client, settings: Settings) -> AsyncIterator[None]:
     """A worker composed as `python worker.py` composes it, on the test's task queue."""
-    async with create_worker(temporal_client, settings) as w:
-        task = asyncio.create_task(w.run())
+    async with running_worker(temporal_client, settings):
         yield
-        await w.shutdown()
-        await task
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> str:
+    """A bare git repository holding the example project (nitro-hello)."""
+    return publish_example("nitro-hello", tmp_path / "repos")
+
+
+@pytest.fixture
+def request_defaults() -> Callable[[], dict[str, Any]]:
+    """The fields each request of `make_request` starts from, over `harness.deploy_request`'s:
+    none. A module whose tests all want others (timings, a deployment id chosen by the
+    caller) overrides this fixture."""
+    return dict
+
+
+@pytest.fixture
+def make_request(
+    project_id: str, repo: str, request_defaults: Callable[[], dict[str, Any]]
+) -> Callable[..., DeployRequest]:
+    """Requests to deploy the test's project from `repo`: `make_request(machine_count=2)`."""
+
+    def make(**overrides: Any) -> DeployRequest:
+        return deploy_request(project_id, repo, **(request_defaults() | overrides))
+
+    return make
+
+
+@pytest.fixture
+def rows_of(settings: Settings) -> Rows:
+    """The deployment rows a project has in the test's schema, oldest first."""
+
+    async def read(project_id: str) -> list[asyncpg.Record]:
+        assert settings.database_url
+        return await deployment_rows(settings.database_url, settings.db_schema, project_id)
+
+    return read
 
 
 @pytest.fixture
@@ -238,15 +266,43 @@ async def store(pool: asyncpg.Pool[asyncpg.Record], schema: str) -> DeploymentSt
 @pytest.fixture
 def calm_emulator(flysim: Any) -> Iterator[Any]:
     """The emulator without faults, delays or unhealthy images, before and after a test."""
-
-    def calm() -> None:
-        flysim.config.faults = type(flysim.config.faults)()
-        flysim.config.timing = type(flysim.config.timing)()
-        flysim.config.unhealthy_images.clear()
-
-    calm()
+    reset_faults(flysim)
     yield flysim
-    calm()
+    reset_faults(flysim)
+
+
+@pytest.fixture
+def faults(calm_emulator: Any) -> Any:
+    """The emulator's fault knobs, none injected before and after the test."""
+    return calm_emulator.config.faults
+
+
+@pytest.fixture
+def ssm(ssm_endpoint: str) -> Any:
+    """A boto3 SSM client of moto's server."""
+    return boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
+
+
+# --------------------------------------------------------------------------- Fly apps
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A Fly app name no other test uses; nothing is created."""
+    return f"turbobackend-a{uuid.uuid4().hex[:12]}"
+
+
+@pytest_asyncio.fixture
+async def app(fly: FlyClient, app_name: str) -> str:
+    """An app of that name, created in the emulator."""
+    await fly.create_app(app_name, "personal")
+    return app_name
+
+
+@pytest.fixture
+def image() -> str:
+    """An image repository no other test uses: `f"{image}:v1"`."""
+    return f"registry.fly.io/app-{uuid.uuid4().hex[:8]}"
 
 
 def readable_history(history: Any) -> str:

@@ -1,5 +1,6 @@
-"""Shared machinery for the resilience tests: worker processes, stalling proxies, a logging
-`git`, and black-box readers of what a deploy left behind (rows, machines, commits)."""
+"""Shared machinery of the tests: requests, settings and workers against the session's
+servers, worker processes, stalling proxies, a logging `git`, and black-box readers of what
+a deploy left behind (rows, machines, commits). conftest.py binds them into fixtures."""
 
 from __future__ import annotations
 
@@ -12,19 +13,24 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 
-from core.models import DeployTimings
+from activities.rollout import RolloutInput
+from core.models import DeployRequest, DeployTimings
+from core.settings import Settings
 from flysim import FlySim, SimConfig
+from worker import create_worker
 
 # Not resolved: the tests may run from a copy whose files link back here, and the worker
 # must start from the copy the test imports.
@@ -48,6 +54,119 @@ def fast_timings(**overrides: timedelta) -> DeployTimings:
     }
     values.update(overrides)
     return DeployTimings.model_validate(values)
+
+
+def new_project_id(prefix: str = "p") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def deploy_request(project_id: str, repo_url: str, **fields: Any) -> DeployRequest:
+    """A request to deploy `repo_url` as `project_id`: the test image, fast timings, and
+    `fields` over them. No deployment id unless given: the workflow or the client assigns
+    one; pass `deployment_id=new_deployment_id()` to know it before submitting."""
+    values: dict[str, Any] = {
+        "project_id": project_id,
+        "repo_url": repo_url,
+        "image": IMAGE,
+        "timings": fast_timings(),
+    }
+    values.update(fields)
+    return DeployRequest.model_validate(values)
+
+
+# A rendered-style fly.toml with one HTTP service and a health check, for activity tests.
+FLY_TOML = """
+app = "placeholder"
+primary_region = "iad"
+
+[http_service]
+  internal_port = 3000
+  force_https = true
+  auto_stop_machines = "stop"
+  auto_start_machines = true
+  min_machines_running = 0
+
+  [[http_service.checks]]
+    grace_period = "1s"
+    interval = "15s"
+    timeout = "5s"
+    method = "GET"
+    path = "/api/health"
+
+[[vm]]
+  size = "shared-cpu-1x"
+  memory = "256mb"
+"""
+
+# Waits and polls of the Fly activities run on their own (no workflow around them).
+ACTIVITY_TIMINGS = DeployTimings(
+    machine_wait_timeout=timedelta(seconds=3),
+    machine_poll_interval=timedelta(milliseconds=20),
+    app_visible_timeout=timedelta(seconds=2),
+    app_visible_poll=timedelta(milliseconds=20),
+    lease_ttl=timedelta(seconds=3),
+)
+
+
+def rollout_input(app: str, image: str, deployment: str, **overrides: Any) -> RolloutInput:
+    """A rollout of `image` to `app` as deployment `deployment`: one machine in iad from
+    FLY_TOML, with ACTIVITY_TIMINGS, and `overrides` over them."""
+    values: dict[str, Any] = {
+        "deployment_id": deployment,
+        "app_name": app,
+        "image": image,
+        "region": "iad",
+        "fly_toml": FLY_TOML,
+        "machine_count": 1,
+        "timings": ACTIVITY_TIMINGS,
+    }
+    values.update(overrides)
+    return RolloutInput(**values)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def ssm_settings(ssm_endpoint: str, **overrides: Any) -> Settings:
+    """Settings that read credentials from moto's SSM at `ssm_endpoint`."""
+    return Settings(aws_endpoint_url=ssm_endpoint, aws_region="us-east-1", **overrides)
+
+
+def worker_settings(
+    *,
+    database_url: str,
+    ssm_endpoint: str,
+    sim: Any,
+    work_dir: Path,
+    name: str = "t",
+    **overrides: Any,
+) -> Settings:
+    """Settings of a worker against the test servers, on a task queue and a database schema
+    of its own (both named after `name`), with `overrides` over them."""
+    unique = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "task_queue": f"{name}-{unique}",
+        "database_url": database_url,
+        "db_schema": f"{name}_{unique}",
+        "aws_endpoint_url": ssm_endpoint,
+        "fly_api_base_url": sim.base_url,
+        "app_url_template": sim.app_url_template,
+        "work_dir": str(work_dir),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(client: Client, settings: Settings) -> AsyncIterator[None]:
+    """A worker composed as `python worker.py` composes it, running in this process."""
+    async with create_worker(client, settings) as w:
+        task = asyncio.create_task(w.run())
+        try:
+            yield
+        finally:
+            await w.shutdown()
+            await task
 
 
 # ------------------------------------------------------------------------------ worker
@@ -247,6 +366,7 @@ async def history_json(handle: Any) -> str:
 
 
 async def deployment_rows(database_url: str, schema: str, project_id: str) -> list[asyncpg.Record]:
+    """The project's deployment rows, oldest first."""
     conn = await asyncpg.connect(database_url)
     try:
         return await conn.fetch(
@@ -256,6 +376,26 @@ async def deployment_rows(database_url: str, schema: str, project_id: str) -> li
         )
     finally:
         await conn.close()
+
+
+# What the `rows_of` fixture gives: `await rows_of(project_id)`.
+Rows = Callable[[str], Awaitable[list[asyncpg.Record]]]
+
+
+def by_deployment(rows: Sequence[asyncpg.Record]) -> dict[str, asyncpg.Record]:
+    return {r["deployment_id"]: r for r in rows}
+
+
+async def row_version(
+    pool: asyncpg.Pool[asyncpg.Record], schema: str, table: str, deployment_id: str
+) -> int:
+    """The version of a row: it changes on every write to the row, even one changing nothing."""
+    value = await pool.fetchval(
+        f'SELECT xmin::text::bigint FROM "{schema}".{table} WHERE deployment_id = $1',
+        deployment_id,
+    )
+    assert value is not None
+    return int(value)
 
 
 async def dump_schema(database_url: str, schema: str) -> str:
@@ -322,14 +462,33 @@ def own_flysim(token: str, org: str = "personal") -> Iterator[FlySim]:
 
 
 def reset_faults(sim: Any) -> None:
-    faults = sim.config.faults
-    faults.error_rate = 0.0
-    faults.rate_limit_rate = 0.0
-    faults.drop_rate = 0.0
-    faults.latency_spike_rate = 0.0
-    faults.latency_spike = 0.0
-    faults.seed = None
+    """The emulator without faults, delays or unhealthy images (the `calm_emulator` fixture
+    does this before and after a test)."""
+    sim.config.faults = type(sim.config.faults)()
+    sim.config.timing = type(sim.config.timing)()
     sim.config.unhealthy_images.clear()
+
+
+def take_app_name(sim: Any, app: str) -> None:
+    """Create `app` in another organisation, so that its name is taken for the test's token."""
+    token = f"FlyV1 fm2_other-{uuid.uuid4().hex}"
+    sim.config.tokens[token] = "someone-else"
+    created = httpx.post(
+        f"{sim.base_url}/apps",
+        json={"app_name": app, "org_slug": "someone-else"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert created.status_code == 201, created.text
+
+
+def commit_fly_toml(repo: str, text: str, work: Path) -> None:
+    """Push a commit that gives `repo` a fly.toml of its own, from a clone at `work`."""
+    subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
+    (work / "fly.toml").write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "own fly.toml"], cwd=work, check=True)
+    subprocess.run(["git", "push", "-q"], cwd=work, check=True)
 
 
 # ------------------------------------------------------------------------------ network

@@ -9,9 +9,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import httpx
 import pytest
+from harness import ssm_settings
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -39,20 +39,8 @@ def activities(
 
 
 @pytest.fixture
-def ssm(ssm_endpoint: str) -> Any:
-    return boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
-
-
-@pytest.fixture
 def prefix() -> str:
     return f"/apps/t-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def app_name(fly: FlyClient) -> str:
-    name = f"turbobackend-s{uuid.uuid4().hex[:12]}"
-    await fly.create_app(name, "personal")
-    return name
 
 
 @pytest.fixture
@@ -78,20 +66,20 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
     flysim: Any,
     ssm: Any,
     prefix: str,
-    app_name: str,
+    app: str,
     debug_logs: pytest.LogCaptureFixture,
 ) -> None:
     database_url, api_key = _value(), _value()
     ssm.put_parameter(Name=f"{prefix}/db", Value=database_url, Type="SecureString")
     ssm.put_parameter(Name=f"{prefix}/key", Value="old", Type="SecureString")
     ssm.put_parameter(Name=f"{prefix}/key", Value=api_key, Type="SecureString", Overwrite=True)
-    before = await _machine(fly, app_name)
+    before = await _machine(fly, app)
     debug_logs.clear()  # the seeding above logged its own request bodies
     heartbeats: list[Any] = []
     env = ActivityEnvironment()
     env.on_heartbeat = lambda *details: heartbeats.append(details)
     request = AppSecretsInput(
-        app_name=app_name,
+        app_name=app,
         secrets={"DATABASE_URL": f"{prefix}/db", "API_KEY": f"{prefix}/key"},
     )
 
@@ -104,26 +92,26 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
         ],
         added=["API_KEY", "DATABASE_URL"],
     )
-    listed = {s.name: s.digest for s in await fly.list_secrets(app_name)}
+    listed = {s.name: s.digest for s in await fly.list_secrets(app)}
     assert set(listed) == {"API_KEY", "DATABASE_URL"}
     assert all(listed.values())
 
     # A machine booted after the secrets were set has them; one booted before gets them
     # at its next boot. The config the API returns never holds them.
-    after = await _machine(fly, app_name)
-    runtime = flysim.machine_runtime_env(app_name, after)
+    after = await _machine(fly, app)
+    runtime = flysim.machine_runtime_env(app, after)
     assert runtime == {"PLAIN": "yes", "DATABASE_URL": database_url, "API_KEY": api_key}
-    assert "DATABASE_URL" not in flysim.machine_runtime_env(app_name, before)
-    machine_json = (await fly.get_machine(app_name, after)).model_dump_json()
+    assert "DATABASE_URL" not in flysim.machine_runtime_env(app, before)
+    machine_json = (await fly.get_machine(app, after)).model_dump_json()
 
     snapshot = flysim.snapshot()
-    assert snapshot["secrets"][app_name]["secrets"] == [
+    assert snapshot["secrets"][app]["secrets"] == [
         {"name": "API_KEY", "digest": listed["API_KEY"]},
         {"name": "DATABASE_URL", "digest": listed["DATABASE_URL"]},
     ]
     async with httpx.AsyncClient() as http:
         state = (await http.get(flysim.base_url.replace("/v1", "/_sim/state"))).text
-    assert app_name in state
+    assert app in state
     texts = {
         "result": result.model_dump_json(),
         "heartbeats": repr(heartbeats),
@@ -132,7 +120,7 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
         "/_sim/state": state,
         "request log": repr(flysim.request_log),
         "machine config": machine_json,
-        "listing": repr(await fly.list_secrets(app_name)),
+        "listing": repr(await fly.list_secrets(app)),
         "vault": repr(flysim.secrets),
     }
     assert heartbeats and debug_logs.records
@@ -143,82 +131,82 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
 
     # A retried attempt changes nothing: same versions, same secrets version; and it
     # claims to have added nothing, so a rollback never removes what it cannot tell apart.
-    version = snapshot["secrets"][app_name]["version"]
+    version = snapshot["secrets"][app]["version"]
     again = await env.run(activities.set_app_secrets, request)
     assert (again.secrets, again.added) == (result.secrets, [])
-    assert flysim.snapshot()["secrets"][app_name]["version"] == version
-    assert {s.name: s.digest for s in await fly.list_secrets(app_name)} == listed
+    assert flysim.snapshot()["secrets"][app]["version"] == version
+    assert {s.name: s.digest for s in await fly.list_secrets(app)} == listed
 
 
 async def test_a_machine_sees_secrets_from_its_next_boot(
     activities: AppSecretActivities, fly: FlyClient, flysim: Any, ssm: Any, prefix: str,
-    app_name: str,
+    app: str,
 ) -> None:  # fmt: skip
     value = _value()
     ssm.put_parameter(Name=f"{prefix}/token", Value=value, Type="SecureString")
-    machine = await _machine(fly, app_name)
+    machine = await _machine(fly, app)
     await ActivityEnvironment().run(
         activities.set_app_secrets,
-        AppSecretsInput(app_name=app_name, secrets={"TOKEN": f"{prefix}/token"}),
+        AppSecretsInput(app_name=app, secrets={"TOKEN": f"{prefix}/token"}),
     )
-    assert "TOKEN" not in flysim.machine_runtime_env(app_name, machine)
+    assert "TOKEN" not in flysim.machine_runtime_env(app, machine)
 
-    current = await fly.get_machine(app_name, machine)
-    await fly.update_machine(app_name, machine, current.config, None, nonce=None)
-    assert flysim.machine_runtime_env(app_name, machine)["TOKEN"] == value
+    current = await fly.get_machine(app, machine)
+    await fly.update_machine(app, machine, current.config, None, nonce=None)
+    assert flysim.machine_runtime_env(app, machine)["TOKEN"] == value
 
 
 async def test_restore_sets_recorded_versions_and_removes_only_present_names(
     activities: AppSecretActivities, fly: FlyClient, flysim: Any, ssm: Any, prefix: str,
-    app_name: str, debug_logs: pytest.LogCaptureFixture,
+    app: str, debug_logs: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     first, second = _value(), _value()
     ssm.put_parameter(Name=f"{prefix}/db", Value=first, Type="SecureString")
     ssm.put_parameter(Name=f"{prefix}/db", Value=second, Type="SecureString", Overwrite=True)
-    await fly.set_secrets(app_name, {"DATABASE_URL": second, "ADDED": "x"})
+    await fly.set_secrets(app, {"DATABASE_URL": second, "ADDED": "x"})
     debug_logs.clear()
     # Two names from one parameter version: both are set from a single read.
     wanted = [
         SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
         SecretVersion(name="READ_URL", parameter=f"{prefix}/db", version=1),
     ]
-    request = RestoreSecretsInput(app_name=app_name, secrets=wanted, remove=["ADDED", "GONE"])
+    request = RestoreSecretsInput(app_name=app, secrets=wanted, remove=["ADDED", "GONE"])
 
     result = await ActivityEnvironment().run(activities.restore_app_secrets, request)
 
     assert result == RestoreSecretsResult(restored=wanted, removed=["ADDED"])
-    machine = await _machine(fly, app_name)
-    runtime = flysim.machine_runtime_env(app_name, machine)
+    machine = await _machine(fly, app)
+    runtime = flysim.machine_runtime_env(app, machine)
     assert (runtime["DATABASE_URL"], runtime["READ_URL"]) == (first, first)
     assert "ADDED" not in runtime
     for text in (result.model_dump_json(), debug_logs.text):
         assert first not in text and second not in text
     # Repeating it changes nothing.
-    version = flysim.snapshot()["secrets"][app_name]["version"]
+    version = flysim.snapshot()["secrets"][app]["version"]
     again = await ActivityEnvironment().run(activities.restore_app_secrets, request)
-    assert again.removed == [] and flysim.snapshot()["secrets"][app_name]["version"] == version
+    assert again.removed == [] and flysim.snapshot()["secrets"][app]["version"] == version
 
 
 async def test_restoring_a_version_ssm_no_longer_has_fails_for_good(
-    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app_name: str
+    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app: str
 ) -> None:
     ssm.put_parameter(Name=f"{prefix}/db", Value=_value(), Type="SecureString")
     with pytest.raises(ApplicationError) as caught:
         await ActivityEnvironment().run(
             activities.restore_app_secrets,
             RestoreSecretsInput(
-                app_name=app_name,
+                app_name=app,
                 secrets=[SecretVersion(name="DB", parameter=f"{prefix}/db", version=7)],
                 remove=["OTHER"],
             ),
         )
     assert (caught.value.type, caught.value.non_retryable) == ("SecretMissing", True)
     assert f"{prefix}/db has no version 7" in str(caught.value)
-    assert await fly.list_secrets(app_name) == []
+    assert await fly.list_secrets(app) == []
 
 
 async def test_a_missing_parameter_fails_for_good_and_sets_nothing(
-    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app_name: str
+    activities: AppSecretActivities, fly: FlyClient, ssm: Any, prefix: str, app: str
 ) -> None:
     present = _value()
     ssm.put_parameter(Name=f"{prefix}/present", Value=present, Type="SecureString")
@@ -227,7 +215,7 @@ async def test_a_missing_parameter_fails_for_good_and_sets_nothing(
         await ActivityEnvironment().run(
             activities.set_app_secrets,
             AppSecretsInput(
-                app_name=app_name,
+                app_name=app,
                 secrets={"PRESENT": f"{prefix}/present", "ABSENT": f"{prefix}/absent"},
             ),
         )
@@ -237,20 +225,18 @@ async def test_a_missing_parameter_fails_for_good_and_sets_nothing(
     assert f"{prefix}/absent" in str(error) and "ABSENT" in str(error)
     assert f"{prefix}/present" not in str(error)
     assert present not in str(error)
-    assert await fly.list_secrets(app_name) == []
+    assert await fly.list_secrets(app) == []
 
 
 async def test_ssm_being_down_is_retryable(
-    fly: FlyClient, credentials: CredentialStore, app_name: str
+    fly: FlyClient, credentials: CredentialStore, app: str
 ) -> None:
-    settings = Settings(
-        aws_endpoint_url=f"http://127.0.0.1:{embedded.free_port()}", aws_region="us-east-1"
-    )
+    settings = ssm_settings(f"http://127.0.0.1:{embedded.free_port()}")
     activities = AppSecretActivities(fly, credentials, settings)
     with pytest.raises(ApplicationError) as caught:
         await ActivityEnvironment().run(
             activities.set_app_secrets,
-            AppSecretsInput(app_name=app_name, secrets={"TOKEN": "/apps/x/token"}),
+            AppSecretsInput(app_name=app, secrets={"TOKEN": "/apps/x/token"}),
         )
     assert (caught.value.type, caught.value.non_retryable) == ("SecretsUnavailable", False)
 
@@ -288,17 +274,17 @@ async def test_nothing_to_set_makes_no_call(activities: AppSecretActivities, fly
 
 
 async def test_secrets_api_sets_lists_and_removes_by_name(
-    fly: FlyClient, flysim: Any, app_name: str, fly_token: str
+    fly: FlyClient, flysim: Any, app: str, fly_token: str
 ) -> None:
     value = _value()
-    assert await fly.set_secrets(app_name, {"ONE": value, "TWO": "2"}) == 1
-    assert await fly.set_secrets(app_name, {"ONE": value}) == 1  # unchanged: same version
-    assert await fly.unset_secret(app_name, "TWO") == 2
-    assert await fly.unset_secret(app_name, "TWO") is None
-    assert [s.name for s in await fly.list_secrets(app_name)] == ["ONE"]
+    assert await fly.set_secrets(app, {"ONE": value, "TWO": "2"}) == 1
+    assert await fly.set_secrets(app, {"ONE": value}) == 1  # unchanged: same version
+    assert await fly.unset_secret(app, "TWO") == 2
+    assert await fly.unset_secret(app, "TWO") is None
+    assert [s.name for s in await fly.list_secrets(app)] == ["ONE"]
 
     headers = {"Authorization": f"Bearer {fly_token}"}
-    base = f"{flysim.base_url}/apps/{app_name}/secrets"
+    base = f"{flysim.base_url}/apps/{app}/secrets"
     async with httpx.AsyncClient(headers=headers) as http:
         one = await http.post(f"{base}/THREE", json={"value": "3"})
         assert one.status_code == 201 and one.json()["version"] == 3
@@ -319,8 +305,8 @@ async def test_secrets_api_sets_lists_and_removes_by_name(
     assert value not in json.dumps(flysim.snapshot())
 
     with pytest.raises(FlyNotFound):
-        await fly.list_secrets(f"{app_name}-gone")
+        await fly.list_secrets(f"{app}-gone")
     # A deleted app's secrets go with it: a new app of the same name starts empty.
-    await fly.delete_app(app_name)
-    await fly.create_app(app_name, "personal")
-    assert await fly.list_secrets(app_name) == []
+    await fly.delete_app(app)
+    await fly.create_app(app, "personal")
+    assert await fly.list_secrets(app) == []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import ssm_settings
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -154,17 +155,7 @@ def work_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(ssm_endpoint: str, flysim: Any, work_dir: Path) -> Settings:
-    return Settings(
-        aws_endpoint_url=ssm_endpoint,
-        aws_region="us-east-1",
-        fly_api_base_url=flysim.base_url,
-        work_dir=str(work_dir),
-    )
-
-
-@pytest.fixture
-def credentials(settings: Settings) -> CredentialStore:
-    return CredentialStore(settings)
+    return ssm_settings(ssm_endpoint, fly_api_base_url=flysim.base_url, work_dir=str(work_dir))
 
 
 @pytest.fixture

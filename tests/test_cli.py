@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from click.testing import CliRunner
+from harness import app_machines
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
@@ -52,6 +53,8 @@ FAST = json.dumps(
 )
 STEP_TICK = re.compile(r"^  ✓ (\w+)  \(\d+\.\ds\)$", re.MULTILINE)
 
+pytestmark = pytest.mark.usefixtures("calm_emulator")
+
 
 @dataclass
 class Run:
@@ -61,16 +64,6 @@ class Run:
 
     def json(self) -> Any:
         return json.loads(self.out)
-
-
-@pytest.fixture(autouse=True)
-def _calm(calm_emulator: Any) -> None:
-    pass
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> str:
-    return publish_example("nitro-hello", tmp_path / "repos")
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -119,12 +112,6 @@ async def wait_for_rollout(handle: Any) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"the deploy never reached the rollout; it is at {progress.step}")
-
-
-def machines(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [
-        m for m in flysim.snapshot()["machines"] if m["app"] == app and m["state"] != "destroyed"
-    ]
 
 
 async def test_deploy_wait_then_status_history_releases(
@@ -228,7 +215,7 @@ async def test_rollback_to_the_previous_release(
             "--wait", "--json", "--poll-interval", "0.02",
         )  # fmt: skip
         assert run.code == 0, run.err
-    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE_2}
+    assert {m["config"]["image"] for m in app_machines(flysim, app)} == {IMAGE_2}
 
     unknown = await cli("rollback", project_id, "--to", "d-unknown", "--wait", "--json")
     assert unknown.code == 1
@@ -237,7 +224,7 @@ async def test_rollback_to_the_previous_release(
     back = await cli("rollback", project_id, "--timings", FAST, "--wait", "--poll-interval", "0.02")
     assert back.code == 0, back.err + back.out
     assert "✓ deployed" in back.out
-    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE}
+    assert {m["config"]["image"] for m in app_machines(flysim, app)} == {IMAGE}
 
 
 async def test_status_says_what_a_stuck_deploy_waits_for_and_why(
@@ -499,7 +486,7 @@ async def test_terminate_records_the_open_deployments_and_retry_converges(
     retried = await cli("retry", project_id, "--wait", "--json", "--poll-interval", "0.02")
     assert retried.code == 0, retried.err + retried.out
     assert retried.json()["image"] == IMAGE_2
-    assert {m["config"]["image"] for m in machines(flysim, app)} == {IMAGE_2}
+    assert {m["config"]["image"] for m in app_machines(flysim, app)} == {IMAGE_2}
 
 
 async def test_invalid_input_exits_2_and_nothing_starts(

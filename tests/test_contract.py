@@ -25,7 +25,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from harness import IMAGE, api_requests_for, app_machines, deployment_rows, fast_timings
+from harness import IMAGE, Rows, api_requests_for, app_machines
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -42,7 +42,6 @@ from core.models import DeployRequest, DeployStatus
 from core.settings import Settings
 from turbodeploy import embedded
 from turbodeploy.client import RequestRejected, start_deploy
-from turbodeploy.stack import publish_example
 from workflows.deploy_project import DeployProjectWorkflow
 
 ROOT = Path(__file__).absolute().parent.parent
@@ -51,10 +50,7 @@ HISTORIES = Path(__file__).absolute().parent / "histories"
 UPDATE_HISTORIES = os.environ.get("TURBODEPLOY_UPDATE_HISTORIES") == "1"
 BAD = {"project_id": "BAD ID!", "repo_url": "/srv/git/x.git", "image": IMAGE}
 
-
-@pytest.fixture(autouse=True)
-def _calm(calm_emulator: Any) -> None:
-    pass
+pytestmark = pytest.mark.usefixtures("calm_emulator")
 
 
 @pytest.fixture
@@ -64,27 +60,18 @@ def json_client(temporal_client: Client) -> Client:
 
 
 @pytest.fixture
-def request_json(project_id: str, tmp_path: Path) -> Callable[..., dict[str, Any]]:
-    repo = publish_example("nitro-hello", tmp_path / "repos")
+def request_json(make_request: Callable[..., DeployRequest]) -> Callable[..., dict[str, Any]]:
+    """The test's request as the plain JSON a caller in any language writes: only the fields
+    it sets (no deployment id), and `fields` over them."""
 
     def make(**fields: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"project_id": project_id, "repo_url": repo, "image": IMAGE}
-        body["timings"] = fast_timings().model_dump(mode="json")
+        body: dict[str, Any] = make_request().model_dump(
+            mode="json", include={"project_id", "repo_url", "image", "timings"}
+        )
         body.update(fields)
         return body
 
     return make
-
-
-async def _rows(settings: Settings, project_id: str) -> list[dict[str, Any]]:
-    assert settings.database_url
-    try:
-        records = await deployment_rows(settings.database_url, settings.db_schema, project_id)
-    except Exception as err:  # no schema yet: no worker wrote anything
-        if "does not exist" in str(err):
-            return []
-        raise
-    return [dict(r) for r in records]
 
 
 def _start_op(body: dict[str, Any], task_queue: str) -> WithStartWorkflowOperation[Any, Any]:
@@ -176,6 +163,7 @@ def test_the_names_in_the_contract_are_the_workflows() -> None:
 async def test_signal_with_start_from_a_json_client_makes_one_deployment(
     json_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     flysim: Any,
     request_json: Callable[..., dict[str, Any]],
@@ -193,7 +181,7 @@ async def test_signal_with_start_from_a_json_client_makes_one_deployment(
         start_signal_args=[body],
     )
     result = await handle.result()
-    rows = await _rows(settings, project_id)
+    rows = await rows_of(project_id)
     assert [(r["deployment_id"], r["status"]) for r in rows] == [
         (result["deployment_id"], "deployed")
     ]
@@ -209,6 +197,7 @@ async def test_signal_with_start_from_a_json_client_makes_one_deployment(
 async def test_update_with_start_returns_the_assigned_deployment_at_once(
     json_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     request_json: Callable[..., dict[str, Any]],
     project_id: str,
@@ -220,7 +209,7 @@ async def test_update_with_start_returns_the_assigned_deployment_at_once(
     result = await _outcome(json_client, accepted)
     assert result["status"] == "deployed"
     assert result["deployment_id"] == accepted["deployment_id"]
-    rows = await _rows(settings, project_id)
+    rows = await rows_of(project_id)
     assert [r["deployment_id"] for r in rows] == [accepted["deployment_id"]]
     handle = json_client.get_workflow_handle(accepted["workflow_id"], run_id=accepted["run_id"])
     _save_history("json_client_update_without_id", await handle.fetch_history())
@@ -229,6 +218,7 @@ async def test_update_with_start_returns_the_assigned_deployment_at_once(
 async def test_the_same_deployment_id_twice_is_one_deployment(
     json_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     flysim: Any,
     request_json: Callable[..., dict[str, Any]],
@@ -253,7 +243,7 @@ async def test_the_same_deployment_id_twice_is_one_deployment(
     assert late["deployment_id"] == body["deployment_id"] and late["run_id"] != first["run_id"]
     outcome = await _outcome(json_client, late)
     assert outcome["status"] == "deployed" and outcome["url"]
-    rows = await _rows(settings, project_id)
+    rows = await rows_of(project_id)
     assert [(r["deployment_id"], r["status"]) for r in rows] == [
         (body["deployment_id"], "deployed")
     ]
@@ -265,6 +255,7 @@ async def test_a_bad_request_is_refused_to_the_caller_and_touches_nothing(
     json_client: Client,
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     flysim: Any,
 ) -> None:
@@ -285,7 +276,7 @@ async def test_a_bad_request_is_refused_to_the_caller_and_touches_nothing(
     assert description.status == WorkflowExecutionStatus.FAILED
     events = [e.WhichOneof("attributes") for e in (await handle.fetch_history()).events]
     assert not any("activity" in e for e in events), events
-    assert await _rows(settings, project_id) == []
+    assert await rows_of(project_id) == []
     assert api_requests_for(flysim, f"turbobackend-{project_id}") == 0
 
     # A bad request to a running project is refused the same way, and runs nothing.
@@ -301,6 +292,7 @@ async def test_a_bad_request_is_refused_to_the_caller_and_touches_nothing(
 async def test_a_running_project_refuses_a_bad_update_without_a_trace(
     json_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     request_json: Callable[..., dict[str, Any]],
     project_id: str,
@@ -323,13 +315,14 @@ async def test_a_running_project_refuses_a_bad_update_without_a_trace(
     # Only the good request entered the history; the refused ones left no event.
     assert history.count(f'"name": "{contract.SUBMIT_UPDATE}"') == 1
     assert "machine_count" not in history.replace('"machine_count": 1', "")
-    assert [r["deployment_id"] for r in await _rows(settings, project_id)] == [
-        good["deployment_id"]
-    ]
+    assert [r["deployment_id"] for r in await rows_of(project_id)] == [good["deployment_id"]]
 
 
 async def test_a_run_started_with_an_invalid_input_fails_at_once(
-    json_client: Client, settings: Settings, worker: None
+    json_client: Client,
+    settings: Settings,
+    worker: None,
+    rows_of: Rows,
 ) -> None:
     """An old client, or `temporal workflow start` by hand: no update to refuse it, so the
     run itself ends, failed and non-retryable, instead of failing its task for ever."""
@@ -349,7 +342,7 @@ async def test_a_run_started_with_an_invalid_input_fails_at_once(
         "invalid request: deployment_id: deployment id must be 1 to 63 lower-case letters, "
         "digits and '-', starting with a letter or digit"
     )
-    assert await _rows(settings, project_id) == []
+    assert await rows_of(project_id) == []
 
 
 # ------------------------------------------------------------------------- temporal CLI
@@ -368,6 +361,7 @@ def _temporal(
 
 async def test_temporal_cli_start_by_hand_deploys_once(
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     request_json: Callable[..., dict[str, Any]],
     project_id: str,
@@ -388,13 +382,15 @@ async def test_temporal_cli_start_by_hand_deploys_once(
         "--output", "json",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = await _rows(settings, project_id)
+    rows = await rows_of(project_id)
     assert [r["status"] for r in rows] == ["deployed"]
     assert rows[0]["deployment_id"] in result.stdout
 
 
 async def test_temporal_cli_bad_input_fails_at_once_with_the_message(
-    settings: Settings, worker: None
+    settings: Settings,
+    worker: None,
+    rows_of: Rows,
 ) -> None:
     project_id = f"bad-{uuid.uuid4().hex[:6]}"
     began = time.monotonic()
@@ -411,7 +407,7 @@ async def test_temporal_cli_bad_input_fails_at_once_with_the_message(
     assert run.returncode != 0
     output = run.stdout + run.stderr
     assert "invalid request: branch: branch '-x' is not a valid git branch name" in output
-    assert await _rows(settings, project_id) == []
+    assert await rows_of(project_id) == []
 
 
 # ---------------------------------------------------------------------- TypeScript handler
@@ -452,6 +448,7 @@ def _node_deploy(
 async def test_typescript_handler_one_request_one_deployment(
     ts_handler: Path,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     flysim: Any,
     request_json: Callable[..., dict[str, Any]],
@@ -474,7 +471,7 @@ async def test_typescript_handler_one_request_one_deployment(
     assert code == 0, events
     assert events[-1]["event"] == "deployed"
     assert events[-1]["deployment_id"] == body["deployment_id"]
-    rows = await _rows(settings, project_id)
+    rows = await rows_of(project_id)
     assert [(r["deployment_id"], r["status"]) for r in rows] == [
         (body["deployment_id"], "deployed")
     ]
@@ -485,14 +482,18 @@ async def test_typescript_handler_one_request_one_deployment(
     assert code == 0, events
     assigned = events[0]["deployment_id"]
     assert assigned.startswith("d-") and events[-1]["deployment_id"] == assigned
-    assert [r["deployment_id"] for r in await _rows(settings, project_id)] == [
+    assert [r["deployment_id"] for r in await rows_of(project_id)] == [
         body["deployment_id"],
         assigned,
     ]
 
 
 async def test_typescript_handler_gets_a_bad_request_refused(
-    ts_handler: Path, settings: Settings, json_client: Client, worker: None
+    ts_handler: Path,
+    settings: Settings,
+    json_client: Client,
+    worker: None,
+    rows_of: Rows,
 ) -> None:
     project_id = f"Bad_{uuid.uuid4().hex[:6]}"  # upper case and '_': no Fly app name
     began = time.monotonic()
@@ -511,7 +512,7 @@ async def test_typescript_handler_gets_a_bad_request_refused(
     assert f"project_id: project id '{project_id}' is not usable" in events[0]["message"]
     description = await json_client.get_workflow_handle(f"deploy-{project_id}").describe()
     assert description.status != WorkflowExecutionStatus.RUNNING
-    assert await _rows(settings, project_id) == []
+    assert await rows_of(project_id) == []
     # The run's search attribute, set to deploying by the handler, says failed.
     status = description.typed_search_attributes.get(SearchAttributeKey.for_keyword("DeployStatus"))
     assert status == DeployStatus.FAILED

@@ -28,10 +28,12 @@ from harness import (
     WorkerProcess,
     app_machines,
     apps_named,
+    deploy_request,
     deployment_rows,
     fast_timings,
     fly_toml_commits,
     held_leases,
+    new_project_id,
     own_flysim,
     stalling_proxy,
     via,
@@ -192,7 +194,7 @@ async def _scenario(
     fly_token: str,
     tmp: Path,
 ) -> Outcome:
-    project_id = f"c{uuid.uuid4().hex[:10]}"
+    project_id = new_project_id("c")
     schema = f"crash_{uuid.uuid4().hex[:8]}"
     task_queue = f"crash-{step}-{uuid.uuid4().hex[:6]}"
     repo = publish_example("nitro-hello", tmp / "repos")
@@ -241,9 +243,9 @@ async def _drive(rig: _Rig, step: str, timings: Any) -> None:
     task_queue = rig.env["TURBODEPLOY_TASK_QUEUE"]
 
     def request(image: str) -> DeployRequest:
-        return DeployRequest(
-            project_id=outcome.project_id,
-            repo_url=outcome.repo,
+        return deploy_request(
+            outcome.project_id,
+            outcome.repo,
             image=image,
             machine_count=MACHINES,
             timings=timings,
@@ -405,13 +407,12 @@ async def test_sigterm_stops_the_worker_cleanly(
     postgres_url: str,
     ssm_endpoint: str,
     fly_token: str,
+    make_request: Callable[..., DeployRequest],
     tmp_path: Path,
 ) -> None:
     """SIGTERM in the middle of a step: exit 0 within the grace period; the deploy goes on."""
     graceful = 3.0
     task_queue = f"term-{uuid.uuid4().hex[:8]}"
-    project_id = f"t{uuid.uuid4().hex[:10]}"
-    repo = publish_example("nitro-hello", tmp_path / "repos")
     with own_flysim(fly_token) as sim:
         async with stalling_proxy(sim.app_url_template.replace("{app}", "x")) as app_proxy:
             env = worker_env(
@@ -430,9 +431,7 @@ async def test_sigterm_stops_the_worker_cleanly(
             try:
                 await wait_for_pollers(temporal_client, task_queue)
                 app_proxy.pause()
-                request = DeployRequest(
-                    project_id=project_id, repo_url=repo, image=IMAGE, timings=fast_timings()
-                )
+                request = make_request()
                 handle = await start_deploy(temporal_client, request, task_queue=task_queue)
                 await wait_for_activity(handle, "check_app_health", timeout=60)
                 started = time.monotonic()

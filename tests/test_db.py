@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from harness import row_version
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -56,16 +57,6 @@ async def _start(
         repo_url="https://github.com/acme/app.git",
         branch="main",
     )
-
-
-async def _xmin(pool: asyncpg.Pool[asyncpg.Record], schema: str, deployment_id: str) -> int:
-    """The row version: it changes on every write to the row, even one changing nothing."""
-    value = await pool.fetchval(
-        f'SELECT xmin::text::bigint FROM "{schema}".project_deployments WHERE deployment_id = $1',
-        deployment_id,
-    )
-    assert value is not None
-    return int(value)
 
 
 # --------------------------------------------------------------------------- migrations
@@ -314,12 +305,12 @@ async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(
     assert finished_at is not None and finished_at >= done.deployed_at
     assert await store.get(deployment_id) == done
 
-    version = await _xmin(pool, schema, deployment_id)
+    version = await row_version(pool, schema, "project_deployments", deployment_id)
     again = await store.record_result(
         deployment_id, DeployStatus.DEPLOYED, "abc123", image, ["m1", "m2"], None
     )
     assert again == done
-    assert await _xmin(pool, schema, deployment_id) == version
+    assert await row_version(pool, schema, "project_deployments", deployment_id) == version
 
 
 async def test_a_final_status_never_changes(
@@ -328,7 +319,7 @@ async def test_a_final_status_never_changes(
     deployment_id = _deployment_id()
     await _start(store, project_id, deployment_id)
     await store.record_result(deployment_id, DeployStatus.FAILED, error="machine crashed")
-    version = await _xmin(pool, schema, deployment_id)
+    version = await row_version(pool, schema, "project_deployments", deployment_id)
 
     with pytest.raises(DeploymentConflict, match="already failed"):
         await store.record_result(deployment_id, DeployStatus.DEPLOYED)
@@ -340,7 +331,7 @@ async def test_a_final_status_never_changes(
     assert late.status is DeployStatus.FAILED
     assert late.run_id == "r1"
     assert late.error == "machine crashed"
-    assert await _xmin(pool, schema, deployment_id) == version
+    assert await row_version(pool, schema, "project_deployments", deployment_id) == version
 
 
 async def test_record_result_of_an_unknown_deployment_fails(store: DeploymentStore) -> None:

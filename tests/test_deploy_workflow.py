@@ -9,17 +9,24 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
 import pytest
 from conftest import readable_history
-from harness import fast_timings
+from harness import (
+    IMAGE,
+    Rows,
+    app_machines,
+    apps_named,
+    commit_fly_toml,
+    fast_timings,
+    fly_toml_commits,
+    held_leases,
+    take_app_name,
+)
 from temporalio.client import Client
 
 from core.models import DeployRequest, DeployStatus
 from core.settings import Settings
 from turbodeploy.client import DeployFailed, start_deploy
-from turbodeploy.stack import publish_example
 
 FAST = fast_timings(
     health_deadline=timedelta(seconds=3),
@@ -29,68 +36,19 @@ FAST = fast_timings(
     lease_ttl=timedelta(seconds=30),
     heartbeat_timeout=timedelta(seconds=10),
 )
-IMAGE = "registry.fly.io/turbobackend-test:deployment-1"
+
+pytestmark = pytest.mark.usefixtures("calm_emulator")
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> str:
-    return publish_example("nitro-hello", tmp_path / "repos")
-
-
-@pytest.fixture
-def make_request(project_id: str, repo: str) -> Callable[..., DeployRequest]:
-    def make(**overrides: Any) -> DeployRequest:
-        fields: dict[str, Any] = {
-            "project_id": project_id,
-            "repo_url": repo,
-            "image": IMAGE,
-            "timings": FAST,
-        }
-        fields.update(overrides)
-        return DeployRequest.model_validate(fields)
-
-    return make
-
-
-@pytest.fixture(autouse=True)
-def _calm(calm_emulator: Any) -> None:
-    pass
-
-
-async def rows(settings: Settings, project_id: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        return await conn.fetch(
-            f'SELECT * FROM "{settings.db_schema}".project_deployments '
-            "WHERE project_id = $1 ORDER BY deployed_at",
-            project_id,
-        )
-    finally:
-        await conn.close()
-
-
-def app_machines(flysim: Any, app: str) -> list[dict[str, Any]]:
-    state = flysim.snapshot()
-    return [m for m in state["machines"] if m["app"] == app and m["state"] != "destroyed"]
-
-
-def held_leases(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [lease for lease in flysim.snapshot()["leases"] if lease.get("app") == app]
-
-
-def fly_toml_commits(repo: str, branch: str = "main") -> list[str]:
-    out = subprocess.run(
-        ["git", "--git-dir", repo, "log", "--format=%H", branch, "--", "fly.toml"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.split()
+def request_defaults() -> Callable[[], dict[str, Any]]:
+    return lambda: {"timings": FAST}
 
 
 async def test_first_deploy_then_redeploy(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -107,7 +65,7 @@ async def test_first_deploy_then_redeploy(
     assert len(fly_toml_commits(repo)) == 1
     machines = app_machines(flysim, result.app_name)
     assert sorted(m["id"] for m in machines) == sorted(result.machine_ids)
-    [row] = await rows(settings, request.project_id)
+    [row] = await rows_of(request.project_id)
     assert row["status"] == "deployed"
     assert row["url"] == result.url
     assert row["commit_sha"] == result.commit_sha
@@ -125,12 +83,11 @@ async def test_first_deploy_then_redeploy(
     assert held_leases(flysim, result.app_name) == [], "no lease left held"
     # The rendered fly.toml did not change, so nothing new was committed.
     assert len(fly_toml_commits(repo)) == 1
-    assert [r["status"] for r in await rows(settings, request.project_id)] == [
+    assert [r["status"] for r in await rows_of(request.project_id)] == [
         "deployed",
         "deployed",
     ]
-    apps = [a for a in flysim.snapshot()["apps"] if a["name"] == result.app_name]
-    assert len(apps) == 1
+    assert len(apps_named(flysim, result.app_name)) == 1
 
 
 async def test_repository_with_its_own_fly_toml(
@@ -141,17 +98,13 @@ async def test_repository_with_its_own_fly_toml(
     repo: str,
     tmp_path: Path,
 ) -> None:
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
-    (work / "fly.toml").write_text(
+    commit_fly_toml(
+        repo,
         'app = "whatever"\nkill_signal = "SIGINT"\n\n'
         '[deploy]\nrelease_command = "npm run migrate"\n\n'
-        "[experimental]\nauto_stop_machines = true\n"
+        "[experimental]\nauto_stop_machines = true\n",
+        tmp_path / "clone",
     )
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "own fly.toml"], cwd=work, check=True)
-    subprocess.run(["git", "push", "-q"], cwd=work, check=True)
 
     request = make_request()
     result = await (
@@ -173,6 +126,7 @@ async def test_repository_with_its_own_fly_toml(
 async def test_fly_5xx_and_429_are_retried_to_success(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -190,33 +144,27 @@ async def test_fly_5xx_and_429_are_retried_to_success(
     after = flysim.stats.by_status
     injected = sum(after.get(c, 0) - before.get(c, 0) for c in (429, 500, 502, 503))
     assert injected > 0, "faults were injected"
-    [row] = await rows(settings, request.project_id)
+    [row] = await rows_of(request.project_id)
     assert row["status"] == "deployed"
 
 
 async def test_fly_422_fails_fast_with_failed_row(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
 ) -> None:
     # Another organisation owns the app name: the create answers 422 "name taken".
     request = make_request()
-    other_token = "FlyV1 fm2_other-organisation"
-    flysim.config.tokens[other_token] = "someone-else"
-    created = httpx.post(
-        f"{flysim.base_url}/apps",
-        json={"app_name": request.app_name, "org_slug": "someone-else"},
-        headers={"Authorization": f"Bearer {other_token}"},
-    )
-    assert created.status_code == 201
+    take_app_name(flysim, request.app_name)
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     with pytest.raises(DeployFailed) as info:
         await handle.result()
     assert info.value.result.status == "failed"
     assert "another organisation" in (info.value.result.error or "")
-    [row] = await rows(settings, request.project_id)
+    [row] = await rows_of(request.project_id)
     assert row["status"] == "failed"
     assert row["error"] == info.value.result.error
     history = await handle.workflow.fetch_history()
@@ -232,6 +180,7 @@ async def test_fly_422_fails_fast_with_failed_row(
 async def test_health_never_ok_records_failure_with_reason(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -242,7 +191,7 @@ async def test_health_never_ok_records_failure_with_reason(
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     with pytest.raises(DeployFailed) as info:
         await handle.result()
-    [row] = await rows(settings, request.project_id)
+    [row] = await rows_of(request.project_id)
     # A first deploy has nothing to roll back to: it fails and leaves no machine running.
     assert row["status"] == "failed"
     assert "unhealthy" in row["error"].lower() or "health" in row["error"].lower()

@@ -4,27 +4,26 @@ and one worker's deploys together stay within the configured request budget."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
-import httpx
 import pytest
 from harness import (
     DEPLOY_FAILURES,
-    IMAGE,
     app_machines,
+    commit_fly_toml,
+    deploy_request,
     deployment_rows,
     failure_message,
-    fast_timings,
     max_attempt,
     max_requests_in_window,
+    new_project_id,
     reset_faults,
+    running_worker,
+    take_app_name,
 )
 from temporalio.client import Client
 
@@ -32,56 +31,8 @@ from core.models import DeployRequest, DeployResult, DeployStatus
 from core.settings import Settings
 from turbodeploy.client import start_deploy
 from turbodeploy.stack import publish_example
-from worker import create_worker
 
-
-@pytest.fixture(autouse=True)
-def _faults_reset(flysim: Any) -> Iterator[None]:
-    reset_faults(flysim)
-    yield
-    reset_faults(flysim)
-
-
-def _settings(
-    postgres_url: str, ssm_endpoint: str, flysim: Any, tmp_path: Path, **overrides: Any
-) -> Settings:
-    values: dict[str, Any] = {
-        "task_queue": f"faults-{uuid.uuid4().hex[:10]}",
-        "database_url": postgres_url,
-        "db_schema": f"f_{uuid.uuid4().hex[:8]}",
-        "aws_endpoint_url": ssm_endpoint,
-        "fly_api_base_url": flysim.base_url,
-        "app_url_template": flysim.app_url_template,
-        "work_dir": str(tmp_path / "work"),
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-@asynccontextmanager
-async def _running(client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with create_worker(client, settings) as w:
-        task = asyncio.create_task(w.run())
-        try:
-            yield
-        finally:
-            await w.shutdown()
-            await task
-
-
-def _request(project_id: str, repo: str, **overrides: Any) -> DeployRequest:
-    fields: dict[str, Any] = {
-        "project_id": project_id,
-        "repo_url": repo,
-        "image": IMAGE,
-        "timings": fast_timings(),
-    }
-    fields.update(overrides)
-    return DeployRequest.model_validate(fields)
-
-
-def _new_project() -> str:
-    return f"f{uuid.uuid4().hex[:10]}"
+pytestmark = pytest.mark.usefixtures("calm_emulator")
 
 
 def _why(outcome: object) -> str:
@@ -93,8 +44,8 @@ async def _deploy_many(
     client: Client, settings: Settings, tmp_path: Path, count: int, machine_count: int = 1
 ) -> list[tuple[DeployRequest, DeployResult | BaseException]]:
     requests = [
-        _request(
-            _new_project(),
+        deploy_request(
+            new_project_id("f"),
             publish_example("nitro-hello", tmp_path / f"repos-{i}"),
             machine_count=machine_count,
         )
@@ -110,7 +61,7 @@ async def _deploy_many(
 async def test_twenty_deploys_ride_out_5xx_429_spikes_and_drops(
     temporal_client: Client,
     postgres_url: str,
-    ssm_endpoint: str,
+    make_settings: Callable[..., Settings],
     flysim: Any,
     tmp_path: Path,
 ) -> None:
@@ -124,8 +75,8 @@ async def test_twenty_deploys_ride_out_5xx_429_spikes_and_drops(
     faults.drop_rate = 0.05
     injected_before = dict(flysim.stats.faults_injected)
     # No client-side budget: this test is about faults, not pacing.
-    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path, fly_api_rate=0)
-    async with _running(temporal_client, settings):
+    settings = make_settings(name="faults", fly_api_rate=0)
+    async with running_worker(temporal_client, settings):
         outcomes = await _deploy_many(temporal_client, settings, tmp_path, 20, machine_count=2)
     reset_faults(flysim)
 
@@ -148,25 +99,21 @@ async def test_twenty_deploys_ride_out_5xx_429_spikes_and_drops(
 async def test_invalid_machine_config_422_fails_in_one_attempt(
     temporal_client: Client,
     postgres_url: str,
-    ssm_endpoint: str,
-    flysim: Any,
+    make_settings: Callable[..., Settings],
+    make_request: Callable[..., DeployRequest],
+    repo: str,
     tmp_path: Path,
 ) -> None:
     # The repository's own fly.toml asks for a port Fly refuses: the create answers 422.
-    repo = publish_example("nitro-hello", tmp_path / "repos")
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", repo, str(work)], check=True)
-    (work / "fly.toml").write_text(
-        'app = "whatever"\n\n[[services]]\ninternal_port = 70000\nprotocol = "tcp"\n'
+    commit_fly_toml(
+        repo,
+        'app = "whatever"\n\n[[services]]\ninternal_port = 70000\nprotocol = "tcp"\n',
+        tmp_path / "clone",
     )
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "add", "fly.toml"], cwd=work, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "own fly.toml"], cwd=work, check=True)
-    subprocess.run(["git", "push", "-q"], cwd=work, check=True)
 
-    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path)
-    request = _request(_new_project(), repo)
-    async with _running(temporal_client, settings):
+    settings = make_settings(name="faults")
+    request = make_request()
+    async with running_worker(temporal_client, settings):
         handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
         started = time.monotonic()
         with pytest.raises(DEPLOY_FAILURES) as info:
@@ -184,24 +131,17 @@ async def test_invalid_machine_config_422_fails_in_one_attempt(
 async def test_rejected_token_401_fails_in_one_attempt(
     temporal_client: Client,
     postgres_url: str,
-    ssm_endpoint: str,
+    make_settings: Callable[..., Settings],
+    make_request: Callable[..., DeployRequest],
+    ssm: Any,
     flysim: Any,
-    tmp_path: Path,
 ) -> None:
     parameter = f"/turbobackend/flyio/wrong-{uuid.uuid4().hex[:8]}"
     wrong_token = "FlyV1 fm2_" + uuid.uuid4().hex * 3
-    boto3.client(
-        "ssm",
-        endpoint_url=ssm_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).put_parameter(Name=parameter, Value=wrong_token, Type="SecureString", Overwrite=True)
-    settings = _settings(
-        postgres_url, ssm_endpoint, flysim, tmp_path, fly_token_parameter=parameter
-    )
-    request = _request(_new_project(), publish_example("nitro-hello", tmp_path / "repos"))
-    async with _running(temporal_client, settings):
+    ssm.put_parameter(Name=parameter, Value=wrong_token, Type="SecureString", Overwrite=True)
+    settings = make_settings(name="faults", fly_token_parameter=parameter)
+    request = make_request()
+    async with running_worker(temporal_client, settings):
         handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
         with pytest.raises(DEPLOY_FAILURES) as info:
             await handle.result()
@@ -218,21 +158,14 @@ async def test_rejected_token_401_fails_in_one_attempt(
 async def test_app_of_another_org_403_fails_in_one_attempt(
     temporal_client: Client,
     postgres_url: str,
-    ssm_endpoint: str,
+    make_settings: Callable[..., Settings],
+    make_request: Callable[..., DeployRequest],
     flysim: Any,
-    tmp_path: Path,
 ) -> None:
-    request = _request(_new_project(), publish_example("nitro-hello", tmp_path / "repos"))
-    other_token = f"FlyV1 fm2_other-{uuid.uuid4().hex}"
-    flysim.config.tokens[other_token] = "someone-else"
-    created = httpx.post(
-        f"{flysim.base_url}/apps",
-        json={"app_name": request.app_name, "org_slug": "someone-else"},
-        headers={"Authorization": f"Bearer {other_token}"},
-    )
-    assert created.status_code == 201
-    settings = _settings(postgres_url, ssm_endpoint, flysim, tmp_path)
-    async with _running(temporal_client, settings):
+    request = make_request()
+    take_app_name(flysim, request.app_name)
+    settings = make_settings(name="faults")
+    async with running_worker(temporal_client, settings):
         handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
         with pytest.raises(DEPLOY_FAILURES) as info:
             await handle.result()
@@ -247,16 +180,13 @@ async def test_app_of_another_org_403_fails_in_one_attempt(
 
 async def test_fifty_deploys_share_one_request_budget(
     temporal_client: Client,
-    postgres_url: str,
-    ssm_endpoint: str,
+    make_settings: Callable[..., Settings],
     flysim: Any,
     tmp_path: Path,
 ) -> None:
     rate, burst = 40.0, 10
-    settings = _settings(
-        postgres_url, ssm_endpoint, flysim, tmp_path, fly_api_rate=rate, fly_api_burst=burst
-    )
-    async with _running(temporal_client, settings):
+    settings = make_settings(name="faults", fly_api_rate=rate, fly_api_burst=burst)
+    async with running_worker(temporal_client, settings):
         started = time.time()
         outcomes = await _deploy_many(temporal_client, settings, tmp_path, 50)
     failures = [_why(o) for _, o in outcomes if not isinstance(o, DeployResult)]

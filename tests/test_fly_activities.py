@@ -4,76 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import boto3
 import pytest
-from conftest import FLY_TOML
+from harness import (
+    ACTIVITY_TIMINGS,
+    FLY_TOML,
+    held_leases,
+    rollout_input,
+    ssm_settings,
+    take_app_name,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fly_apps import EnsureAppInput, FlyAppActivities
-from activities.rollout import RolloutActivities, RolloutInput
+from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from core.flytoml import machine_config
-from core.models import DeployTimings
 from core.settings import Settings
 from flyapi import FlyClient, Machine
 
-TIMINGS = DeployTimings(
-    machine_wait_timeout=timedelta(seconds=3),
-    machine_poll_interval=timedelta(milliseconds=20),
-    app_visible_timeout=timedelta(seconds=2),
-    app_visible_poll=timedelta(milliseconds=20),
-    lease_ttl=timedelta(seconds=3),
-)
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def faults(flysim: Any) -> Iterator[Any]:
-    yield flysim.config.faults
-    flysim.config.faults = type(flysim.config.faults)()
-
-
-@pytest.fixture
-def app_name() -> str:
-    return f"turbobackend-a{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def image() -> str:
-    """A unique image reference factory: `image("v2")`."""
-    tag = uuid.uuid4().hex[:8]
-    return f"registry.fly.io/app-{tag}"
-
-
-@pytest.fixture
-async def app(fly: FlyClient, app_name: str) -> str:
-    await fly.create_app(app_name, "personal")
-    return app_name
-
-
-def _input(app: str, image: str, deployment: str, **overrides: Any) -> RolloutInput:
-    values: dict[str, Any] = {
-        "deployment_id": deployment,
-        "app_name": app,
-        "image": image,
-        "region": "iad",
-        "fly_toml": FLY_TOML,
-        "machine_count": 1,
-        "timings": TIMINGS,
-    }
-    values.update(overrides)
-    return RolloutInput(**values)
-
-
-def _leases(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [lease for lease in flysim.snapshot()["leases"] if lease["app"] == app]
+# ----------------------------------------------------------------------------- helpers
 
 
 def _creates(flysim: Any) -> int:
@@ -96,7 +49,7 @@ async def test_ensure_app_creates_once_and_allocates_ips_once(
     app_name: str,
 ) -> None:
     acts = FlyAppActivities(fly, credentials, settings)
-    request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=TIMINGS)
+    request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=ACTIVITY_TIMINGS)
 
     first = await env.run(acts.ensure_app, request)
     assert first.created
@@ -132,10 +85,7 @@ async def test_name_taken_by_another_org_is_final(
     flysim: Any,
     app_name: str,
 ) -> None:
-    other_token = f"FlyV1 fm2_other{uuid.uuid4().hex}"
-    flysim.config.tokens[other_token] = "someone-else"
-    async with FlyClient(flysim.base_url, other_token) as other:
-        await other.create_app(app_name, "someone-else")
+    take_app_name(flysim, app_name)
 
     acts = FlyAppActivities(fly, credentials, settings)
     with pytest.raises(ApplicationError) as caught:
@@ -147,15 +97,18 @@ async def test_name_taken_by_another_org_is_final(
 
 
 async def test_rejected_token_is_final_and_forgotten(
-    env: ActivityEnvironment, ssm_endpoint: str, flysim: Any, fly_token: str, app_name: str
+    env: ActivityEnvironment,
+    ssm_endpoint: str,
+    ssm: Any,
+    flysim: Any,
+    fly_token: str,
+    app_name: str,
 ) -> None:
     parameter = f"/t-{uuid.uuid4().hex[:10]}/fly_token"
-    ssm = boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
     revoked = f"FlyV1 fm2_revoked{uuid.uuid4().hex}"
     ssm.put_parameter(Name=parameter, Value=revoked, Type="SecureString")
-    settings = Settings(
-        aws_endpoint_url=ssm_endpoint,
-        aws_region="us-east-1",
+    settings = ssm_settings(
+        ssm_endpoint,
         fly_api_base_url=flysim.base_url,
         app_url_template=flysim.app_url_template,
         fly_token_parameter=parameter,
@@ -164,7 +117,7 @@ async def test_rejected_token_is_final_and_forgotten(
     credentials = CredentialStore(settings)
     async with FlyClient(settings.fly_api_base_url, credentials.fly_token) as fly:
         acts = FlyAppActivities(fly, credentials, settings)
-        request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=TIMINGS)
+        request = EnsureAppInput(app_name=app_name, org_slug="personal", timings=ACTIVITY_TIMINGS)
         with pytest.raises(ApplicationError) as caught:
             await env.run(acts.ensure_app, request)
         assert caught.value.type == "FlyUnauthorized" and caught.value.non_retryable
@@ -210,7 +163,7 @@ async def test_first_deploy_creates_machines_with_metadata(
     app: str,
     image: str,
 ) -> None:
-    request = _input(app, f"{image}:v1", "d-first", machine_count=2)
+    request = rollout_input(app, f"{image}:v1", "d-first", machine_count=2)
     result = await env.run(rollout.roll_out, request)
 
     assert [m.action for m in result.machines] == ["created", "created"]
@@ -229,7 +182,7 @@ async def test_first_deploy_creates_machines_with_metadata(
         assert meta["turbodeploy_deployment_id"] == "d-first"
         slots.add(meta["turbodeploy_slot"])
     assert slots == {"0", "1"}
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     assert heartbeats and heartbeats[-1][0]["done"] == result.machine_ids
 
 
@@ -241,7 +194,7 @@ async def test_repeated_rollout_creates_no_duplicates(
     app: str,
     image: str,
 ) -> None:
-    request = _input(app, f"{image}:v1", "d-once", machine_count=2)
+    request = rollout_input(app, f"{image}:v1", "d-once", machine_count=2)
     first = await env.run(rollout.roll_out, request)
     creates = _creates(flysim)
 
@@ -268,7 +221,9 @@ async def test_retry_adopts_a_machine_an_earlier_attempt_created(
     config = machine_config(FLY_TOML, image=f"{image}:v1", metadata=metadata)
     orphan = await fly.create_machine(app, config, "iad")
 
-    result = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-crash", machine_count=2))
+    result = await env.run(
+        rollout.roll_out, rollout_input(app, f"{image}:v1", "d-crash", machine_count=2)
+    )
     assert orphan.id in result.machine_ids
     assert len(result.machines) == 2
     assert len(await fly.list_machines(app)) == 2
@@ -282,10 +237,14 @@ async def test_redeploy_updates_in_place_and_releases_leases(
     app: str,
     image: str,
 ) -> None:
-    first = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-one", machine_count=2))
+    first = await env.run(
+        rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one", machine_count=2)
+    )
     before = await _machines(fly, app)
 
-    second = await env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-two", machine_count=2))
+    second = await env.run(
+        rollout.roll_out, rollout_input(app, f"{image}:v2", "d-two", machine_count=2)
+    )
     after = await _machines(fly, app)
 
     assert set(second.machine_ids) == set(first.machine_ids) == set(after)
@@ -300,7 +259,7 @@ async def test_redeploy_updates_in_place_and_releases_leases(
             machine.metadata["turbodeploy_slot"] == before[machine_id].metadata["turbodeploy_slot"]
         )
         assert machine.metadata["turbodeploy_created_in"] == "d-one"
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_unhealthy_release_stops_after_one_machine(
@@ -311,15 +270,17 @@ async def test_unhealthy_release_stops_after_one_machine(
     app: str,
     image: str,
 ) -> None:
-    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-good", machine_count=2))
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-good", machine_count=2))
     bad = f"{image}:broken"
     flysim.config.unhealthy_images.add(bad)
-    timings = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(milliseconds=300)})
+    timings = ACTIVITY_TIMINGS.model_copy(
+        update={"machine_wait_timeout": timedelta(milliseconds=300)}
+    )
     try:
         with pytest.raises(ApplicationError) as caught:
             await env.run(
                 rollout.roll_out,
-                _input(app, bad, "d-bad", machine_count=2, timings=timings),
+                rollout_input(app, bad, "d-bad", machine_count=2, timings=timings),
             )
     finally:
         flysim.config.unhealthy_images.discard(bad)
@@ -330,7 +291,7 @@ async def test_unhealthy_release_stops_after_one_machine(
     broken = next(m for m in await fly.list_machines(app) if m.image == bad)
     assert broken.id in err.message
     assert "500 Internal Server Error" in err.message  # the failing check's output
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_stopped_machine_is_updated_without_waking_it(
@@ -341,18 +302,18 @@ async def test_stopped_machine_is_updated_without_waking_it(
     app: str,
     image: str,
 ) -> None:
-    first = await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-awake"))
+    first = await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-awake"))
     machine_id = first.machine_ids[0]
     await fly.stop_machine(app, machine_id)
     assert await fly.wait_machine(app, machine_id, "stopped", timeout=5)
 
-    second = await env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-asleep"))
+    second = await env.run(rollout.roll_out, rollout_input(app, f"{image}:v2", "d-asleep"))
     assert second.machine_ids == [machine_id]
     assert second.machines[0].action == "updated"
     machine = await fly.get_machine(app, machine_id)
     assert machine.image == f"{image}:v2"
     assert machine.state == "stopped"
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_lease_held_elsewhere_touches_nothing(
@@ -363,19 +324,19 @@ async def test_lease_held_elsewhere_touches_nothing(
     app: str,
     image: str,
 ) -> None:
-    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-base", machine_count=2))
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-base", machine_count=2))
     machines = sorted(await fly.list_machines(app), key=lambda m: m.metadata["turbodeploy_slot"])
     foreign = await fly.acquire_lease(app, machines[1].id, 30)  # e.g. someone's `fly deploy`
     try:
         with pytest.raises(ApplicationError) as caught:
             await env.run(
-                rollout.roll_out, _input(app, f"{image}:v2", "d-blocked", machine_count=2)
+                rollout.roll_out, rollout_input(app, f"{image}:v2", "d-blocked", machine_count=2)
             )
         assert not caught.value.non_retryable
         assert machines[1].id in caught.value.message
         assert {m.image for m in await fly.list_machines(app)} == {f"{image}:v1"}
         # Only the foreign lease is left: ours on the first machine was given back.
-        assert [lease["machine_id"] for lease in _leases(flysim, app)] == [machines[1].id]
+        assert [lease["machine_id"] for lease in held_leases(flysim, app)] == [machines[1].id]
     finally:
         await fly.release_lease(app, machines[1].id, foreign.nonce)
 
@@ -392,7 +353,7 @@ async def test_server_errors_are_retryable(
     await credentials.fly_token()
     faults.error_rate = 1.0
     with pytest.raises(ApplicationError) as caught:
-        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-5xx"))
+        await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-5xx"))
     assert not caught.value.non_retryable
     assert caught.value.type == "FlyRetryableError"
     assert "injected server error" in caught.value.message
@@ -407,7 +368,9 @@ async def test_invalid_machine_config_is_final(
 ) -> None:
     odd_memory = FLY_TOML.replace('memory = "256mb"', 'memory = "300mb"')
     with pytest.raises(ApplicationError) as caught:
-        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-422", fly_toml=odd_memory))
+        await env.run(
+            rollout.roll_out, rollout_input(app, f"{image}:v1", "d-422", fly_toml=odd_memory)
+        )
     err = caught.value
     assert err.type == "FlyUnprocessable" and err.non_retryable
     assert "422" in err.message and "memory" in err.message
@@ -422,14 +385,14 @@ async def test_cancelled_rollout_releases_its_leases(
     app: str,
     image: str,
 ) -> None:
-    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-before"))
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-before"))
     heartbeats.clear()
     bad = f"{image}:hangs"
     flysim.config.unhealthy_images.add(bad)
-    slow = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
+    slow = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
     try:
         task = asyncio.create_task(
-            env.run(rollout.roll_out, _input(app, bad, "d-cancelled", timings=slow))
+            env.run(rollout.roll_out, rollout_input(app, bad, "d-cancelled", timings=slow))
         )
         for _ in range(500):
             if heartbeats and heartbeats[-1][0]["step"] == "waiting for health checks":
@@ -437,13 +400,13 @@ async def test_cancelled_rollout_releases_its_leases(
             await asyncio.sleep(0.01)
         else:
             pytest.fail("the rollout never reached the health checks")
-        assert _leases(flysim, app), "the update holds a lease while it waits"
+        assert held_leases(flysim, app), "the update holds a lease while it waits"
         env.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     finally:
         flysim.config.unhealthy_images.discard(bad)
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_leases_are_refreshed_during_a_long_wait(
@@ -453,23 +416,25 @@ async def test_leases_are_refreshed_during_a_long_wait(
     app: str,
     image: str,
 ) -> None:
-    await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-quick"))
-    short_lease = TIMINGS.model_copy(update={"lease_ttl": timedelta(seconds=1)})
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-quick"))
+    short_lease = ACTIVITY_TIMINGS.model_copy(update={"lease_ttl": timedelta(seconds=1)})
     timing = flysim.config.timing
     saved = timing.healthy_after
     timing.healthy_after = 2.5  # checks pass well after the 1 s lease would have expired
     try:
         task = asyncio.create_task(
-            env.run(rollout.roll_out, _input(app, f"{image}:v2", "d-slow", timings=short_lease))
+            env.run(
+                rollout.roll_out, rollout_input(app, f"{image}:v2", "d-slow", timings=short_lease)
+            )
         )
         await asyncio.sleep(1.8)
-        held = _leases(flysim, app)
+        held = held_leases(flysim, app)
         assert len(held) == 1, "the lease lapsed while the rollout still needed it"
         result = await task
     finally:
         timing.healthy_after = saved
     assert result.machines[0].action == "updated"
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_undeployable_fly_toml_is_final_before_any_change(
@@ -483,7 +448,9 @@ async def test_undeployable_fly_toml_is_final_before_any_change(
     creates = _creates(flysim)
     odd_size = FLY_TOML.replace('size = "shared-cpu-1x"', 'size = "enormous"')
     with pytest.raises(ApplicationError) as caught:
-        await env.run(rollout.roll_out, _input(app, f"{image}:v1", "d-toml", fly_toml=odd_size))
+        await env.run(
+            rollout.roll_out, rollout_input(app, f"{image}:v1", "d-toml", fly_toml=odd_size)
+        )
     assert caught.value.type == "FlyTomlError" and caught.value.non_retryable
     assert "enormous" in caught.value.message
     assert _creates(flysim) == creates

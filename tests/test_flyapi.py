@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -101,24 +101,6 @@ async def fly(
     async with FlyClient(flysim.base_url, fly_token, transport=recorder) as client:
         yield client
     assert_match_spec(spec_path, recorder.requests)
-
-
-@pytest.fixture
-def faults(flysim: Any) -> Iterator[Any]:
-    """The emulator's fault knobs, back to none after the test."""
-    yield flysim.config.faults
-    flysim.config.faults = type(flysim.config.faults)()
-
-
-@pytest.fixture
-def app_name() -> str:
-    return f"turbobackend-t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def app(fly: FlyClient, app_name: str) -> str:
-    await fly.create_app(app_name, "personal")
-    return app_name
 
 
 # ------------------------------------------------------------------------------- apps

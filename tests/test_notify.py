@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import boto3
 import pytest
 import pytest_asyncio
+from harness import ssm_settings
 from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
@@ -34,7 +34,6 @@ from activities.notify import (
     verify_signature,
 )
 from core.models import DeploymentNotice, DeployStatus
-from core.settings import Settings
 from turbodeploy import embedded
 
 
@@ -96,16 +95,15 @@ def key() -> str:
 
 
 @pytest.fixture
-def key_parameter(ssm_endpoint: str, key: str) -> str:
+def key_parameter(ssm: Any, key: str) -> str:
     name = f"/t-{uuid.uuid4().hex[:10]}/callbacks/hmac_key"
-    ssm = boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
     ssm.put_parameter(Name=name, Value=key, Type="SecureString")
     return name
 
 
 @pytest_asyncio.fixture
 async def notifier(ssm_endpoint: str, key_parameter: str) -> AsyncIterator[NotifyActivities]:
-    settings = Settings(aws_endpoint_url=ssm_endpoint, aws_region="us-east-1")
+    settings = ssm_settings(ssm_endpoint)
     acts = NotifyActivities(settings, keys=CallbackKeys(settings, parameter=key_parameter))
     yield acts
     await acts.aclose()
@@ -247,7 +245,7 @@ async def test_unreachable_receiver_is_retryable_and_hides_url_credentials(
 async def test_missing_key_parameter_is_not_retryable(
     ssm_endpoint: str, receiver: Receiver
 ) -> None:
-    settings = Settings(aws_endpoint_url=ssm_endpoint, aws_region="us-east-1")
+    settings = ssm_settings(ssm_endpoint)
     acts = NotifyActivities(settings, keys=CallbackKeys(settings, parameter="/t-none/key"))
     try:
         with pytest.raises(ApplicationError) as info:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,11 @@ import pgserver
 import pytest
 from harness import (
     DEPLOY_FAILURES,
-    IMAGE,
     api_requests_for,
     deployment_rows,
     failure_message,
-    fast_timings,
     max_attempt,
-    reset_faults,
+    running_worker,
     wait_until,
 )
 from temporalio.client import Client
@@ -30,14 +27,14 @@ from core.models import DeployRequest, DeployStatus
 from core.settings import Settings
 from turbodeploy.client import start_deploy
 from turbodeploy.embedded import free_port
-from turbodeploy.stack import publish_example
-from worker import create_worker
 
 # As long as a database restart or failover takes: the last write of the deploy meets a
 # stopped database and is retried until it is back.
 OUTAGE_SECONDS = 20.0
 # The step that writes to PostgreSQL after the deployment row exists (with the release).
 DATABASE_WRITES = ("record_deploy_result",)
+
+pytestmark = pytest.mark.usefixtures("calm_emulator")
 
 
 class _Postgres:
@@ -75,49 +72,15 @@ def own_postgres(tmp_path: Path) -> Iterator[_Postgres]:
         pg.cleanup()
 
 
-@pytest.fixture(autouse=True)
-def _calm(flysim: Any) -> None:
-    reset_faults(flysim)
-
-
-def _settings(database_url: str, ssm_endpoint: str, flysim: Any, tmp_path: Path) -> Settings:
-    return Settings(
-        task_queue=f"outage-{uuid.uuid4().hex[:10]}",
-        database_url=database_url,
-        db_schema=f"o_{uuid.uuid4().hex[:8]}",
-        aws_endpoint_url=ssm_endpoint,
-        fly_api_base_url=flysim.base_url,
-        app_url_template=flysim.app_url_template,
-        work_dir=str(tmp_path / "work"),
-    )
-
-
-@contextlib.asynccontextmanager
-async def _running(client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with create_worker(client, settings) as w:
-        task = asyncio.create_task(w.run())
-        try:
-            yield
-        finally:
-            await w.shutdown()
-            await task
-
-
 async def test_postgres_outage_mid_deploy_is_waited_out(
     temporal_client: Client,
     own_postgres: _Postgres,
-    ssm_endpoint: str,
-    flysim: Any,
-    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    make_request: Callable[..., DeployRequest],
 ) -> None:
-    settings = _settings(own_postgres.url, ssm_endpoint, flysim, tmp_path)
-    request = DeployRequest(
-        project_id=f"o{uuid.uuid4().hex[:10]}",
-        repo_url=publish_example("nitro-hello", tmp_path / "repos"),
-        image=IMAGE,
-        timings=fast_timings(),
-    )
-    async with _running(temporal_client, settings):
+    settings = make_settings(name="outage", database_url=own_postgres.url)
+    request = make_request()
+    async with running_worker(temporal_client, settings):
         handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
 
         async def row_written() -> bool:
@@ -148,18 +111,14 @@ async def test_postgres_outage_mid_deploy_is_waited_out(
 async def test_ssm_unreachable_fails_before_any_fly_call(
     temporal_client: Client,
     postgres_url: str,
+    make_settings: Callable[..., Settings],
+    make_request: Callable[..., DeployRequest],
     flysim: Any,
-    tmp_path: Path,
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    settings = _settings(postgres_url, dead, flysim, tmp_path)
-    request = DeployRequest(
-        project_id=f"o{uuid.uuid4().hex[:10]}",
-        repo_url=publish_example("nitro-hello", tmp_path / "repos"),
-        image=IMAGE,
-        timings=fast_timings(),
-    )
-    async with _running(temporal_client, settings):
+    settings = make_settings(name="outage", ssm_endpoint=dead)
+    request = make_request()
+    async with running_worker(temporal_client, settings):
         handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
         with pytest.raises(DEPLOY_FAILURES) as info:
             await asyncio.wait_for(handle.result(), 120)

@@ -8,14 +8,11 @@ import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import asyncpg
-import boto3
 import httpx
 import pytest
-from harness import fast_timings
+from harness import Rows, app_machines, by_deployment, fast_timings, held_leases
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
 
@@ -37,7 +34,6 @@ from turbodeploy.client import (
     start_deploy,
     start_rollback,
 )
-from turbodeploy.stack import publish_example
 
 FAST = fast_timings(
     health_deadline=timedelta(seconds=2),
@@ -52,27 +48,14 @@ BROKEN = "registry.fly.io/turbobackend-test:deployment-broken"
 
 
 @pytest.fixture(autouse=True)
-def _calm(calm_emulator: Any) -> None:
+def _broken_is_unhealthy(calm_emulator: Any) -> None:
     calm_emulator.config.unhealthy_images.add(BROKEN)
 
 
 @pytest.fixture
-def make_request(project_id: str, tmp_path: Path) -> Callable[..., DeployRequest]:
-    repo = publish_example("nitro-hello", tmp_path / "repos")
-
-    def make(**overrides: Any) -> DeployRequest:
-        fields: dict[str, Any] = {
-            "project_id": project_id,
-            "repo_url": repo,
-            "image": V1,
-            "timings": FAST,
-            # Chosen by the caller, as a handler that tracks its requests does.
-            "deployment_id": new_deployment_id(),
-        }
-        fields.update(overrides)
-        return DeployRequest.model_validate(fields)
-
-    return make
+def request_defaults() -> Callable[[], dict[str, Any]]:
+    # The deployment id chosen by the caller, as a handler that tracks its requests does.
+    return lambda: {"image": V1, "timings": FAST, "deployment_id": new_deployment_id()}
 
 
 Deploy = Callable[[DeployRequest], Awaitable[DeployResult]]
@@ -103,28 +86,6 @@ def rollback(temporal_client: Client, settings: Settings, project_id: str) -> Ro
     return run
 
 
-async def rows(settings: Settings, project_id: str) -> dict[str, asyncpg.Record]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        found = await conn.fetch(
-            f'SELECT * FROM "{settings.db_schema}".project_deployments WHERE project_id = $1',
-            project_id,
-        )
-    finally:
-        await conn.close()
-    return {r["deployment_id"]: r for r in found}
-
-
-def machines(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [
-        m for m in flysim.snapshot()["machines"] if m["app"] == app and m["state"] != "destroyed"
-    ]
-
-
-def leases(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [x for x in flysim.snapshot()["leases"] if x["app"] == app]
-
-
 def serving_image(flysim: Any, app: str) -> str | None:
     response = httpx.get(flysim.app_url(app) + "/api/health", timeout=10)
     return response.json().get("image") if response.status_code == 200 else None
@@ -146,6 +107,7 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     strategy: str,
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -155,9 +117,9 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     # A healthy release rolls out with the strategy.
     good = await deploy(make_request(image=V2, strategy=strategy, machine_count=2))
     assert serving_image(flysim, good.app_name) == V2
-    assert {m["config"]["image"] for m in machines(flysim, good.app_name)} == {V2}
-    assert leases(flysim, good.app_name) == []
-    before = sorted(m["id"] for m in machines(flysim, good.app_name))
+    assert {m["config"]["image"] for m in app_machines(flysim, good.app_name)} == {V2}
+    assert held_leases(flysim, good.app_name) == []
+    before = sorted(m["id"] for m in app_machines(flysim, good.app_name))
 
     # An unhealthy one is rolled back: the previous release serves again.
     bad = make_request(image=BROKEN, strategy=strategy, machine_count=2)
@@ -167,10 +129,10 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     assert info.value.result.error
 
     assert serving_image(flysim, good.app_name) == V2
-    assert {m["config"]["image"] for m in machines(flysim, good.app_name)} == {V2}
-    assert sorted(m["id"] for m in machines(flysim, good.app_name)) == before
-    assert leases(flysim, good.app_name) == []
-    recorded = await rows(settings, bad.project_id)
+    assert {m["config"]["image"] for m in app_machines(flysim, good.app_name)} == {V2}
+    assert sorted(m["id"] for m in app_machines(flysim, good.app_name)) == before
+    assert held_leases(flysim, good.app_name) == []
+    recorded = by_deployment(await rows_of(bad.project_id))
     assert recorded[bad.deployment_id]["status"] == "rolled_back"
     assert recorded[bad.deployment_id]["error"] == info.value.result.error
     description = await deploy_handle(temporal_client, bad.project_id).describe()
@@ -179,6 +141,7 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
 
 async def test_manual_rollback_restores_an_older_release(
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -192,16 +155,16 @@ async def test_manual_rollback_restores_an_older_release(
     back = await rollback()
     assert back.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, one.app_name) == V1
-    [machine] = machines(flysim, one.app_name)
+    [machine] = app_machines(flysim, one.app_name)
     assert machine["config"]["image"] == V1
     assert "GREETING" not in machine["config"].get("env", {}), "config restored, not only image"
-    assert leases(flysim, one.app_name) == []
+    assert held_leases(flysim, one.app_name) == []
 
     # And forward again to a named release.
     again = await rollback(two.deployment_id)
     assert again.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, one.app_name) == V2
-    recorded = await rows(settings, one.project_id)
+    recorded = by_deployment(await rows_of(one.project_id))
     assert [recorded[x]["status"] for x in (back.deployment_id, again.deployment_id)] == [
         "deployed",
         "deployed",
@@ -210,6 +173,7 @@ async def test_manual_rollback_restores_an_older_release(
 
 async def test_rollbacks_put_the_secrets_back(
     settings: Settings,
+    ssm: Any,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -219,14 +183,13 @@ async def test_rollbacks_put_the_secrets_back(
 ) -> None:
     """Machines read the app's secrets when they boot, so a restored release must find the
     values it ran with, not the ones a failed or newer release set."""
-    ssm = boto3.client("ssm", endpoint_url=settings.aws_endpoint_url, region_name="us-east-1")
     token, extra = f"/apps/{project_id}/token", f"/apps/{project_id}/extra"
     old, new = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}"
     ssm.put_parameter(Name=token, Value=old, Type="SecureString")
     ssm.put_parameter(Name=extra, Value="extra", Type="SecureString")
 
     def runtime_env(app: str) -> dict[str, str]:
-        [machine] = machines(flysim, app)
+        [machine] = app_machines(flysim, app)
         env: dict[str, str] = flysim.machine_runtime_env(app, machine["id"])
         return env
 
@@ -274,6 +237,7 @@ async def test_rollbacks_put_the_secrets_back(
 
 async def test_a_build_and_the_flyctl_strategy_run_through_the_workflow(
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -283,23 +247,24 @@ async def test_a_build_and_the_flyctl_strategy_run_through_the_workflow(
     built = await deploy(make_request(image=None))
     app = built.app_name
     assert built.image == f"registry.fly.io/{app}:{built.deployment_id}"
-    assert [m["config"]["image"] for m in machines(flysim, app)] == [built.image]
+    assert [m["config"]["image"] for m in app_machines(flysim, app)] == [built.image]
     assert serving_image(flysim, app) == built.image
 
     # The whole deploy handed to flyctl, with the request's machine count kept.
     handed = await deploy(make_request(image=None, strategy="flyctl", machine_count=3))
     assert handed.image == f"registry.fly.io/{app}:{handed.deployment_id}"
-    running = machines(flysim, app)
+    running = app_machines(flysim, app)
     assert sorted(m["id"] for m in running) == sorted(handed.machine_ids)
     assert len(running) == 3 and {m["config"]["image"] for m in running} == {handed.image}
     assert serving_image(flysim, app) == handed.image
-    recorded = await rows(settings, built.project_id)
+    recorded = by_deployment(await rows_of(built.project_id))
     assert [recorded[d.deployment_id]["status"] for d in (built, handed)] == ["deployed"] * 2
 
 
 async def test_the_next_run_closes_what_a_bare_terminate_left_open(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -312,10 +277,12 @@ async def test_the_next_run_closes_what_a_bare_terminate_left_open(
     # `temporal workflow terminate`: no cleanup, no record of the end.
     await handle.workflow.terminate(reason="operator")
     flysim.config.timing.start_delay = 0.0
-    assert (await rows(settings, stuck.project_id))[stuck.deployment_id]["status"] == "deploying"
+    assert (
+        by_deployment(await rows_of(stuck.project_id))[stuck.deployment_id]["status"] == "deploying"
+    )
 
     after = await deploy(make_request(image=V2))
-    recorded = await rows(settings, stuck.project_id)
+    recorded = by_deployment(await rows_of(stuck.project_id))
     assert recorded[after.deployment_id]["status"] == "deployed"
     left = recorded[stuck.deployment_id]
     assert left["status"] == "failed" and left["finished_at"] is not None
@@ -327,6 +294,7 @@ async def test_cancel_with_the_temporal_cli_cleans_up(
     temporal_client: Client,
     temporal_env: Any,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -353,16 +321,17 @@ async def test_cancel_with_the_temporal_cli_cleans_up(
 
     description = await handle.workflow.describe()
     assert description.status == WorkflowExecutionStatus.CANCELED
-    recorded = await rows(settings, second.project_id)
+    recorded = by_deployment(await rows_of(second.project_id))
     assert recorded[second.deployment_id]["status"] == "cancelled"
-    assert leases(flysim, first.app_name) == []
+    assert held_leases(flysim, first.app_name) == []
     # The previous release was put back.
-    assert {m["config"]["image"] for m in machines(flysim, first.app_name)} == {V1}
+    assert {m["config"]["image"] for m in app_machines(flysim, first.app_name)} == {V1}
 
 
 async def test_cancelled_first_deploy_leaves_nothing_running(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -376,16 +345,18 @@ async def test_cancelled_first_deploy_leaves_nothing_running(
     flysim.config.timing.start_delay = 0.0
     with pytest.raises(DeployFailed):
         await handle.result()
-    assert machines(flysim, request.app_name) == []
-    assert leases(flysim, request.app_name) == []
-    assert (await rows(settings, request.project_id))[request.deployment_id][
-        "status"
-    ] == "cancelled"
+    assert app_machines(flysim, request.app_name) == []
+    assert held_leases(flysim, request.app_name) == []
+    assert (
+        by_deployment(await rows_of(request.project_id))[request.deployment_id]["status"]
+        == "cancelled"
+    )
 
 
 async def test_concurrent_requests_queue_and_only_the_newest_runs(
     temporal_client: Client,
     settings: Settings,
+    rows_of: Rows,
     worker: None,
     make_request: Callable[..., DeployRequest],
     flysim: Any,
@@ -404,7 +375,7 @@ async def test_concurrent_requests_queue_and_only_the_newest_runs(
     for _ in range(200):
         seen = {
             d: r["status"]
-            for d, r in (await rows(settings, requests[0].project_id)).items()
+            for d, r in by_deployment(await rows_of(requests[0].project_id)).items()
             if d in waiting
         }
         if len(seen) == len(waiting):
@@ -427,9 +398,9 @@ async def test_concurrent_requests_queue_and_only_the_newest_runs(
     assert all(requests[-1].deployment_id in (o.error or "") for o in outcomes[1:-1])
 
     app = requests[0].app_name
-    assert {m["config"]["image"] for m in machines(flysim, app)} == {requests[-1].image}
+    assert {m["config"]["image"] for m in app_machines(flysim, app)} == {requests[-1].image}
     assert flysim.stats.lease_conflicts == conflicts_before, "two rollouts overlapped"
-    recorded = await rows(settings, requests[0].project_id)
+    recorded = by_deployment(await rows_of(requests[0].project_id))
     assert len(recorded) == 10
     assert {r["status"] for r in recorded.values()} == {"deployed", "superseded"}
 

@@ -8,6 +8,7 @@ import uuid
 
 import asyncpg
 import pytest
+from harness import row_version
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -109,15 +110,6 @@ def _same(stored: ReleaseRecord | None, expected: ReleaseRecord) -> None:
     assert stored == expected
 
 
-async def _xmin(pool: asyncpg.Pool[asyncpg.Record], schema: str, deployment_id: str) -> int:
-    value = await pool.fetchval(
-        f'SELECT xmin::text::bigint FROM "{schema}".releases WHERE deployment_id = $1',
-        deployment_id,
-    )
-    assert value is not None
-    return int(value)
-
-
 # -------------------------------------------------------------------------------- store
 
 
@@ -130,9 +122,9 @@ async def test_a_release_round_trips_and_a_repeat_writes_nothing(
     assert stored is not None and stored.snapshot is not None
     assert stored.snapshot.image == "registry.fly.io/app:1"
 
-    version = await _xmin(pool, schema, release.deployment_id)
+    version = await row_version(pool, schema, "releases", release.deployment_id)
     await store.record_release(release)  # a retried attempt
-    assert await _xmin(pool, schema, release.deployment_id) == version
+    assert await row_version(pool, schema, "releases", release.deployment_id) == version
     assert await store.release(release.deployment_id) == stored
     assert await store.release("d-none") is None
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import deployment_rows, fast_timings
+from harness import deployment_rows
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import SearchAttributeKey
 
@@ -19,7 +19,6 @@ from core.models import DeployRequest, DeployStatus
 from core.settings import Settings
 from turbodeploy import embedded
 from turbodeploy.client import DeployFailed, deploy_handle, start_deploy
-from turbodeploy.stack import publish_example
 
 BROKEN = "registry.fly.io/turbobackend-test:deployment-reset-broken"
 
@@ -44,15 +43,9 @@ async def test_a_reset_after_the_fix_deploys_the_same_deployment(
     worker: None,
     calm_emulator: Any,
     project_id: str,
-    tmp_path: Path,
+    make_request: Callable[..., DeployRequest],
 ) -> None:
-    request = DeployRequest(
-        project_id=project_id,
-        repo_url=publish_example("nitro-hello", tmp_path / "repos"),
-        image=BROKEN,
-        timings=fast_timings(),
-        deployment_id=f"reset-{uuid.uuid4().hex[:8]}",
-    )
+    request = make_request(image=BROKEN, deployment_id=f"reset-{uuid.uuid4().hex[:8]}")
     handle = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     with pytest.raises(DeployFailed):
         await handle.result()
@@ -96,16 +89,14 @@ async def test_a_reset_after_the_fix_deploys_the_same_deployment(
 
 
 async def test_a_request_sent_again_after_a_failure_is_not_retried(
-    temporal_client: Client, settings: Settings, worker: None, project_id: str, tmp_path: Path
+    temporal_client: Client,
+    settings: Settings,
+    worker: None,
+    project_id: str,
+    make_request: Callable[..., DeployRequest],
 ) -> None:
     """Only a reset re-runs a finished deployment: a retry of the same request reports it."""
-    request = DeployRequest(
-        project_id=project_id,
-        repo_url=publish_example("nitro-hello", tmp_path / "repos"),
-        image=BROKEN,
-        timings=fast_timings(),
-        deployment_id=f"again-{uuid.uuid4().hex[:8]}",
-    )
+    request = make_request(image=BROKEN, deployment_id=f"again-{uuid.uuid4().hex[:8]}")
     first = await start_deploy(temporal_client, request, task_queue=settings.task_queue)
     with pytest.raises(DeployFailed) as failed:
         await first.result()

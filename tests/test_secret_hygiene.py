@@ -9,17 +9,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from harness import (
     DEPLOY_FAILURES,
-    IMAGE,
     GitShim,
     WorkerProcess,
+    deploy_request,
     dump_schema,
-    fast_timings,
     history_json,
-    reset_faults,
+    new_project_id,
     wait_for_pollers,
     worker_env,
 )
@@ -28,16 +26,6 @@ from temporalio.client import Client
 from core.models import DeployRequest
 from turbodeploy.client import start_deploy
 from turbodeploy.stack import publish_example
-
-
-def _ssm(endpoint: str) -> Any:
-    return boto3.client(
-        "ssm",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def _fragments(value: str) -> list[str]:
@@ -58,22 +46,22 @@ async def _deploy(
     return await history_json(handle)
 
 
+@pytest.mark.usefixtures("calm_emulator")
 async def test_no_secret_in_histories_logs_rows_or_argv(
     temporal_client: Client,
     postgres_url: str,
     ssm_endpoint: str,
+    ssm: Any,
     flysim: Any,
     fly_token: str,
     tmp_path: Path,
 ) -> None:
-    reset_faults(flysim)
     wrong_parameter = f"/turbobackend/flyio/wrong-{uuid.uuid4().hex[:8]}"
     wrong_token = "FlyV1 fm2_" + uuid.uuid4().hex * 4
     secret_parameter = f"/turbobackend/apps/s-{uuid.uuid4().hex[:8]}/DATABASE_PASSWORD"
     secret_value = "pw-" + uuid.uuid4().hex * 2
     rotated_value = "pw-" + uuid.uuid4().hex * 2
     broken_image = f"registry.fly.io/hygiene:broken-{uuid.uuid4().hex[:8]}"
-    ssm = _ssm(ssm_endpoint)
     ssm.put_parameter(Name=wrong_parameter, Value=wrong_token, Type="SecureString")
     ssm.put_parameter(Name=secret_parameter, Value=secret_value, Type="SecureString")
 
@@ -106,15 +94,11 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
         await wait_for_pollers(temporal_client, bad_queue)
 
         def request(**overrides: Any) -> DeployRequest:
-            fields: dict[str, Any] = {
-                "project_id": f"s{uuid.uuid4().hex[:10]}",
-                "repo_url": publish_example("nitro-hello", tmp_path / f"r{uuid.uuid4().hex[:6]}"),
-                "image": IMAGE,
-                "timings": fast_timings(),
-                "env": {"GREETING": "hello"},
-            }
-            fields.update(overrides)
-            return DeployRequest.model_validate(fields)
+            return deploy_request(
+                new_project_id("s"),
+                publish_example("nitro-hello", tmp_path / f"r{uuid.uuid4().hex[:6]}"),
+                **({"env": {"GREETING": "hello"}} | overrides),
+            )
 
         traces["history: success"] = await _deploy(
             temporal_client, good_queue, request(), expect_failure=False

@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
+from harness import ssm_settings
 from temporalio.api.failure.v1 import Failure
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
@@ -35,15 +35,6 @@ class CountingCalls:
 @pytest.fixture
 def prefix() -> str:
     return f"/t-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def ssm(ssm_endpoint: str) -> Any:
-    return boto3.client("ssm", endpoint_url=ssm_endpoint, region_name="us-east-1")
-
-
-def _settings(ssm_endpoint: str, **overrides: Any) -> Settings:
-    return Settings(aws_endpoint_url=ssm_endpoint, aws_region="us-east-1", **overrides)
 
 
 def _store(settings: Settings) -> tuple[CredentialStore, CountingCalls]:
@@ -70,7 +61,7 @@ def debug_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
 async def test_token_is_read_once_for_a_burst_and_cached(
     ssm_endpoint: str, fly_token: str, debug_logs: pytest.LogCaptureFixture
 ) -> None:
-    settings = _settings(ssm_endpoint)
+    settings = ssm_settings(ssm_endpoint)
     store, counter = _store(settings)
 
     tokens = await asyncio.gather(*(store.fly_token() for _ in range(20)))
@@ -90,7 +81,7 @@ async def test_the_cache_expires(ssm_endpoint: str, ssm: Any, prefix: str) -> No
     name = f"{prefix}/token"
     ssm.put_parameter(Name=name, Value="fo1_first", Type="SecureString")
     store, counter = _store(
-        _settings(ssm_endpoint, fly_token_parameter=name, token_cache_seconds=0.05)
+        ssm_settings(ssm_endpoint, fly_token_parameter=name, token_cache_seconds=0.05)
     )
 
     assert await store.fly_token() == "fo1_first"
@@ -106,7 +97,7 @@ async def test_invalidate_picks_up_a_rotated_token(
 ) -> None:
     name = f"{prefix}/token"
     ssm.put_parameter(Name=name, Value="fo1_old-token\n", Type="SecureString")
-    store, counter = _store(_settings(ssm_endpoint, fly_token_parameter=name))
+    store, counter = _store(ssm_settings(ssm_endpoint, fly_token_parameter=name))
 
     assert await store.fly_token() == "fo1_old-token"  # the stray newline is not sent
     assert await store.token_version() == 1
@@ -124,7 +115,7 @@ async def test_a_missing_token_fails_for_good_without_showing_the_old_one(
 ) -> None:
     name = f"{prefix}/token"
     ssm.put_parameter(Name=name, Value=fly_token, Type="SecureString")
-    store = CredentialStore(_settings(ssm_endpoint, fly_token_parameter=name))
+    store = CredentialStore(ssm_settings(ssm_endpoint, fly_token_parameter=name))
     debug_logs.clear()  # seeding logged the value it sent; only the store's logs count
     assert await store.fly_token() == fly_token
 
@@ -145,7 +136,7 @@ async def test_a_missing_token_fails_for_good_without_showing_the_old_one(
 async def test_a_blank_token_is_missing(ssm_endpoint: str, ssm: Any, prefix: str) -> None:
     name = f"{prefix}/token"
     ssm.put_parameter(Name=name, Value="  \n", Type="SecureString")
-    store = CredentialStore(_settings(ssm_endpoint, fly_token_parameter=name))
+    store = CredentialStore(ssm_settings(ssm_endpoint, fly_token_parameter=name))
 
     with pytest.raises(ApplicationError) as caught:
         await store.fly_token()
@@ -154,7 +145,7 @@ async def test_a_blank_token_is_missing(ssm_endpoint: str, ssm: Any, prefix: str
 
 
 async def test_an_unreachable_ssm_is_retryable_and_asked_once_per_burst() -> None:
-    settings = _settings(f"http://127.0.0.1:{embedded.free_port()}")
+    settings = ssm_settings(f"http://127.0.0.1:{embedded.free_port()}")
     store, counter = _store(settings)
 
     began = time.monotonic()
@@ -175,7 +166,7 @@ async def test_an_unreachable_ssm_is_retryable_and_asked_once_per_burst() -> Non
 async def test_org_comes_from_ssm_or_the_default(ssm_endpoint: str, ssm: Any, prefix: str) -> None:
     org_parameter = f"{prefix}/org"
     store, counter = _store(
-        _settings(ssm_endpoint, fly_org_parameter=org_parameter, fly_default_org="fallback-org")
+        ssm_settings(ssm_endpoint, fly_org_parameter=org_parameter, fly_default_org="fallback-org")
     )
     assert await store.org_slug() == "fallback-org"
 
@@ -191,7 +182,7 @@ async def test_an_org_that_is_not_a_slug_is_rejected(
 ) -> None:
     org_parameter = f"{prefix}/org"
     ssm.put_parameter(Name=org_parameter, Value="Acme Inc; rm -rf", Type="String")
-    store = CredentialStore(_settings(ssm_endpoint, fly_org_parameter=org_parameter))
+    store = CredentialStore(ssm_settings(ssm_endpoint, fly_org_parameter=org_parameter))
 
     with pytest.raises(ApplicationError) as caught:
         await store.org_slug()
@@ -207,7 +198,7 @@ async def test_resolve_credentials_reports_everything_but_the_token(
     ssm.put_parameter(Name=org_parameter, Value="acme-inc", Type="String")
     debug_logs.clear()  # seeding logged the value it sent; only the store's logs count
     store = CredentialStore(
-        _settings(
+        ssm_settings(
             ssm_endpoint, fly_token_parameter=token_parameter, fly_org_parameter=org_parameter
         )
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FLY_TOML
+from harness import ACTIVITY_TIMINGS, FLY_TOML, held_leases, rollout_input
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -27,7 +27,6 @@ from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
 from activities.rollout import RolloutActivities, RolloutInput, RolloutResult
 from core.models import (
     CheckWindow,
-    DeployTimings,
     MachineOutcome,
     ReleaseSnapshot,
     Strategy,
@@ -35,13 +34,8 @@ from core.models import (
 from core.settings import Settings
 from flyapi import FlyClient, Machine, RequestRetry
 
-TIMINGS = DeployTimings(
-    machine_wait_timeout=timedelta(seconds=3),
-    machine_poll_interval=timedelta(milliseconds=20),
-    lease_ttl=timedelta(seconds=3),
-)
 # A bad release is given up on quickly.
-FAILING = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(milliseconds=300)})
+FAILING = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(milliseconds=300)})
 
 ALL = list(Strategy.__members__.values())
 ALL.remove(Strategy.FLYCTL)
@@ -58,18 +52,6 @@ def releases(fly: FlyClient, settings: Settings) -> ReleaseActivities:
 
 
 @pytest.fixture
-async def app(fly: FlyClient) -> str:
-    name = f"turbobackend-s{uuid.uuid4().hex[:12]}"
-    await fly.create_app(name, "personal")
-    return name
-
-
-@pytest.fixture
-def image() -> str:
-    return f"registry.fly.io/app-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
 def unhealthy(flysim: Any) -> Iterator[set[str]]:
     """Images added here fail their health checks in the emulator."""
     added: set[str] = set()
@@ -83,24 +65,6 @@ def sim_timing(flysim: Any) -> Iterator[Any]:
     yield flysim.config.timing
     for name, value in saved.items():
         setattr(flysim.config.timing, name, value)
-
-
-def _input(app: str, image: str, deployment: str, **overrides: Any) -> RolloutInput:
-    values: dict[str, Any] = {
-        "deployment_id": deployment,
-        "app_name": app,
-        "image": image,
-        "region": "iad",
-        "fly_toml": FLY_TOML,
-        "machine_count": 1,
-        "timings": TIMINGS,
-    }
-    values.update(overrides)
-    return RolloutInput(**values)
-
-
-def _leases(flysim: Any, app: str) -> list[dict[str, Any]]:
-    return [lease for lease in flysim.snapshot()["leases"] if lease["app"] == app]
 
 
 def _requests(flysim: Any, app: str, since: float) -> list[tuple[str, str]]:
@@ -147,7 +111,7 @@ async def _restore(
         deployment_id=deployment,
         snapshot=snapshot,
         reason="test",
-        timings=TIMINGS,
+        timings=ACTIVITY_TIMINGS,
     )
     return await env.run(releases.restore, request)
 
@@ -173,13 +137,13 @@ async def test_healthy_release_replaces_every_machine(
     app: str,
     image: str,
 ) -> None:
-    v1 = await _release(env, rollout, _input(app, f"{image}:v1", "d-one", machine_count=3))
+    v1 = await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-one", machine_count=3))
     before = {m.id: m for m in await _machines(fly, app)}
 
     v2 = await _release(
         env,
         rollout,
-        _input(app, f"{image}:v2", "d-two", machine_count=3, strategy=strategy),
+        rollout_input(app, f"{image}:v2", "d-two", machine_count=3, strategy=strategy),
     )
     after = await _machines(fly, app)
 
@@ -202,7 +166,7 @@ async def test_healthy_release_replaces_every_machine(
             assert outcome.previous_version == (old.model_extra or {})["version"]
     assert v2.image_digest and v2.image_digest.startswith("sha256:")
     assert v2.image_digest != v1.image_digest
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     response = await _health(flysim, app)
     assert response.status_code == 200 and response.json()["image"] == f"{image}:v2"
 
@@ -219,18 +183,18 @@ async def test_unhealthy_release_fails_and_restore_puts_the_old_one_back(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-good", machine_count=3))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-good", machine_count=3))
     snapshot = await _snapshot(env, releases, app)
     assert len(snapshot.machines) == 3 and snapshot.image == f"{image}:v1"
     bad = f"{image}:broken"
     unhealthy.add(bad)
     flysim.config.unhealthy_images.add(bad)
 
-    request = _input(app, bad, "d-bad", machine_count=3, strategy=strategy, timings=FAILING)
+    request = rollout_input(app, bad, "d-bad", machine_count=3, strategy=strategy, timings=FAILING)
     with pytest.raises(ApplicationError) as caught:
         await _release(env, rollout, request)
     assert caught.value.type == "MachineUnhealthy" and caught.value.non_retryable
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     live = await _machines(fly, app)
     assert not [m for m in live if m.metadata.get(CANARY_KEY)], "the canary was left behind"
     assert not [m for m in live if m.metadata.get(GREEN_KEY)], "a green machine was left behind"
@@ -244,7 +208,7 @@ async def test_unhealthy_release_fails_and_restore_puts_the_old_one_back(
     await _assert_matches(fly, snapshot)
     assert len(result.restored) == (1 if strategy is Strategy.ROLLING else 0)
     assert result.destroyed == []
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     response = await _health(flysim, app)
     assert response.status_code == 200 and response.json()["image"] == f"{image}:v1"
 
@@ -259,7 +223,7 @@ async def test_immediate_does_not_wait_and_restore_recovers(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-good", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-good", machine_count=2))
     snapshot = await _snapshot(env, releases, app)
     bad = f"{image}:broken"
     unhealthy.add(bad)
@@ -269,14 +233,21 @@ async def test_immediate_does_not_wait_and_restore_recovers(
     result = await _release(
         env,
         rollout,
-        _input(app, bad, "d-bad", machine_count=2, strategy=Strategy.IMMEDIATE, timings=TIMINGS),
+        rollout_input(
+            app,
+            bad,
+            "d-bad",
+            machine_count=2,
+            strategy=Strategy.IMMEDIATE,
+            timings=ACTIVITY_TIMINGS,
+        ),
     )
     # Well below the 3 s a wait for the failing checks would take.
     assert time.monotonic() - started < 2
     assert [m.action for m in result.machines] == ["updated", "updated"]
     assert {m.image for m in await _machines(fly, app)} == {bad}
     assert (await _health(flysim, app)).status_code == 503
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
     restored = await _restore(env, releases, snapshot, "d-bad")
     assert sorted(restored.restored) == sorted(m.machine_id for m in snapshot.machines)
@@ -295,19 +266,19 @@ async def test_stopped_machine_is_updated_without_being_started(
     app: str,
     image: str,
 ) -> None:
-    first = await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    first = await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     asleep = first.machine_ids[1]
     await fly.stop_machine(app, asleep)
     assert await fly.wait_machine(app, asleep, "stopped", timeout=5)
 
     await _release(
-        env, rollout, _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
+        env, rollout, rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
     )
     machines = {m.id: m for m in await _machines(fly, app)}
     assert machines[asleep].image == f"{image}:v2"
     assert machines[asleep].state == "stopped"
     assert machines[first.machine_ids[0]].state == "started"
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 @pytest.mark.parametrize("strategy", ALL)
@@ -319,7 +290,7 @@ async def test_unmanaged_config_fields_survive(
     app: str,
     image: str,
 ) -> None:
-    first = await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    first = await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     dns = {"nameservers": ["1.1.1.1"]}
     restart = {"policy": "always", "max_retries": 3}
     for machine_id in first.machine_ids:  # set by hand, e.g. with `fly machine update`
@@ -329,7 +300,7 @@ async def test_unmanaged_config_fields_survive(
         await fly.update_machine(app, machine_id, config, machine.region, nonce=None)
 
     await _release(
-        env, rollout, _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
+        env, rollout, rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
     )
     machines = await _machines(fly, app)
     assert len(machines) == 2
@@ -358,7 +329,9 @@ async def test_failed_first_deploy_restored_to_nothing(
     unhealthy.add(bad)
     flysim.config.unhealthy_images.add(bad)
 
-    request = _input(app, bad, "d-first", machine_count=2, strategy=strategy, timings=FAILING)
+    request = rollout_input(
+        app, bad, "d-first", machine_count=2, strategy=strategy, timings=FAILING
+    )
     if strategy is Strategy.IMMEDIATE:
         await _release(env, rollout, request)  # does not wait, so it cannot tell
         assert len(await _machines(fly, app)) == 2
@@ -370,7 +343,7 @@ async def test_failed_first_deploy_restored_to_nothing(
     result = await _restore(env, releases, snapshot, "d-first")
     assert await _machines(fly, app) == []
     assert result.restored == [] and result.unchanged == []
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     again = await _restore(env, releases, snapshot, "d-first")
     assert again.destroyed == [] and again.restored == []
 
@@ -386,14 +359,14 @@ async def test_first_deploy_creates_the_machines(
     image: str,
 ) -> None:
     result = await _release(
-        env, rollout, _input(app, f"{image}:v1", "d-new", machine_count=2, strategy=strategy)
+        env, rollout, rollout_input(app, f"{image}:v1", "d-new", machine_count=2, strategy=strategy)
     )
     machines = await _machines(fly, app)
     assert sorted(m.id for m in machines) == sorted(result.machine_ids)
     assert [m.action for m in result.machines] == ["created", "created"]
     assert {m.metadata["turbodeploy_slot"] for m in machines} == {"0", "1"}
     assert not [m for m in machines if m.metadata.get(CANARY_KEY)]
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     if strategy is not Strategy.IMMEDIATE:
         assert (await _health(flysim, app)).status_code == 200
 
@@ -408,8 +381,8 @@ async def test_repeated_rollout_creates_no_duplicates(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
-    request = _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
+    request = rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
     first = await _release(env, rollout, request)
     since = time.time()
 
@@ -420,7 +393,7 @@ async def test_repeated_rollout_creates_no_duplicates(
     machines = await _machines(fly, app)
     assert sorted(m.id for m in machines) == sorted(first.machine_ids)
     assert {m.image for m in machines} == {f"{image}:v2"}
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 async def test_retry_adopts_a_canary_an_earlier_attempt_left(
@@ -431,7 +404,7 @@ async def test_retry_adopts_a_canary_an_earlier_attempt_left(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     model = (await _machines(fly, app))[0]
     # The earlier attempt created its canary and crashed.
     config = {**model.config, "image": f"{image}:v2"}
@@ -444,7 +417,7 @@ async def test_retry_adopts_a_canary_an_earlier_attempt_left(
     left = await fly.create_machine(app, config, "iad")
     since = time.time()
 
-    request = _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=Strategy.CANARY)
+    request = rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=Strategy.CANARY)
     result = await _release(env, rollout, request)
     assert ("POST", "machines") not in _requests(flysim, app, since)  # adopted, not created
     machines = await _machines(fly, app)
@@ -461,7 +434,7 @@ async def test_bluegreen_retry_adopts_greens_an_earlier_attempt_created(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     blues = await _machines(fly, app)
     green = {**blues[0].config, "image": f"{image}:v2"}
     green["metadata"] = {
@@ -473,7 +446,7 @@ async def test_bluegreen_retry_adopts_greens_an_earlier_attempt_created(
     orphan = await fly.create_machine(app, green, "iad", skip_service_registration=True)
     since = time.time()
 
-    request = _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=Strategy.BLUEGREEN)
+    request = rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=Strategy.BLUEGREEN)
     result = await _release(env, rollout, request)
     assert orphan.id in result.machine_ids
     assert _requests(flysim, app, since).count(("POST", "machines")) == 1
@@ -489,12 +462,14 @@ async def test_bluegreen_needs_a_health_check(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1"))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1"))
     since = time.time()
     no_checks = (
         FLY_TOML.split("  [[http_service.checks]]")[0] + '[[vm]]\n  size = "shared-cpu-1x"\n'
     )
-    request = _input(app, f"{image}:v2", "d-2", strategy=Strategy.BLUEGREEN, fly_toml=no_checks)
+    request = rollout_input(
+        app, f"{image}:v2", "d-2", strategy=Strategy.BLUEGREEN, fly_toml=no_checks
+    )
     with pytest.raises(ApplicationError) as caught:
         await _release(env, rollout, request)
     assert caught.value.type == "BlueGreenNeedsChecks" and caught.value.non_retryable
@@ -511,19 +486,19 @@ async def test_lease_held_elsewhere_touches_nothing(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     machines = await _machines(fly, app)
     foreign = await fly.acquire_lease(app, machines[1].id, 30)
     since = time.time()
     try:
-        request = _input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
+        request = rollout_input(app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy)
         with pytest.raises(ApplicationError) as caught:
             await _release(env, rollout, request)
         assert not caught.value.non_retryable
         assert machines[1].id in caught.value.message
         touched = {r for r in _requests(flysim, app, since) if r[0] != "GET"}
         assert touched <= {("POST", "machine/lease"), ("DELETE", "machine/lease")}
-        assert [lease["machine_id"] for lease in _leases(flysim, app)] == [machines[1].id]
+        assert [lease["machine_id"] for lease in held_leases(flysim, app)] == [machines[1].id]
     finally:
         await fly.release_lease(app, machines[1].id, foreign.nonce)
 
@@ -539,13 +514,13 @@ async def test_rolling_updates_max_unavailable_at_a_time(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=5))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=5))
     sim_timing.start_delay = 0.2  # each batch waits this long for its machines
     since = time.time()
     await _release(
         env,
         rollout,
-        _input(app, f"{image}:v2", "d-2", machine_count=5, max_unavailable=max_unavailable),
+        rollout_input(app, f"{image}:v2", "d-2", machine_count=5, max_unavailable=max_unavailable),
     )
     updates = sorted(
         at
@@ -573,11 +548,11 @@ async def test_machine_that_never_starts_fails_after_the_wait_timeout(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     since = time.time()
     sim_timing.start_delay = 3.0  # longer than the 1 s the rollout waits
-    one_second = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(seconds=1)})
-    request = _input(app, f"{image}:v2", "d-2", machine_count=2, timings=one_second)
+    one_second = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(seconds=1)})
+    request = rollout_input(app, f"{image}:v2", "d-2", machine_count=2, timings=one_second)
     with pytest.raises(ApplicationError) as caught:
         await _release(env, rollout, request)
     assert caught.value.type == "MachineUnhealthy" and caught.value.non_retryable
@@ -587,7 +562,7 @@ async def test_machine_that_never_starts_fails_after_the_wait_timeout(
     assert sorted(m.image or "" for m in await _machines(fly, app)) == sorted(
         [f"{image}:v1", f"{image}:v2"]
     )
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
 
 # ---------------------------------------------------------------------------- cancel
@@ -605,18 +580,18 @@ async def test_cancelled_rollout_removes_new_machines_and_releases_leases(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     before = sorted(m.id for m in await _machines(fly, app))
     heartbeats.clear()
     bad = f"{image}:hangs"
     unhealthy.add(bad)
     flysim.config.unhealthy_images.add(bad)
-    slow = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
+    slow = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
     task = asyncio.create_task(
         _release(
             env,
             rollout,
-            _input(app, bad, "d-cancel", machine_count=2, strategy=strategy, timings=slow),
+            rollout_input(app, bad, "d-cancel", machine_count=2, strategy=strategy, timings=slow),
         )
     )
     for _ in range(500):
@@ -627,11 +602,11 @@ async def test_cancelled_rollout_removes_new_machines_and_releases_leases(
         pytest.fail("the rollout never reached the health checks")
     during = await _machines(fly, app)
     assert len(during) > 2, "the new machine exists while it is checked"
-    assert _leases(flysim, app)
+    assert held_leases(flysim, app)
     env.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     assert sorted(m.id for m in await _machines(fly, app)) == before
     assert {m.image for m in await _machines(fly, app)} == {f"{image}:v1"}
 
@@ -647,15 +622,15 @@ async def test_cancelled_rolling_rollout_restored(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     snapshot = await _snapshot(env, releases, app)
     heartbeats.clear()
     bad = f"{image}:hangs"
     unhealthy.add(bad)
     flysim.config.unhealthy_images.add(bad)
-    slow = TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
+    slow = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=5)})
     task = asyncio.create_task(
-        _release(env, rollout, _input(app, bad, "d-cancel", machine_count=2, timings=slow))
+        _release(env, rollout, rollout_input(app, bad, "d-cancel", machine_count=2, timings=slow))
     )
     for _ in range(500):
         if heartbeats and heartbeats[-1][0]["step"] == "waiting for health checks":
@@ -664,7 +639,7 @@ async def test_cancelled_rolling_rollout_restored(
     env.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
     assert bad in {m.image for m in await _machines(fly, app)}
 
     # The workflow's compensation for the cancellation, in an activity of its own.
@@ -692,7 +667,7 @@ async def test_snapshot_holds_the_group_as_it_runs(
     app: str,
     image: str,
 ) -> None:
-    result = await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    result = await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     other = await fly.get_machine(app, result.machine_ids[0])
     worker = {**other.config, "metadata": {**other.metadata, "fly_process_group": "worker"}}
     await fly.create_machine(app, worker, "iad")  # another process group: not ours
@@ -720,10 +695,10 @@ async def test_manual_rollback_recreates_removes_and_is_idempotent(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     v1 = await _snapshot(env, releases, app)
     # Later: a new release on three machines, and one of the old machines is gone.
-    await _release(env, rollout, _input(app, f"{image}:v2", "d-2", machine_count=3))
+    await _release(env, rollout, rollout_input(app, f"{image}:v2", "d-2", machine_count=3))
     gone = v1.machines[0]
     await fly.delete_machine(app, gone.machine_id, force=True)
     kept = v1.machines[1]
@@ -737,7 +712,7 @@ async def test_manual_rollback_recreates_removes_and_is_idempotent(
     assert stand_in.region == gone.region and stand_in.image == f"{image}:v1"
     assert sorted(result.restored) == sorted([kept.machine_id, stand_in.id])
     assert len(result.destroyed) == 1
-    assert _leases(flysim, app) == []
+    assert held_leases(flysim, app) == []
 
     since = time.time()
     again = await _restore(env, releases, v1, "rb-1")  # a retry
@@ -759,7 +734,7 @@ async def test_restore_serves_again_after_an_interrupted_cutover(
     app: str,
     image: str,
 ) -> None:
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     snapshot = await _snapshot(env, releases, app)
     # A blue-green deploy cordoned and stopped the old machines, then died.
     for machine in snapshot.machines:
@@ -782,12 +757,12 @@ async def test_restore_keeps_a_stopped_machine_stopped(
     app: str,
     image: str,
 ) -> None:
-    first = await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=2))
+    first = await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
     asleep = first.machine_ids[1]
     await fly.stop_machine(app, asleep)
     assert await fly.wait_machine(app, asleep, "stopped", timeout=5)
     snapshot = await _snapshot(env, releases, app)
-    await _release(env, rollout, _input(app, f"{image}:v2", "d-2", machine_count=2))
+    await _release(env, rollout, rollout_input(app, f"{image}:v2", "d-2", machine_count=2))
 
     await _restore(env, releases, snapshot, "d-2")
     await _assert_matches(fly, snapshot)
@@ -809,13 +784,13 @@ async def test_api_requests_per_machine(
     """What a re-deploy of three machines costs in Fly API requests (lease refreshes left
     out by a long ttl); printed for the record, bounded so that a regression shows."""
     count = 3
-    long_lease = TIMINGS.model_copy(update={"lease_ttl": timedelta(seconds=60)})
-    await _release(env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=count))
+    long_lease = ACTIVITY_TIMINGS.model_copy(update={"lease_ttl": timedelta(seconds=60)})
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=count))
     since = time.time()
     await _release(
         env,
         rollout,
-        _input(
+        rollout_input(
             app,
             f"{image}:v2",
             "d-2",
@@ -849,7 +824,7 @@ async def test_check_reads_wait_for_when_checks_passed_last_time(
     every 0.1 s; the machines after it, and every machine of the next release, read them
     when they passed before: once, or a few times at the near interval."""
     sim_timing.healthy_after = 0.6
-    timings = TIMINGS.model_copy(
+    timings = ACTIVITY_TIMINGS.model_copy(
         update={
             "machine_poll_interval": timedelta(milliseconds=100),
             "machine_poll_near_interval": timedelta(milliseconds=20),
@@ -869,7 +844,7 @@ async def test_check_reads_wait_for_when_checks_passed_last_time(
 
     since = time.time()
     first = await _release(
-        env, rollout, _input(app, f"{image}:v1", "d-1", machine_count=3, timings=timings)
+        env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=3, timings=timings)
     )
     reads = check_reads(since)
     windows = [m.checks_passed for m in first.machines]
@@ -884,7 +859,9 @@ async def test_check_reads_wait_for_when_checks_passed_last_time(
     second = await _release(
         env,
         rollout,
-        _input(app, f"{image}:v2", "d-2", machine_count=3, timings=timings, checks_hint=hint),
+        rollout_input(
+            app, f"{image}:v2", "d-2", machine_count=3, timings=timings, checks_hint=hint
+        ),
     )
     reads = check_reads(since)
     assert all(reads[m.machine_id] <= 3 for m in second.machines), reads
@@ -951,7 +928,7 @@ async def test_a_create_refused_with_429_or_5xx_is_made_again_in_the_same_attemp
     async with retrying:
         result = await env.run(
             RolloutActivities(retrying).roll_out,
-            _input(app, f"{image}:v1", "d-1", machine_count=3),
+            rollout_input(app, f"{image}:v1", "d-1", machine_count=3),
         )
     faults.rate_limit_rate = 0
     created = [

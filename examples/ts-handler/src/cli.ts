@@ -61,14 +61,16 @@ async function main(): Promise<number> {
     emit('accepted', accepted);
     let finished = false;
     const following = follow(client, request.project_id, () => finished);
+    let result;
     try {
-      const result = await waitForResult(client, accepted);
-      emit('deployed', result);
-      return 0;
+      result = await waitForResult(client, accepted);
     } finally {
+      // The last progress line comes before the outcome.
       finished = true;
       await following;
     }
+    emit('deployed', result);
+    return 0;
   } catch (err) {
     if (err instanceof DeployRejected) {
       emit('rejected', { type: err.type, message: err.message });

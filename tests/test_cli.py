@@ -33,6 +33,7 @@ from turbodeploy.core.models import DeployProgress
 from turbodeploy.core.settings import Settings
 from turbodeploy.stack import publish_example
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"
 IMAGE_2 = "registry.fly.io/turbobackend-cli:deployment-2"
 # Every wait and poll of a deploy, in seconds, small enough for the emulator.
@@ -655,3 +656,16 @@ def test_up_runs_the_stack_and_stops_on_sigint(tmp_path: Path) -> None:
     assert _processes_using(state) == []
     with pytest.raises(OSError):
         embedded.wait_for_port("127.0.0.1", int(ports["temporal"]), timeout=0.5)
+
+
+def test_the_cli_and_the_client_import_no_worker_code() -> None:
+    # What every `turbodeploy` command and the platform's handler load before they start.
+    probe = (
+        "import sys, turbodeploy.cli, turbodeploy.client, turbodeploy.diagnostics\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'workflows', "
+        "'activities', 'worker', 'bench', 'flysim', 'httpx', 'asyncpg', 'boto3'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip() == "[]"

@@ -669,3 +669,20 @@ def test_the_cli_and_the_client_import_no_worker_code() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_bench_runs_the_benchmark_with_its_options_and_exit_code(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "turbodeploy.cli", "bench", *args],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        )  # fmt: skip
+
+    usage = bench("--help")
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("usage: turbodeploy bench") and "--worker-env" in usage.stdout
+    refused = bench("--worker-env", "NOEQUALS")
+    assert refused.returncode == 2
+    assert "--worker-env takes NAME=VALUE" in refused.stderr

@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -804,9 +806,32 @@ def up(
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Measure deploys against a no-op baseline and the emulator's waits (BENCHMARKS.md)."""
-    from bench import main as run_bench
+    # The benchmark is a program of its own, `python -m bench`, with its own options.
+    sys.exit(_run_module("bench", args))
 
-    raise SystemExit(run_bench(list(args)))
+
+def _run_module(module: str, args: tuple[str, ...]) -> int:
+    """Run `python -m MODULE ARGS` with this interpreter; return its exit code.
+
+    The child imports what this process imports: it gets this process's import path, and
+    `-P` keeps its working directory from going first. Ctrl-C reaches it directly (one
+    process group), SIGTERM is passed on, and either way this waits for it to stop.
+    """
+    path = [os.path.abspath(p) for p in sys.path if os.path.exists(p or ".")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    child = subprocess.Popen([sys.executable, "-P", "-m", module, *args], env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # the child has it too, and stops in its own time
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # Ended by a signal: the shell's convention, 128 + its number.
+    return 128 - code if code < 0 else code
 
 
 @main.command()

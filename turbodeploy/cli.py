@@ -27,8 +27,6 @@ import click
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
 
 from turbodeploy.core.models import (
     DeploymentRow,
@@ -39,6 +37,8 @@ from turbodeploy.core.models import (
 from turbodeploy.core.settings import Settings
 
 if TYPE_CHECKING:
+    from temporalio.client import Client
+
     from turbodeploy.client import DeployHandle
     from turbodeploy.core.db import DeploymentStore
     from turbodeploy.core.models import ReleaseRecord
@@ -102,6 +102,9 @@ def _project(project_id: str) -> str:
 
 
 async def _client(settings: Settings) -> Client:
+    # The Temporal client is imported by the commands that connect: it is most of the
+    # start-up, and `--help` or an invalid request does not need it.
+    from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
     try:
@@ -336,6 +339,8 @@ async def _submit(
     wait: bool,
     poll_interval: float,
 ) -> None:
+    from temporalio.service import RPCError
+
     from turbodeploy.client import DeployError
     from turbodeploy.progress import follow
 
@@ -384,16 +389,13 @@ def status(project_id: str, as_json: bool) -> None:
 
 
 _FAILED_RECORDS = frozenset({"failed", "rolled_back", "stopped"})
-_FAILED_RUNS = frozenset(
-    {
-        WorkflowExecutionStatus.FAILED,
-        WorkflowExecutionStatus.TERMINATED,
-        WorkflowExecutionStatus.TIMED_OUT,
-    }
-)
+_FAILED_RUNS = frozenset({"FAILED", "TERMINATED", "TIMED_OUT"})  # WorkflowExecutionStatus
 
 
 async def _status(settings: Settings, project_id: str) -> None:
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
     from turbodeploy import client as api
     from turbodeploy import diagnostics
 
@@ -433,7 +435,7 @@ async def _status(settings: Settings, project_id: str) -> None:
             settings, lambda s: s.history(project_id, 1), unrecorded=list
         )
         info["record"] = rows[0].as_json() if rows else None
-    failed = desc.status in _FAILED_RUNS or (
+    failed = info["workflow_status"] in _FAILED_RUNS or (
         info["record"] is not None and info["record"]["status"] in _FAILED_RECORDS
     )
     if _json_output:
@@ -538,6 +540,8 @@ def cancel(project_id: str, as_json: bool) -> None:
     settings = _settings()
 
     async def _cancel() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.client import DeployError, cancel_deploy
 
         client = await _client(settings)
@@ -573,6 +577,8 @@ def terminate(project_id: str, reason: str, as_json: bool) -> None:
         _fail("--reason must say why", EXIT_INVALID)
 
     async def _terminate() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.client import DeployError, terminate_deploy
 
         client = await _client(settings)
@@ -684,6 +690,8 @@ def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
     settings = _settings()
 
     async def _list() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.diagnostics import list_deploys
 
         client = await _client(settings)

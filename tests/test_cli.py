@@ -34,6 +34,7 @@ from turbodeploy import embedded
 from turbodeploy.cli import main as turbodeploy_cli
 from turbodeploy.stack import publish_example
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.fly.io/turbobackend-cli:deployment-1"
 IMAGE_2 = "registry.fly.io/turbobackend-cli:deployment-2"
 # Every wait and poll of a deploy, in seconds, small enough for the emulator.
@@ -642,3 +643,38 @@ def test_up_runs_the_stack_and_stops_on_sigint(tmp_path: Path) -> None:
     assert _processes_using(state) == []
     with pytest.raises(OSError):
         embedded.wait_for_port("127.0.0.1", int(ports["temporal"]), timeout=0.5)
+
+
+def _packages_imported_by(module: str) -> set[str]:
+    probe = f"import sys, {module}; print(' '.join({{n.split('.')[0] for n in sys.modules}}))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    return set(out.split())
+
+
+def test_the_cli_and_the_client_import_no_worker_code() -> None:
+    # What every `turbodeploy` command and the platform's handler load before they start.
+    worker_code = {"workflows", "activities", "worker", "flysim", "bench"}
+    its_libraries = {"httpx", "asyncpg", "boto3"}
+    for module in ("turbodeploy.cli", "turbodeploy.client", "turbodeploy.diagnostics"):
+        assert _packages_imported_by(module) & (worker_code | its_libraries) == set(), module
+    # `--help` and an invalid request are answered before any connection, without it.
+    assert "temporalio" not in _packages_imported_by("turbodeploy.cli")
+
+
+def test_bench_runs_the_benchmark_with_its_options_and_exit_code(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "turbodeploy.cli", "bench", *args],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        )  # fmt: skip
+
+    usage = bench("--help")
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("usage: turbodeploy bench") and "--worker-env" in usage.stdout
+    refused = bench("--worker-env", "NOEQUALS")
+    assert refused.returncode == 2
+    assert "--worker-env takes NAME=VALUE" in refused.stderr

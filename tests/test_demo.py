@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from turbodeploy import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in a child process: moto keeps its state per process, and the demo's stack must not
 # share it with the test session's. The token arrives on stdin, never in argv.
@@ -35,6 +38,7 @@ def test_demo_deploys_the_example_and_leaves_no_token_behind(tmp_path: Path) -> 
         text=True,
         timeout=240,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's code, from any cwd
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = [x for x in proc.stdout.splitlines() if x.startswith("OUTCOME ")]

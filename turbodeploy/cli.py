@@ -15,8 +15,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +27,9 @@ import click
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
 
 from core.models import (
     DeploymentRow,
-    DeployProgress,
     DeployRequest,
     DeployStatus,
     Strategy,
@@ -39,7 +37,7 @@ from core.models import (
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
+    from temporalio.client import Client
 
     from core.db import DeploymentStore
     from core.models import ReleaseRecord
@@ -104,6 +102,9 @@ def _project(project_id: str) -> str:
 
 
 async def _client(settings: Settings) -> Client:
+    # The Temporal client is imported by the commands that connect: it is most of the
+    # start-up, and `--help` or an invalid request does not need it.
+    from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
     try:
@@ -338,7 +339,10 @@ async def _submit(
     wait: bool,
     poll_interval: float,
 ) -> None:
+    from temporalio.service import RPCError
+
     from turbodeploy.client import DeployError
+    from turbodeploy.progress import follow
 
     client = await _client(settings)
     try:
@@ -371,164 +375,6 @@ async def _submit(
         sys.exit(EXIT_FAILED)
 
 
-# ----------------------------------------------------------------------------- follow
-
-
-class _Lines:
-    """Progress as plain lines, for logs and pipes: one line per finished step."""
-
-    def __init__(self) -> None:
-        self._detail = ""
-        self._waiting = ""
-
-    def __enter__(self) -> _Lines:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def waiting(self, message: str) -> None:
-        if message != self._waiting:
-            click.echo(f"  … {message}")
-            self._waiting = message
-
-    def step_done(self, step: str, elapsed: float) -> None:
-        click.echo(f"  ✓ {step}  ({elapsed:.1f}s)")
-
-    def current(self, p: DeployProgress, elapsed: float) -> None:
-        if p.detail and p.detail != self._detail:
-            click.echo(f"    {p.step}: {p.detail}")
-            self._detail = p.detail
-
-
-class _Live:
-    """Progress on a terminal: ticked steps above a live bar with the current step."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.table import Column
-
-        self._progress: Progress = Progress(
-            SpinnerColumn(),
-            TextColumn(
-                "[bold]{task.fields[step]}[/bold]",
-                table_column=Column(no_wrap=True, min_width=13),
-            ),
-            BarColumn(bar_width=12),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn(
-                "{task.fields[detail]}",
-                style="dim",
-                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
-            ),
-            expand=True,
-            console=Console(),
-            transient=True,
-        )
-        self._task: TaskID = self._progress.add_task("deploy", total=None, step="", detail="")
-
-    def __enter__(self) -> _Live:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def waiting(self, message: str) -> None:
-        self._progress.update(self._task, step="queued", detail=message)
-
-    def step_done(self, step: str, elapsed: float) -> None:
-        self._progress.console.print(f"  [green]✓[/green] {step}  [dim]({elapsed:.1f}s)[/dim]")
-
-    def current(self, p: DeployProgress, elapsed: float) -> None:
-        self._progress.update(
-            self._task,
-            step=str(p.step),
-            detail=p.detail[:100],
-            total=p.step_count,
-            completed=len(p.completed_steps),
-        )
-
-
-async def follow(
-    handle: DeployHandle,
-    *,
-    quiet: bool = False,
-    live: bool | None = None,
-    poll_interval: float = 0.5,
-) -> dict[str, Any]:
-    """Show the deployment's steps as they finish until it ends; return its outcome.
-
-    `live` chooses the terminal display (default: when stdout is a terminal); otherwise
-    plain lines. The outcome is the `DeployResult` as JSON plus `elapsed_s`.
-    """
-    from turbodeploy.client import DeployError, DeployFailed
-
-    started = time.monotonic()
-    outcome_task = asyncio.ensure_future(handle.result())
-    display: _Lines | _Live | None = None
-    if not quiet:
-        display = _Live() if (sys.stdout.isatty() if live is None else live) else _Lines()
-    seen: set[str] = set()
-    with display or contextlib.nullcontext():
-        while True:
-            finished = outcome_task.done()
-            # One more poll after the end, so a fast deploy still lists all its steps.
-            p = await _poll(handle) if display is not None else None
-            if p is not None and display is not None:
-                elapsed = time.monotonic() - started
-                if p.deployment_id != handle.deployment_id:
-                    if handle.deployment_id in p.queued:
-                        display.waiting(f"queued behind deployment {p.deployment_id}")
-                else:
-                    for step in p.completed_steps:
-                        if step not in seen:
-                            display.step_done(step, elapsed)
-                            seen.add(step)
-                    display.current(p, elapsed)
-            if finished:
-                break
-            await asyncio.wait({outcome_task}, timeout=poll_interval)
-    elapsed = round(time.monotonic() - started, 3)
-    try:
-        result = outcome_task.result()
-    except DeployFailed as exc:
-        failed = exc.result.model_dump(mode="json")
-        if not quiet:
-            click.echo(f"✗ {failed['status']}: {exc.result.error or 'no error recorded'}")
-        return {**failed, "elapsed_s": elapsed}
-    except DeployError as exc:
-        if not quiet:
-            click.echo(f"✗ {exc}")
-        return {"status": "unknown", "error": str(exc), "elapsed_s": elapsed}
-    if not quiet:
-        click.echo(f"✓ {result.status} {result.url}  ({elapsed:.1f}s)")
-    return {**result.model_dump(mode="json"), "elapsed_s": elapsed}
-
-
-async def _poll(handle: DeployHandle) -> DeployProgress | None:
-    from turbodeploy.client import deploy_handle
-
-    try:
-        return await asyncio.wait_for(
-            deploy_handle(handle.client, handle.project_id).query(
-                "progress", result_type=DeployProgress
-            ),
-            timeout=5,
-        )
-    except (RPCError, TimeoutError):
-        # Between runs, or the run closed: the outcome says how it ended.
-        return None
-
-
 # ------------------------------------------------------------------------ status etc.
 
 
@@ -543,16 +389,13 @@ def status(project_id: str, as_json: bool) -> None:
 
 
 _FAILED_RECORDS = frozenset({"failed", "rolled_back", "stopped"})
-_FAILED_RUNS = frozenset(
-    {
-        WorkflowExecutionStatus.FAILED,
-        WorkflowExecutionStatus.TERMINATED,
-        WorkflowExecutionStatus.TIMED_OUT,
-    }
-)
+_FAILED_RUNS = frozenset({"FAILED", "TERMINATED", "TIMED_OUT"})  # WorkflowExecutionStatus
 
 
 async def _status(settings: Settings, project_id: str) -> None:
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
     from turbodeploy import client as api
     from turbodeploy import diagnostics
 
@@ -592,7 +435,7 @@ async def _status(settings: Settings, project_id: str) -> None:
             settings, lambda s: s.history(project_id, 1), unrecorded=list
         )
         info["record"] = rows[0].as_json() if rows else None
-    failed = desc.status in _FAILED_RUNS or (
+    failed = info["workflow_status"] in _FAILED_RUNS or (
         info["record"] is not None and info["record"]["status"] in _FAILED_RECORDS
     )
     if _json_output:
@@ -697,6 +540,8 @@ def cancel(project_id: str, as_json: bool) -> None:
     settings = _settings()
 
     async def _cancel() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.client import DeployError, cancel_deploy
 
         client = await _client(settings)
@@ -732,6 +577,8 @@ def terminate(project_id: str, reason: str, as_json: bool) -> None:
         _fail("--reason must say why", EXIT_INVALID)
 
     async def _terminate() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.client import DeployError, terminate_deploy
 
         client = await _client(settings)
@@ -843,6 +690,8 @@ def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
     settings = _settings()
 
     async def _list() -> None:
+        from temporalio.service import RPCError
+
         from turbodeploy.diagnostics import list_deploys
 
         client = await _client(settings)
@@ -965,9 +814,32 @@ def up(
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Measure deploys against a no-op baseline and the emulator's waits (BENCHMARKS.md)."""
-    from bench import main as run_bench
+    # The benchmark is a program of its own, `python -m bench`, with its own options.
+    sys.exit(_run_module("bench", args))
 
-    raise SystemExit(run_bench(list(args)))
+
+def _run_module(module: str, args: tuple[str, ...]) -> int:
+    """Run `python -m MODULE ARGS` with this interpreter; return its exit code.
+
+    The child imports what this process imports: it gets this process's import path, and
+    `-P` keeps its working directory from going first. Ctrl-C reaches it directly (one
+    process group), SIGTERM is passed on, and either way this waits for it to stop.
+    """
+    path = [os.path.abspath(p) for p in sys.path if os.path.exists(p or ".")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    child = subprocess.Popen([sys.executable, "-P", "-m", module, *args], env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # the child has it too, and stops in its own time
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # Ended by a signal: the shell's convention, 128 + its number.
+    return 128 - code if code < 0 else code
 
 
 @main.command()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 from temporalio.client import (
     Client,
@@ -39,21 +39,30 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
+from core.contract import (
+    CURRENT_REQUEST_QUERY,
+    DEPLOY_STATUS,
+    FLY_APP,
+    OUTCOME_QUERY,
+    PROGRESS_QUERY,
+    PROJECT_ID,
+    SUBMIT_UPDATE,
+    WAIT_OUTCOME_UPDATE,
+    WORKFLOW_TYPE,
+)
 from core.models import (
+    PROJECT_REQUEST,
     Accepted,
     DeployProgress,
     DeployRequest,
     DeployResult,
     DeployStatus,
-    IncomingRequest,
     ProjectRequest,
     RollbackRequest,
     new_deployment_id,
     workflow_id_for,
 )
 from core.settings import TASK_QUEUE
-from workflows.deploy_project import DeployProjectWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +103,8 @@ class DeployHandle:
         return workflow_id_for(self.project_id)
 
     @property
-    def workflow(self) -> WorkflowHandle[DeployProjectWorkflow, DeployResult]:
-        return self.client.get_workflow_handle_for(
-            DeployProjectWorkflow.run, self.workflow_id, run_id=self.run_id
-        )
+    def workflow(self) -> WorkflowHandle[Any, DeployResult]:
+        return deploy_handle(self.client, self.project_id, self.run_id)
 
     async def result(self) -> DeployResult:
         """Wait for this deployment to end. Raises `DeployFailed` unless it deployed."""
@@ -112,18 +119,18 @@ class DeployHandle:
         return outcome
 
     async def _outcome(self, run_id: str | None) -> DeployResult | None:
-        handle = self.client.get_workflow_handle(self.workflow_id, run_id=run_id)
+        handle = deploy_handle(self.client, self.project_id, run_id)
         try:
             result: DeployResult = await handle.execute_update(
-                "wait_outcome", self.deployment_id, result_type=DeployResult
+                WAIT_OUTCOME_UPDATE, self.deployment_id, result_type=DeployResult
             )
             return result
         except (WorkflowUpdateFailedError, RPCError):
             # The run closed (or moved on) before answering: its query still knows.
-            found: DeployResult | None = await handle.query(
-                "outcome", self.deployment_id, result_type=DeployResult
+            known: DeployResult | None = await handle.query(
+                OUTCOME_QUERY, self.deployment_id, result_type=DeployResult
             )
-            return found
+            return known
 
 
 async def submit(
@@ -155,11 +162,12 @@ async def submit(
         if search_attributes
         else None
     )
-    start = WithStartWorkflowOperation(
-        DeployProjectWorkflow.run,
+    start: WithStartWorkflowOperation[Any, DeployResult] = WithStartWorkflowOperation(
+        WORKFLOW_TYPE,
         request,
         id=request.workflow_id,
         task_queue=task_queue,
+        result_type=DeployResult,
         # If a deploy of this project is running, the request joins its queue instead.
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -167,14 +175,14 @@ async def submit(
         static_summary=f"Deploy project {request.project_id} to Fly app {request.app_name}",
         static_details=_details(request),
     )
-    sent: IncomingRequest = request
     try:
-        answer = await client.execute_update_with_start_workflow(
-            DeployProjectWorkflow.submit_request,
-            sent,
+        accepted: Accepted = await client.execute_update_with_start_workflow(
+            SUBMIT_UPDATE,
+            request,
             start_workflow_operation=start,
             # The server answers a repeat of the same update id with the first answer.
             id=f"submit-{request.deployment_id}",
+            result_type=Accepted,
             rpc_timeout=accept_timeout,
         )
     except WorkflowUpdateFailedError as err:
@@ -198,8 +206,6 @@ async def submit(
             task_queue,
         )
         return DeployHandle(client, request.project_id, request.deployment_id, None)
-    # The SDK types an async update's answer as the handler's coroutine; it is the value.
-    accepted = cast(Accepted, answer)
     return DeployHandle(client, request.project_id, accepted.deployment_id, accepted.run_id)
 
 
@@ -232,9 +238,11 @@ async def retry_deploy(
     client: Client, project_id: str, *, task_queue: str = TASK_QUEUE
 ) -> DeployHandle:
     """Run the project's last request again, as a new deployment."""
-    last = await deploy_handle(client, project_id).query(DeployProjectWorkflow.current_request)
-    if last is None:
+    # A union has no single result type: the adapter tells a deploy from a rollback.
+    answer = await deploy_handle(client, project_id).query(CURRENT_REQUEST_QUERY)
+    if answer is None:
         raise DeployError(f"no earlier request of project {project_id} to retry")
+    last = PROJECT_REQUEST.validate_python(answer)
     # A new deployment, with an id of its own.
     again = last.model_copy(update={"deployment_id": ""})
     return await submit(client, again, task_queue=task_queue)
@@ -242,14 +250,17 @@ async def retry_deploy(
 
 def deploy_handle(
     client: Client, project_id: str, run_id: str | None = None
-) -> WorkflowHandle[DeployProjectWorkflow, DeployResult]:
-    return client.get_workflow_handle_for(
-        DeployProjectWorkflow.run, workflow_id_for(project_id), run_id=run_id
+) -> WorkflowHandle[Any, DeployResult]:
+    return client.get_workflow_handle(
+        workflow_id_for(project_id), run_id=run_id, result_type=DeployResult
     )
 
 
 async def progress(client: Client, project_id: str) -> DeployProgress:
-    return await deploy_handle(client, project_id).query(DeployProjectWorkflow.progress)
+    current: DeployProgress = await deploy_handle(client, project_id).query(
+        PROGRESS_QUERY, result_type=DeployProgress
+    )
+    return current
 
 
 async def describe(client: Client, project_id: str) -> WorkflowExecutionDescription:

@@ -14,6 +14,7 @@ from rich.console import Console
 from core.logs import configure_logging
 from core.models import DeployRequest
 from turbodeploy.client import start_deploy
+from turbodeploy.progress import follow
 from turbodeploy.stack import embedded_stack, publish_example
 
 console = Console(soft_wrap=True)  # links must stay whole to be clickable
@@ -47,8 +48,6 @@ async def run_demo(
         handle = await start_deploy(stack.client, request, task_queue=stack.settings.task_queue)
         link = stack.settings.workflow_ui_link(handle.workflow_id, handle.run_id)
         console.print(f"deploying {request.project_id} from {repo}")
-        from turbodeploy.cli import follow
-
         outcome = await follow(handle)
         row = None
         if stack.settings.database_url:

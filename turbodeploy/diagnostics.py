@@ -22,8 +22,8 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionDescription
 
-from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID
-from core.models import DeployStatus
+from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID, WORKFLOW_TYPE
+from core.models import WORKFLOW_ID_PREFIX, DeployStatus
 
 
 class DeploySummary(BaseModel):
@@ -48,7 +48,7 @@ async def list_deploys(
 ) -> list[DeploySummary]:
     """The newest deploy runs of every project: only running ones, or only those whose
     latest deployment has `status`, when asked."""
-    clauses = ["WorkflowType = 'DeployProjectWorkflow'"]
+    clauses = [f"WorkflowType = '{WORKFLOW_TYPE}'"]
     if running:
         clauses.append("ExecutionStatus = 'Running'")
     if status is not None:
@@ -59,7 +59,8 @@ async def list_deploys(
         attributes = execution.typed_search_attributes
         found.append(
             DeploySummary(
-                project_id=attributes.get(PROJECT_ID) or execution.id.removeprefix("deploy-"),
+                project_id=attributes.get(PROJECT_ID)
+                or execution.id.removeprefix(WORKFLOW_ID_PREFIX),
                 workflow_id=execution.id,
                 run_id=execution.run_id,
                 workflow_status=execution.status.name if execution.status else "UNKNOWN",

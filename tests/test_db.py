@@ -28,7 +28,7 @@ from core.models import DeploymentRow, DeployStatus
 from core.settings import Settings
 from turbodeploy import embedded
 
-MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql"]
+MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql", "0003_first_run.sql"]
 
 
 @pytest_asyncio.fixture
@@ -73,8 +73,7 @@ async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, s
         assert await DeploymentStore(pool_a, schema).migrate() == []
         versions = await pool_a.fetch(f'SELECT version, name FROM "{schema}".schema_migrations')
         assert sorted((r["version"], r["name"]) for r in versions) == [
-            (1, MIGRATIONS[0]),
-            (2, MIGRATIONS[1]),
+            (n, name) for n, name in enumerate(MIGRATIONS, start=1)
         ]
 
         index = await pool_a.fetchval(
@@ -125,17 +124,29 @@ async def test_releases_migration_applies_on_top_of_existing_rows(
     await _apply_first_migration_only(pool, schema)
     store = DeploymentStore(pool, schema)
     running, done = _deployment_id(), _deployment_id()
-    await _start(store, project_id, running)
-    await _start(store, project_id, done)
-    await store.record_result(done, DeployStatus.FAILED, error="boom")
     table = f'"{schema}".project_deployments'
+    # Rows as the first release of the service wrote them.
+    for deployment_id, status, error, finished in (
+        (running, "deploying", None, None),
+        (done, "failed", "boom", 1),
+    ):
+        await pool.execute(
+            f"INSERT INTO {table} (deployment_id, project_id, platform, app_name, url, status,"
+            " deployed_at, last_updated, error, finished_at)"
+            " VALUES ($1, $2, 'flyio', 'a', 'u', $3, 0, 0, $4, $5)",
+            deployment_id,
+            project_id,
+            status,
+            error,
+            finished,
+        )
     # Before 0002 the statuses it adds are refused.
     with pytest.raises(asyncpg.CheckViolationError):
         await pool.execute(
             f"UPDATE {table} SET status = 'superseded' WHERE deployment_id = $1", done
         )
 
-    assert await store.migrate() == [MIGRATIONS[1]]
+    assert await store.migrate() == MIGRATIONS[1:]
     assert await store.migrate() == []
 
     kept = await store.get(done)
@@ -478,3 +489,35 @@ async def test_a_database_outage_is_retryable(
             RecordResultInput(deployment_id="d-1", status=DeployStatus.DEPLOYED),
         )
     assert (result.value.type, result.value.non_retryable) == ("DatabaseUnavailable", False)
+
+
+async def test_only_a_run_of_the_same_chain_starts_a_finished_deployment_again(
+    store: DeploymentStore, project_id: str
+) -> None:
+    """A reset run shares its chain's first run id and restarts its own deployment; a new
+    chain (the same request sent again) or a handler's request (no chain id) finds the
+    recorded outcome and changes nothing."""
+    deployment_id = _deployment_id()
+    row = dict(
+        deployment_id=deployment_id,
+        project_id=project_id,
+        app_name=f"turbobackend-{project_id}",
+        url="https://x.fly.dev",
+        workflow_id=f"deploy-{project_id}",
+    )
+    await store.record_started(**row, run_id="r1", first_run_id="r1")
+    await store.record_result(deployment_id, DeployStatus.FAILED, error="unhealthy")
+
+    for run_id, first_run_id in (("r9", "r9"), ("r9", None), ("r1", "r1")):
+        again = await store.record_started(**row, run_id=run_id, first_run_id=first_run_id)
+        assert (again.status, again.error, again.run_id) == (
+            DeployStatus.FAILED,
+            "unhealthy",
+            "r1",
+        ), (run_id, first_run_id)
+
+    reset = await store.record_started(**row, run_id="r2", first_run_id="r1")
+    assert (reset.status, reset.error, reset.run_id) == (DeployStatus.DEPLOYING, None, "r2")
+    assert reset.finished_at is None
+    done = await store.record_result(deployment_id, DeployStatus.DEPLOYED)
+    assert done.status is DeployStatus.DEPLOYED and done.finished_at is not None

@@ -20,6 +20,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from core import contract
 from core.models import DeployRequest, DeployStatus
 from core.settings import Settings
 from turbodeploy import embedded
-from turbodeploy.client import RequestRejected, start_deploy
+from turbodeploy.client import DeployError, RequestRejected, start_deploy, submit
 from workflows.deploy_project import DeployProjectWorkflow
 
 ROOT = Path(__file__).absolute().parent.parent
@@ -516,3 +517,33 @@ async def test_typescript_handler_gets_a_bad_request_refused(
     # The run's search attribute, set to deploying by the handler, says failed.
     status = description.typed_search_attributes.get(SearchAttributeKey.for_keyword("DeployStatus"))
     assert status == DeployStatus.FAILED
+
+
+async def test_without_a_worker_a_submit_says_whether_its_request_is_safe(
+    temporal_client: Client,
+    json_client: Client,
+    settings: Settings,
+    make_request: Callable[..., DeployRequest],
+    project_id: str,
+) -> None:
+    """No worker polls the queue: the update cannot be answered. The request that is the
+    run's start input is durable, and its handle comes back; one that would only join the
+    running project's queue is not, and the caller is told to send it again."""
+    first = make_request(deployment_id=f"first-{uuid.uuid4().hex[:6]}")
+    second = make_request(deployment_id=f"second-{uuid.uuid4().hex[:6]}")
+    quick = timedelta(seconds=1)
+    handle = await submit(
+        temporal_client, first, task_queue=settings.task_queue, accept_timeout=quick
+    )
+    try:
+        assert handle.deployment_id == first.deployment_id and handle.run_id
+        again = await submit(
+            temporal_client, first, task_queue=settings.task_queue, accept_timeout=quick
+        )
+        assert again.run_id == handle.run_id
+        with pytest.raises(DeployError, match="submit the same request again"):
+            await submit(
+                temporal_client, second, task_queue=settings.task_queue, accept_timeout=quick
+            )
+    finally:
+        await json_client.get_workflow_handle(first.workflow_id).terminate("test over")

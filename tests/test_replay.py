@@ -24,9 +24,9 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from core.models import DeployRequest
-from core.settings import Settings
 from turbodeploy.client import start_deploy
+from turbodeploy.models import DeployRequest
+from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
 from worker import create_worker
 from workflows import DeployProjectWorkflow

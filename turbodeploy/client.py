@@ -37,7 +37,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.contract import (
     CURRENT_REQUEST_QUERY,
@@ -190,23 +190,58 @@ async def submit(
         if isinstance(cause, ApplicationError) and cause.type == "InvalidRequest":
             raise RequestRejected(cause.message) from err
         raise
-    except WorkflowUpdateRPCTimeoutOrCancelledError:
-        description = await deploy_handle(client, request.project_id).describe()
-        if description.status != WorkflowExecutionStatus.RUNNING:
+    except (WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+        if isinstance(err, RPCError) and err.status not in _UNANSWERED:
+            raise
+        # No worker answered in time (none polls, or all are busy). The request is safe
+        # only if it is the input of the project's running run: the start is durable.
+        run_id = await _running_with(client, request)
+        if run_id is None:
             raise DeployError(
-                f"no worker answered within {accept_timeout.total_seconds():g}s and "
-                f"{request.workflow_id} is not running: is a worker polling {task_queue}?"
+                f"no worker confirmed deployment {request.deployment_id} of "
+                f"{request.project_id} within {accept_timeout.total_seconds():g}s (is a "
+                f"worker polling {task_queue}?); submit the same request again: its "
+                "deployment_id makes that safe"
             ) from None
         log.warning(
-            "no worker answered deployment %s of %s within %gs; it waits for one (is a "
-            "worker polling %s?)",
+            "no worker answered deployment %s of %s within %gs; it is the input of run %s "
+            "and waits for a worker (is one polling %s?)",
             request.deployment_id,
             request.project_id,
             accept_timeout.total_seconds(),
+            run_id,
             task_queue,
         )
-        return DeployHandle(client, request.project_id, request.deployment_id, None)
+        return DeployHandle(client, request.project_id, request.deployment_id, run_id)
     return DeployHandle(client, request.project_id, accepted.deployment_id, accepted.run_id)
+
+
+# What a submit that no worker answered in time ends with, besides the SDK's own error.
+_UNANSWERED = frozenset({RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED})
+
+
+async def _running_with(client: Client, request: ProjectRequest) -> str | None:
+    """The id of the project's running run when `request` is its start input, else None.
+
+    Read from the server (the description and the run's first event), so it needs no
+    worker."""
+    handle = client.get_workflow_handle(request.workflow_id)
+    try:
+        description = await handle.describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return None
+        async for event in client.get_workflow_handle(
+            request.workflow_id, run_id=description.run_id
+        ).fetch_history_events():
+            started = event.workflow_execution_started_event_attributes
+            inputs = await client.data_converter.decode(started.input.payloads)
+            sent = inputs[0] if inputs else None
+            if isinstance(sent, dict) and sent.get("deployment_id") == request.deployment_id:
+                return description.run_id
+            return None
+    except RPCError:
+        return None
+    return None
 
 
 async def start_deploy(

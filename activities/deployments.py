@@ -62,6 +62,8 @@ class RecordStartResult(Model):
     # That release's secrets (names, parameters, versions), to put back if this deploy
     # changes them and fails; None when the project has no deployed release.
     previous_secrets: list[SecretVersion] | None = None
+    # That release's image: what serves while this deploy has changed no machine yet.
+    previous_image: str | None = None
     # Set when the deployment had already ended (the same request sent again after its
     # run closed): what it ended as. The run then reports it instead of deploying again.
     finished: DeployResult | None = None
@@ -71,7 +73,8 @@ class RecordResultInput(Model):
     deployment_id: str
     status: DeployStatus
     commit_sha: str | None = None
-    image: str | None = None
+    image: str | None = None  # what the deployment tried; None keeps the recorded one
+    serving_image: str | None = None  # what served when it ended; None: nothing, or unknown
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
     # Recorded in the same step when the deploy reached the rollout.
@@ -129,6 +132,7 @@ class DeploymentActivities:
             started_at=row.deployed_at,
             checks_hint=CheckWindow.typical(last.machines) if last else None,
             previous_secrets=last.secrets if last else None,
+            previous_image=last.image if last else None,
             finished=finished,
         )
 
@@ -154,6 +158,7 @@ class DeploymentActivities:
                 image=input.image,
                 machine_ids=input.machine_ids,
                 error=input.error,
+                serving_image=input.serving_image,
             )
         activity.logger.info("deployment %s recorded as %s", input.deployment_id, input.status)
 

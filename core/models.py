@@ -532,7 +532,21 @@ class DeployResult(Model):
     url: str
     status: DeployStatus
     commit_sha: str | None = None
-    image: str | None = None
+    image: str | None = Field(
+        default=None,
+        description=(
+            "The image the deployment tried: the request's, the one built, or the release's "
+            "that a rollback request restores"
+        ),
+    )
+    serving_image: str | None = Field(
+        default=None,
+        description=(
+            "The image serving when the deployment ended: `image` when it deployed, the "
+            "previous release's when it was rolled back or failed before the rollout; null "
+            "when nothing serves (a failed first deploy), or for a deployment that never ran"
+        ),
+    )
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
 
@@ -605,7 +619,9 @@ class ReleaseRecord(Model):
     app_name: str
     status: DeployStatus
     strategy: Strategy
-    image: str
+    image: str  # the image this release tried
+    # What served when it ended: `image` when deployed, the previous one after a rollback.
+    serving_image: str | None = None
     image_digest: str | None = None
     commit_sha: str | None = None
     fly_toml: str
@@ -645,7 +661,8 @@ class DeploymentRow(Model):
     repo_url: str | None = None
     branch: str | None = None
     commit_sha: str | None = None
-    image: str | None = None
+    image: str | None = None  # what the deployment tried
+    serving_image: str | None = None  # what served when it ended (see DeployResult)
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
     finished_at: int | None = None

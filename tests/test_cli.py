@@ -167,6 +167,43 @@ async def test_deploy_wait_then_status_history_releases(
     assert table.code == 0 and deployment_id in table.out
 
 
+async def test_history_and_releases_show_the_image_tried_and_the_image_serving(
+    cli: Callable[..., Any],
+    worker: None,
+    project_id: str,
+    repo: str,
+    flysim: Any,
+) -> None:
+    flysim.config.unhealthy_images.add(IMAGE_2)
+    for image, code in ((IMAGE, 0), (IMAGE_2, 1)):
+        run = await cli(
+            "deploy", project_id, "--repo", repo, "--image", image, "--timings", FAST,
+            "--wait", "--json", "--poll-interval", "0.02",
+        )  # fmt: skip
+        assert run.code == code, run.err
+    assert run.json()["status"] == "rolled_back"
+    assert (run.json()["image"], run.json()["serving_image"]) == (IMAGE_2, IMAGE)
+
+    history = await cli("history", project_id, "--json")
+    assert history.code == 0, history.err
+    bad, good = history.json()
+    assert (bad["status"], bad["image"], bad["serving_image"]) == ("rolled_back", IMAGE_2, IMAGE)
+    assert (good["status"], good["image"], good["serving_image"]) == ("deployed", IMAGE, IMAGE)
+    releases = await cli("releases", project_id, "--json")
+    assert releases.code == 0, releases.err
+    assert [(r["image"], r["serving_image"]) for r in releases.json()] == [
+        (IMAGE_2, IMAGE),
+        (IMAGE, IMAGE),
+    ]
+
+    for command in ("history", "releases"):
+        table = await cli(command, project_id)
+        assert table.code == 0, table.err
+        assert "serving" in table.out
+        [line] = [x for x in table.out.splitlines() if bad["deployment_id"] in x]
+        assert line.index(IMAGE_2) < line.index(IMAGE + " "), line
+
+
 async def test_failed_deploy_exits_1_and_retry_deploys_again(
     cli: Callable[..., Any],
     worker: None,

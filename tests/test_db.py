@@ -28,7 +28,12 @@ from core.models import DeploymentRow, DeployStatus
 from core.settings import Settings
 from turbodeploy import embedded
 
-MIGRATIONS = ["0001_project_deployments.sql", "0002_releases.sql", "0003_first_run.sql"]
+MIGRATIONS = [
+    "0001_project_deployments.sql",
+    "0002_releases.sql",
+    "0003_first_run.sql",
+    "0004_serving_image.sql",
+]
 
 
 @pytest_asyncio.fixture
@@ -72,9 +77,9 @@ async def test_migrations_apply_once_even_when_workers_race(postgres_url: str, s
         assert sorted(first, key=len) == [[], MIGRATIONS]
         assert await DeploymentStore(pool_a, schema).migrate() == []
         versions = await pool_a.fetch(f'SELECT version, name FROM "{schema}".schema_migrations')
-        assert sorted((r["version"], r["name"]) for r in versions) == [
-            (n, name) for n, name in enumerate(MIGRATIONS, start=1)
-        ]
+        assert sorted((r["version"], r["name"]) for r in versions) == list(
+            enumerate(MIGRATIONS, start=1)
+        )
 
         index = await pool_a.fetchval(
             "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
@@ -123,22 +128,24 @@ async def test_releases_migration_applies_on_top_of_existing_rows(
 ) -> None:
     await _apply_first_migration_only(pool, schema)
     store = DeploymentStore(pool, schema)
-    running, done = _deployment_id(), _deployment_id()
+    running, done, deployed = _deployment_id(), _deployment_id(), _deployment_id()
     table = f'"{schema}".project_deployments'
-    # Rows as the first release of the service wrote them.
-    for deployment_id, status, error, finished in (
+    # Rows as the first release wrote them (its statements, not today's).
+    for deployment_id, status, error, image in [
         (running, "deploying", None, None),
-        (done, "failed", "boom", 1),
-    ):
+        (done, "failed", "boom", "registry.fly.io/app:2"),
+        (deployed, "deployed", None, "registry.fly.io/app:1"),
+    ]:
         await pool.execute(
-            f"INSERT INTO {table} (deployment_id, project_id, platform, app_name, url, status,"
-            " deployed_at, last_updated, error, finished_at)"
-            " VALUES ($1, $2, 'flyio', 'a', 'u', $3, 0, 0, $4, $5)",
+            f"INSERT INTO {table} (deployment_id, project_id, app_name, url, status,"
+            " deployed_at, last_updated, finished_at, error, image)"
+            " VALUES ($1, $2, 'app', 'https://app.fly.dev', $3::VARCHAR, 1, 1,"
+            " CASE WHEN $3::VARCHAR = 'deploying' THEN NULL ELSE 2 END, $4, $5)",
             deployment_id,
             project_id,
             status,
             error,
-            finished,
+            image,
         )
     # Before 0002 the statuses it adds are refused.
     with pytest.raises(asyncpg.CheckViolationError):
@@ -151,6 +158,10 @@ async def test_releases_migration_applies_on_top_of_existing_rows(
 
     kept = await store.get(done)
     assert kept is not None and (kept.status, kept.error) == (DeployStatus.FAILED, "boom")
+    # What served is known for a deployed row only: its own image.
+    assert kept.serving_image is None
+    old = await store.get(deployed)
+    assert old is not None and old.serving_image == old.image == "registry.fly.io/app:1"
     superseded = await store.record_result(running, DeployStatus.SUPERSEDED)
     assert superseded.status is DeployStatus.SUPERSEDED
     assert superseded.finished_at is not None
@@ -322,6 +333,54 @@ async def test_record_result_finishes_the_row_and_a_repeat_changes_nothing(
     )
     assert again == done
     assert await row_version(pool, schema, "project_deployments", deployment_id) == version
+
+
+async def test_a_result_records_the_image_tried_and_the_image_serving(
+    store: DeploymentStore, project_id: str
+) -> None:
+    tried, previous = "registry.fly.io/app:broken", "registry.fly.io/app:1"
+    rolled_back, deployed, first = _deployment_id(), _deployment_id(), _deployment_id()
+    for deployment_id in (rolled_back, deployed, first):
+        await _start(store, project_id, deployment_id)
+
+    row = await store.record_result(
+        rolled_back, DeployStatus.ROLLED_BACK, image=tried, serving_image=previous
+    )
+    assert (row.image, row.serving_image) == (tried, previous)
+    row = await store.record_result(
+        deployed, DeployStatus.DEPLOYED, image=tried, serving_image=tried
+    )
+    assert (row.image, row.serving_image) == (tried, tried)
+    # A failed first deploy whose machines were removed: nothing serves.
+    row = await store.record_result(first, DeployStatus.FAILED, image=tried)
+    assert (row.image, row.serving_image) == (tried, None)
+
+    read = {r.deployment_id: r for r in await store.history(project_id)}
+    assert read[rolled_back].outcome().serving_image == previous
+    assert read[rolled_back].as_json()["image"] == tried
+    assert read[first].as_json()["serving_image"] is None
+
+
+async def test_a_reset_run_clears_what_the_finished_row_served(
+    store: DeploymentStore, project_id: str
+) -> None:
+    deployment_id = _deployment_id()
+    row = {
+        "deployment_id": deployment_id,
+        "project_id": project_id,
+        "app_name": f"turbobackend-{project_id}",
+        "url": f"https://turbobackend-{project_id}.fly.dev",
+        "workflow_id": f"deploy-{project_id}",
+        "first_run_id": "r1",
+    }
+    await store.record_started(**row, run_id="r1")
+    image = "registry.fly.io/app:1"
+    await store.record_result(
+        deployment_id, DeployStatus.DEPLOYED, image=image, serving_image=image
+    )
+    again = await store.record_started(**row, run_id="r2")
+    assert again.status is DeployStatus.DEPLOYING
+    assert (again.image, again.serving_image) == (image, None)
 
 
 async def test_a_final_status_never_changes(

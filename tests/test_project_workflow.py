@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from harness import Rows, app_machines, by_deployment, fast_timings, held_leases
@@ -91,6 +92,22 @@ def serving_image(flysim: Any, app: str) -> str | None:
     return response.json().get("image") if response.status_code == 200 else None
 
 
+async def images_of(settings: Settings, table: str, deployment_id: str) -> tuple[Any, Any]:
+    """(image, serving_image) of a deployment's row or release, as stored."""
+    assert settings.database_url
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow(
+            f'SELECT image, serving_image FROM "{settings.db_schema}".{table}'
+            " WHERE deployment_id = $1",
+            deployment_id,
+        )
+    finally:
+        await conn.close()
+    assert row is not None, f"no {table} row for {deployment_id}"
+    return row["image"], row["serving_image"]
+
+
 async def wait_for_step(client: Client, project_id: str, step: DeployStep) -> None:
     for _ in range(400):
         try:
@@ -119,6 +136,10 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     assert serving_image(flysim, good.app_name) == V2
     assert {m["config"]["image"] for m in app_machines(flysim, good.app_name)} == {V2}
     assert held_leases(flysim, good.app_name) == []
+    # Deployed: what it tried is what serves.
+    assert (good.image, good.serving_image) == (V2, V2)
+    for table in ("project_deployments", "releases"):
+        assert await images_of(settings, table, good.deployment_id) == (V2, V2)
     before = sorted(m["id"] for m in app_machines(flysim, good.app_name))
 
     # An unhealthy one is rolled back: the previous release serves again.
@@ -135,8 +156,29 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     recorded = by_deployment(await rows_of(bad.project_id))
     assert recorded[bad.deployment_id]["status"] == "rolled_back"
     assert recorded[bad.deployment_id]["error"] == info.value.result.error
+    # The records name the image that failed, and the one put back that serves.
+    assert (info.value.result.image, info.value.result.serving_image) == (BROKEN, V2)
+    for table in ("project_deployments", "releases"):
+        assert await images_of(settings, table, bad.deployment_id) == (BROKEN, V2)
     description = await deploy_handle(temporal_client, bad.project_id).describe()
     assert description.status == WorkflowExecutionStatus.FAILED
+
+
+async def test_a_failed_first_deploy_records_that_nothing_serves(
+    settings: Settings,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    deploy: Deploy,
+) -> None:
+    bad = make_request(image=BROKEN)
+    with pytest.raises(DeployFailed) as info:
+        await deploy(bad)
+    assert info.value.result.status is DeployStatus.FAILED
+    assert app_machines(flysim, bad.app_name) == []
+    assert (info.value.result.image, info.value.result.serving_image) == (BROKEN, None)
+    for table in ("project_deployments", "releases"):
+        assert await images_of(settings, table, bad.deployment_id) == (BROKEN, None)
 
 
 async def test_manual_rollback_restores_an_older_release(
@@ -155,6 +197,7 @@ async def test_manual_rollback_restores_an_older_release(
     back = await rollback()
     assert back.status is DeployStatus.DEPLOYED
     assert serving_image(flysim, one.app_name) == V1
+    assert (back.image, back.serving_image) == (V1, V1)
     [machine] = app_machines(flysim, one.app_name)
     assert machine["config"]["image"] == V1
     assert "GREETING" not in machine["config"].get("env", {}), "config restored, not only image"

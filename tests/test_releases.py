@@ -148,6 +148,28 @@ async def test_a_changed_bundle_replaces_the_stored_one_but_keeps_its_date(
     assert stored == later.model_copy(update={"created_at": 1_700_000_000})
 
 
+async def test_a_release_keeps_the_image_it_tried_beside_the_one_serving(
+    store: DeploymentStore, pool: asyncpg.Pool[asyncpg.Record], schema: str, project_id: str
+) -> None:
+    release = await _deploy(store, project_id, image="registry.fly.io/app:1")
+    assert (await store.release(release.deployment_id)).serving_image is None  # type: ignore[union-attr]
+    rolled_back = _release(
+        project_id, release.deployment_id, status=DeployStatus.ROLLED_BACK, image="r.fly.io/app:2"
+    ).model_copy(update={"serving_image": "registry.fly.io/app:1", "created_at": None})
+    await store.record_release(rolled_back)
+    stored = await store.release(release.deployment_id)
+    assert stored is not None
+    assert (stored.image, stored.serving_image) == ("r.fly.io/app:2", "registry.fly.io/app:1")
+    [listed] = await store.releases(project_id)
+    assert listed.model_dump(mode="json")["serving_image"] == "registry.fly.io/app:1"
+
+    # Only what serves changes: that is a changed bundle too.
+    version = await row_version(pool, schema, "releases", release.deployment_id)
+    await store.record_release(rolled_back.model_copy(update={"serving_image": None}))
+    assert await row_version(pool, schema, "releases", release.deployment_id) != version
+    assert (await store.release(release.deployment_id)).serving_image is None  # type: ignore[union-attr]
+
+
 async def test_releases_are_listed_newest_first(store: DeploymentStore, project_id: str) -> None:
     old = await _deploy(store, project_id, created_at=1_700_000_100)
     # Two releases within the same second: the later recorded comes first.
@@ -322,6 +344,7 @@ async def test_record_started_hands_on_checks_and_secrets_of_the_last_good_relea
 
     first = await env.run(activities.record_started, start())
     assert first.checks_hint is None and first.previous_secrets is None
+    assert first.previous_image is None
     good = await _deploy(store, project_id, created_at=1_700_000_000)
     machines = [
         MachineOutcome(
@@ -347,5 +370,6 @@ async def test_record_started_hands_on_checks_and_secrets_of_the_last_good_relea
     assert started.checks_hint == CheckWindow(failing_until=2.8, passing_at=3.0)
     # The secrets to put back are the last good release's, not the failed one's.
     assert started.previous_secrets == good.secrets != []
+    assert started.previous_image == good.image  # what serves until the rollout
     stored = await store.release(good.deployment_id)
     assert stored is not None and stored.machines == machines  # kept in the bundle

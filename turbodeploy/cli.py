@@ -736,7 +736,7 @@ def history(project_id: str, limit: int, as_json: bool) -> None:
     if _json_output:
         _print_json([r.as_json() for r in rows])
         return
-    table = Table("deployment", "status", "started", "commit", "image", "url", "error")
+    table = Table("deployment", "status", "started", "commit", "image", "serving", "url", "error")
     for r in rows:
         table.add_row(
             r.deployment_id,
@@ -744,6 +744,7 @@ def history(project_id: str, limit: int, as_json: bool) -> None:
             _when(r.deployed_at),
             (r.commit_sha or "")[:10],
             r.image or "",
+            r.serving_image or "",
             r.url,
             (r.error or "")[:60],
         )
@@ -765,7 +766,9 @@ def releases(project_id: str, limit: int, as_json: bool) -> None:
     if _json_output:
         _print_json([r.model_dump(mode="json") for r in records])
         return
-    table = Table("deployment", "status", "created", "strategy", "image", "commit", "machines")
+    table = Table(
+        "deployment", "status", "created", "strategy", "image", "serving", "commit", "machines"
+    )
     for r in records:
         table.add_row(
             r.deployment_id,
@@ -773,6 +776,7 @@ def releases(project_id: str, limit: int, as_json: bool) -> None:
             _when(r.created_at),
             r.strategy,
             r.image,
+            r.serving_image or "",
             (r.commit_sha or "")[:10],
             str(len(r.machines)),
         )

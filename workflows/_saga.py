@@ -87,7 +87,10 @@ class _Deploy:
     checks_hint: CheckWindow | None = None  # from the project's last release
     commit_sha: str | None = None
     fly_toml: str | None = None
-    image: str | None = None
+    image: str | None = None  # the image this deploy tries (the request's, or the one built)
+    # The image serving: the last release's until this deploy changes the machines, then
+    # this deploy's, the one put back, or None when nothing (or nothing known) serves.
+    serving_image: str | None = None
     snapshot: ReleaseSnapshot | None = None  # the machines before the rollout touched them
     released: ReleaseSnapshot | None = None  # the machines as the release left them
     machines: list[MachineOutcome] = field(default_factory=list)
@@ -257,6 +260,7 @@ class DeploySaga:
             return self._already_ended(started.finished), True
         d.url, d.checks_hint = started.url, started.checks_hint
         d.previous_secrets = started.previous_secrets
+        d.serving_image = started.previous_image
         try:
             self._run.step = DeployStep.CREDENTIALS
             org = (await credentials).org_slug
@@ -266,6 +270,7 @@ class DeploySaga:
             else:
                 await self._rollback_request_steps(d, request)
             status = DeployStatus.DEPLOYED
+            d.serving_image = d.image
         except BaseException as err:
             if not _is_failure(err):
                 raise
@@ -280,6 +285,7 @@ class DeploySaga:
             status=status,
             commit_sha=d.commit_sha,
             image=d.image,
+            serving_image=d.serving_image,
             machine_ids=[m.machine_id for m in d.machines],
             error=d.error,
         )
@@ -506,10 +512,16 @@ class DeploySaga:
             d.error = f"{d.error}; secrets not put back: {_describe(err)}"
 
     async def _roll_back(self, d: _Deploy) -> bool:
-        """Restore the snapshot; True when a previous release serves again, verified."""
+        """Restore the snapshot; True when a previous release serves again, verified.
+
+        Leaves `d.image` as what this deploy tried; `d.serving_image` becomes what runs now.
+        """
         assert d.snapshot is not None
         request, timings = d.request, d.request.timings
         snapshot = d.snapshot
+        # Until the restore ends, the machines may run anything: this deploy's image, the old
+        # one, or both.
+        d.serving_image = None
         try:
             restored = await self._run.run(
                 DeployStep.ROLLBACK,
@@ -535,6 +547,8 @@ class DeploySaga:
             d.error = f"{d.error}; rollback failed: {_describe(err)}"
             return False
         d.machines = []
+        # The snapshot's machines run again (None: it had none, or not one image).
+        d.serving_image = snapshot.image
         if not snapshot.machines:
             d.error = f"{d.error}; removed {len(restored.destroyed)} machine(s) of the first deploy"
             return False
@@ -548,7 +562,6 @@ class DeploySaga:
             d.error = f"{d.error}; previous release restored but unhealthy: {_describe(err)}"
             return False
         metrics.rollback_performed("automatic")
-        d.image = snapshot.image or d.image
         d.machines = [
             MachineOutcome(machine_id=m, action="restored")
             for m in restored.restored + restored.unchanged
@@ -616,6 +629,7 @@ class DeploySaga:
                 status=status,
                 strategy=d.strategy,
                 image=d.image,
+                serving_image=d.serving_image,
                 image_digest=d.image_digest,
                 commit_sha=d.commit_sha,
                 fly_toml=d.fly_toml,
@@ -633,6 +647,7 @@ class DeploySaga:
                 status=status,
                 commit_sha=d.commit_sha,
                 image=d.image,
+                serving_image=d.serving_image,
                 machine_ids=[m.machine_id for m in d.machines],
                 error=d.error,
                 release=release,

@@ -15,11 +15,12 @@ NOW = "FLOOR(EXTRACT(EPOCH FROM now()))::BIGINT"
 
 COLUMNS = (
     "deployment_id, project_id, platform, app_name, url, status, deployed_at, last_updated, "
-    "workflow_id, run_id, repo_url, branch, commit_sha, image, machine_ids, error, finished_at"
+    "workflow_id, run_id, repo_url, branch, commit_sha, image, serving_image, machine_ids, error,"
+    " finished_at"
 )
 RELEASE_COLUMNS = (
-    "deployment_id, project_id, app_name, status, strategy, image, image_digest, commit_sha,"
-    " fly_toml, env, secrets, machines, snapshot, created_at"
+    "deployment_id, project_id, app_name, status, strategy, image, serving_image, image_digest,"
+    " commit_sha, fly_toml, env, secrets, machines, snapshot, created_at"
 )
 # Statuses of a deployment that has not ended yet.
 _OPEN = "('deploying', 'queued')"
@@ -55,6 +56,7 @@ _TEMPLATES = {
         " workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id,"
         " image = COALESCE(EXCLUDED.image, d.image), last_updated = EXCLUDED.last_updated,"
         " error = CASE WHEN d.status IN {open} THEN d.error END, finished_at = NULL,"
+        " serving_image = NULL,"
         " first_run_id = COALESCE(d.first_run_id, EXCLUDED.first_run_id)"
         " WHERE d.project_id = EXCLUDED.project_id AND (d.status IN {open}"
         " OR (d.first_run_id = EXCLUDED.first_run_id AND d.run_id IS DISTINCT FROM $7))"
@@ -73,7 +75,7 @@ _TEMPLATES = {
     "record_result": (
         "UPDATE {schema}.project_deployments SET status = $2::VARCHAR,"
         " commit_sha = COALESCE($3, commit_sha), image = COALESCE($4, image),"
-        " machine_ids = $5, error = $6, last_updated = {now},"
+        " serving_image = $7, machine_ids = $5, error = $6, last_updated = {now},"
         " finished_at = CASE WHEN $2::VARCHAR IN {open} THEN NULL ELSE {now} END"
         " WHERE deployment_id = $1 AND status IN {open}"
         " RETURNING {columns}"
@@ -106,22 +108,22 @@ _TEMPLATES = {
     "record_release": (
         "INSERT INTO {schema}.releases AS r (deployment_id, project_id, app_name, status,"
         " strategy, image, image_digest, commit_sha, fly_toml, env, secrets, machines,"
-        " snapshot, created_at, updated_at)"
+        " snapshot, created_at, updated_at, serving_image)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::JSONB, $11::JSONB, $12::JSONB,"
-        " $13::JSONB, COALESCE($14::BIGINT, {now}), {now})"
+        " $13::JSONB, COALESCE($14::BIGINT, {now}), {now}, $15)"
         " ON CONFLICT (deployment_id) DO UPDATE SET"
         " project_id = EXCLUDED.project_id, app_name = EXCLUDED.app_name,"
         " status = EXCLUDED.status, strategy = EXCLUDED.strategy, image = EXCLUDED.image,"
         " image_digest = EXCLUDED.image_digest, commit_sha = EXCLUDED.commit_sha,"
         " fly_toml = EXCLUDED.fly_toml, env = EXCLUDED.env, secrets = EXCLUDED.secrets,"
         " machines = EXCLUDED.machines, snapshot = EXCLUDED.snapshot,"
-        " updated_at = EXCLUDED.updated_at"
+        " serving_image = EXCLUDED.serving_image, updated_at = EXCLUDED.updated_at"
         " WHERE (r.project_id, r.app_name, r.status, r.strategy, r.image, r.image_digest,"
-        " r.commit_sha, r.fly_toml, r.env, r.secrets, r.machines, r.snapshot)"
+        " r.commit_sha, r.fly_toml, r.env, r.secrets, r.machines, r.snapshot, r.serving_image)"
         " IS DISTINCT FROM (EXCLUDED.project_id, EXCLUDED.app_name, EXCLUDED.status,"
         " EXCLUDED.strategy, EXCLUDED.image, EXCLUDED.image_digest, EXCLUDED.commit_sha,"
         " EXCLUDED.fly_toml, EXCLUDED.env, EXCLUDED.secrets, EXCLUDED.machines,"
-        " EXCLUDED.snapshot)"
+        " EXCLUDED.snapshot, EXCLUDED.serving_image)"
     ),
     "release": "SELECT {release_columns} FROM {schema}.releases WHERE deployment_id = $1",
     "releases": (
@@ -140,9 +142,9 @@ _TEMPLATES = {
         " WHERE (r.created_at, r.seq) >= (p.created_at, p.seq))"
         " ORDER BY r.created_at DESC, r.seq DESC LIMIT 1"
     ),
-    # What a new deploy needs of the release it replaces: two small columns, not the bundle.
+    # What a new deploy needs of the release it replaces: three small columns, not the bundle.
     "last_good_outline": (
-        "SELECT machines, secrets FROM {schema}.releases"
+        "SELECT machines, secrets, image FROM {schema}.releases"
         " WHERE project_id = $1 AND status = 'deployed'"
         " ORDER BY created_at DESC, seq DESC LIMIT 1"
     ),

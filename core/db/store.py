@@ -241,9 +241,13 @@ class DeploymentStore:
         image: str | None = None,
         machine_ids: Sequence[str] = (),
         error: str | None = None,
+        serving_image: str | None = None,
     ) -> DeploymentRow:
         """Move a `deploying` (or `queued`) row to `status`, any final status included;
         repeating a recorded result is a no-op.
+
+        `image` is what the deployment tried (None keeps the one recorded at its start);
+        `serving_image` what served when it ended (None: nothing, or not known).
 
         Raises DeploymentNotFound for an unknown id and DeploymentConflict when the row
         already holds a different final status.
@@ -257,6 +261,7 @@ class DeploymentStore:
             image,
             list(machine_ids),
             clean_error(error),
+            serving_image,
         )
         if row is not None:
             return row
@@ -324,6 +329,7 @@ class DeploymentStore:
                     json.dumps(data["machines"]),
                     None if record.snapshot is None else json.dumps(data["snapshot"]),
                     record.created_at,
+                    record.serving_image,
                 )
         except asyncpg.ForeignKeyViolationError:
             existing = await self.get(record.deployment_id)
@@ -365,7 +371,8 @@ class DeploymentStore:
         return None if record is None else _to_release(record)
 
     async def last_good_outline(self, project_id: str) -> ReleaseOutline | None:
-        """The machines' outcomes and the secrets of the newest `deployed` release, or None."""
+        """The machines' outcomes, the secrets and the image of the newest `deployed` release,
+        or None."""
         async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
             record = await conn.fetchrow(self._sql.last_good_outline, project_id)
         if record is None:
@@ -373,6 +380,7 @@ class DeploymentStore:
         return ReleaseOutline(
             machines=[MachineOutcome.model_validate(m) for m in _json(record["machines"])],
             secrets=[SecretVersion.model_validate(s) for s in _json(record["secrets"])],
+            image=record["image"],
         )
 
     async def _fetch(self, sql: str, *args: Any) -> list[DeploymentRow]:
@@ -396,6 +404,7 @@ class ReleaseOutline:
 
     machines: list[MachineOutcome]
     secrets: list[SecretVersion]
+    image: str | None = None  # what the release serves
 
 
 _JSON_COLUMNS = ("env", "secrets", "machines", "snapshot")

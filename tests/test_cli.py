@@ -302,40 +302,54 @@ async def test_status_says_when_no_worker_polls_the_queue(
         await handle.terminate("test over")
 
 
-async def test_list_shows_every_project_and_filters_by_status(
+async def test_list_shows_each_projects_latest_run_and_filters_on_it(
     cli: Callable[..., Any],
     worker: None,
     temporal_client: Client,
     tmp_path: Path,
     flysim: Any,
 ) -> None:
-    good, bad, waiting = (f"l{uuid.uuid4().hex[:10]}" for _ in range(3))
+    good, bad, recovered, waiting = (f"l{uuid.uuid4().hex[:10]}" for _ in range(4))
     flysim.config.unhealthy_images.add(IMAGE_2)
-    for project, image in ((good, IMAGE), (bad, IMAGE_2)):
+
+    async def deploy(project: str, image: str) -> Run:
         repo = publish_example("nitro-hello", tmp_path / project)
-        run = await cli(
+        return await cli(
             "deploy", project, "--repo", repo, "--image", image, "--timings", FAST,
             "--wait", "--json", "--poll-interval", "0.02",
         )  # fmt: skip
-        assert run.code == (0 if project == good else 1), run.err
+
+    assert (await deploy(good, IMAGE)).code == 0
+    assert (await deploy(bad, IMAGE_2)).code == 1
+    # Failed once, then deployed: two runs, the latest deployed.
+    first = await deploy(recovered, IMAGE_2)
+    assert first.code == 1
+    failed = first.json()["status"]
+    assert failed in ("failed", "rolled_back")
+    assert (await deploy(recovered, IMAGE)).code == 0
     # One more, submitted on a queue no worker polls: it stays running.
     repo = publish_example("nitro-hello", tmp_path / waiting)
     idle = {"TURBODEPLOY_TASK_QUEUE": f"idle-{uuid.uuid4().hex[:8]}"}
     started = await cli("deploy", waiting, "--repo", repo, "--image", IMAGE, extra_env=idle)
     assert started.code == 0, started.err
+    mine = {good, bad, recovered, waiting}
     try:
 
         async def listed(*args: str) -> dict[str, dict[str, Any]]:
             run = await cli("list", "--json", *args)
             assert run.code == 0, run.err
-            return {d["project_id"]: d for d in run.json()}
+            rows = [d for d in run.json() if d["project_id"] in mine]
+            projects = [d["project_id"] for d in rows]
+            assert len(projects) == len(set(projects)), f"one line per project: {projects}"
+            return {d["project_id"]: d for d in rows}
 
         # The visibility store is updated a moment after each change.
         for _ in range(100):
             everything = await listed()
-            if {good, bad, waiting} <= set(everything) and everything[bad]["deploy_status"] in (
-                "failed",
-                "rolled_back",
+            if (
+                set(everything) == mine
+                and everything[bad]["deploy_status"] in ("failed", "rolled_back")
+                and everything[recovered]["deploy_status"] == "deployed"
             ):
                 break
             await asyncio.sleep(0.1)
@@ -343,16 +357,25 @@ async def test_list_shows_every_project_and_filters_by_status(
         assert everything[good]["workflow_status"] == "COMPLETED"
         assert everything[good]["fly_app"] == f"turbobackend-{good}"
         assert everything[bad]["deploy_status"] in ("failed", "rolled_back")
+        assert everything[recovered]["deploy_status"] == "deployed"
         assert everything[waiting]["workflow_status"] == "RUNNING"
+        # The latest run is the one listed: the second deploy of `recovered`.
+        description = await temporal_client.get_workflow_handle(f"deploy-{recovered}").describe()
+        assert everything[recovered]["run_id"] == description.run_id
 
         running = await listed("--running")
-        assert waiting in running and good not in running and bad not in running
+        assert set(running) == {waiting}
         deployed = await listed("--status", "deployed")
-        assert good in deployed and bad not in deployed and waiting not in deployed
+        assert set(deployed) == {good, recovered}
+        # The status of each project's latest deployment, not of any run it ever had.
+        assert recovered not in await listed("--status", failed)
+        if everything[bad]["deploy_status"] == failed:
+            assert bad in await listed("--status", failed)
         assert (await cli("list", "--status", "bogus")).code == 2
 
         table = await cli("list")
         assert table.code == 0 and good in table.out and "deployed" in table.out
+        assert len([line for line in table.out.splitlines() if recovered in line]) == 1
     finally:
         await temporal_client.get_workflow_handle(f"deploy-{waiting}").terminate("test over")
 

@@ -676,17 +676,20 @@ def _when(epoch: int | None) -> str:
 
 
 @main.command(name="list")
-@click.option("--running", is_flag=True, help="Only deploys that are running now.")
+@click.option("--running", is_flag=True, help="Only projects whose latest run is running now.")
 @click.option(
     "--status",
     type=click.Choice([s.value for s in DeployStatus]),
     default=None,
     help="Only projects whose latest deployment has this status.",
 )
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--limit", default=50, show_default=True, type=click.IntRange(1, 1000), help="Projects."
+)
 @_json_option
 def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
-    """List the newest deploy runs of all projects, from the Temporal server."""
+    """List the latest deploy run of every project, from the Temporal server: one line per
+    project, the most recently started first."""
     settings = _settings()
 
     async def _list() -> None:

@@ -20,7 +20,7 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowExecutionDescription
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionDescription
 
 from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID, WORKFLOW_TYPE
 from core.models import WORKFLOW_ID_PREFIX, DeployStatus
@@ -46,33 +46,49 @@ async def list_deploys(
     status: DeployStatus | None = None,
     limit: int = 50,
 ) -> list[DeploySummary]:
-    """The newest deploy runs of every project: only running ones, or only those whose
-    latest deployment has `status`, when asked."""
+    """The latest deploy run of every project, the most recently started first: only
+    those running now, or only those whose latest deployment has `status`, when asked.
+
+    The visibility store lists every run of a project (one per deploy that found none
+    running, one per continue-as-new), so the runs are read and each project keeps its
+    latest: the status filter applies to that run alone, and a project that failed once
+    and has deployed since is not listed as failed. A running run is always its project's
+    latest (one run of a workflow id runs at a time), so `running` narrows the query.
+    """
     clauses = [f"WorkflowType = '{WORKFLOW_TYPE}'"]
     if running:
         clauses.append("ExecutionStatus = 'Running'")
-    if status is not None:
-        # An enum member's value: never free text in the query.
-        clauses.append(f"DeployStatus = '{DeployStatus(status).value}'")
-    found: list[DeploySummary] = []
-    async for execution in client.list_workflows(" AND ".join(clauses), limit=limit):
-        attributes = execution.typed_search_attributes
-        found.append(
-            DeploySummary(
-                project_id=attributes.get(PROJECT_ID)
-                or execution.id.removeprefix(WORKFLOW_ID_PREFIX),
-                workflow_id=execution.id,
-                run_id=execution.run_id,
-                workflow_status=execution.status.name if execution.status else "UNKNOWN",
-                deploy_status=attributes.get(DEPLOY_STATUS),
-                fly_app=attributes.get(FLY_APP),
-                started=execution.start_time,
-                closed=execution.close_time,
-            )
-        )
-        if len(found) >= limit:
-            break
-    return found
+    latest: dict[str, DeploySummary] = {}
+    async for execution in client.list_workflows(" AND ".join(clauses), page_size=1000):
+        run = _summary(execution)
+        seen = latest.get(run.workflow_id)
+        if seen is None or _newer(run, seen):
+            latest[run.workflow_id] = run
+    # An enum member's value: only the statuses a deployment can have.
+    wanted = DeployStatus(status).value if status is not None else None
+    found = [d for d in latest.values() if wanted is None or d.deploy_status == wanted]
+    found.sort(key=lambda d: d.started, reverse=True)
+    return found[:limit]
+
+
+def _summary(execution: WorkflowExecution) -> DeploySummary:
+    attributes = execution.typed_search_attributes
+    return DeploySummary(
+        project_id=attributes.get(PROJECT_ID) or execution.id.removeprefix(WORKFLOW_ID_PREFIX),
+        workflow_id=execution.id,
+        run_id=execution.run_id,
+        workflow_status=execution.status.name if execution.status else "UNKNOWN",
+        deploy_status=attributes.get(DEPLOY_STATUS),
+        fly_app=attributes.get(FLY_APP),
+        started=execution.start_time,
+        closed=execution.close_time,
+    )
+
+
+def _newer(run: DeploySummary, than: DeploySummary) -> bool:
+    """Whether `run` came after `than`, two runs of one workflow id: started later, or at
+    the same instant and still open."""
+    return (run.started, run.closed is None) > (than.started, than.closed is None)
 
 
 class PendingStep(BaseModel):

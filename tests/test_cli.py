@@ -446,10 +446,22 @@ async def test_cancel_a_running_deploy(
     await wait_for_rollout(handle)
     await asyncio.sleep(0.3)
     # What it waits for: a started step, since when, and what it last said.
-    [step] = (await cli("status", project_id, "--json")).json()["pending"]
+    for _ in range(50):
+        [step] = (await cli("status", project_id, "--json")).json()["pending"]
+        if step["last_heartbeat"]:
+            break
+        await asyncio.sleep(0.1)
     assert step["activity"] in ("roll_out_release", "check_health")
     assert step["state"] == "started" and step["last_started_at"] and step["worker"]
-    assert "running for" in (await cli("status", project_id)).out
+    # Both steps heartbeat their progress as fields: a JSON object, not a Python repr.
+    heartbeat = step["last_heartbeat"]
+    assert isinstance(heartbeat, dict), heartbeat
+    assert {"step", "done"} <= set(heartbeat) or {"attempts", "started_at"} <= set(heartbeat)
+    table = (await cli("status", project_id)).out
+    assert "running for" in table
+    [line] = [line for line in table.splitlines() if line.strip().startswith("heartbeat")]
+    assert "{" not in line and "'" not in line, line
+    assert "step: " in line or "attempts: " in line, line
 
     run = await cli("cancel", project_id, "--json")
     assert run.code == 0, run.err

@@ -481,10 +481,11 @@ def _print_status(info: dict[str, Any]) -> None:
         table.add_row("waiting on", _pending_line(step))
         if step["last_failure"]:
             table.add_row("  last failure", step["last_failure"])
-        if step["last_heartbeat"]:
+        if step["last_heartbeat"] not in (None, "", [], {}):
             age = _age(step["last_heartbeat_at"])
             table.add_row(
-                "  heartbeat", f"{step['last_heartbeat']}" + (f" ({age} ago)" if age else "")
+                "  heartbeat",
+                _heartbeat_text(step["last_heartbeat"]) + (f" ({age} ago)" if age else ""),
             )
     if (workers := info.get("workers")) is not None:
         if workers["workflow"] and workers["activity"]:
@@ -497,6 +498,29 @@ def _print_status(info: dict[str, Any]) -> None:
                 "the deploy waits until one starts (python worker.py)",
             )
     _table_console().print(table)
+
+
+def _heartbeat_text(details: Any, limit: int = 300) -> str:
+    """An activity's heartbeat on one line: text as it is, an object as its fields
+    (`done: m1, m2; step: waiting for m2`), anything else as compact JSON."""
+    if isinstance(details, dict):
+        text = "; ".join(
+            f"{name}: {_detail_text(value)}" for name, value in details.items() if value is not None
+        )
+    elif isinstance(details, list):
+        text = "; ".join(_heartbeat_text(value, limit) for value in details)
+    else:
+        text = _detail_text(details)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _detail_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return ", ".join(str(v) for v in value) or "none"
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def _pending_line(step: dict[str, Any]) -> str:

@@ -100,7 +100,9 @@ class PendingStep(BaseModel):
     attempt: int
     maximum_attempts: int  # 0: no limit but the step's own deadline
     last_failure: str | None = None
-    last_heartbeat: str | None = None
+    # What the attempt last reported, as it sent it: text, or an object of fields (a
+    # list when it sent several values).
+    last_heartbeat: Any = None
     last_heartbeat_at: datetime | None = None
     last_started_at: datetime | None = None  # when its latest attempt started
     next_attempt_at: datetime | None = None
@@ -130,10 +132,10 @@ async def pending_steps(
     """The activities the run waits for, with their attempt, last failure and heartbeat."""
     steps: list[PendingStep] = []
     for pending in description.raw_description.pending_activities:
-        heartbeat = None
+        heartbeat: Any = None
         if pending.heartbeat_details.payloads:
             values = await client.data_converter.decode(list(pending.heartbeat_details.payloads))
-            heartbeat = " ".join(str(v) for v in values)[:300]
+            heartbeat = values[0] if len(values) == 1 else values
         state = PendingActivityState.Name(pending.state)
         steps.append(
             PendingStep(

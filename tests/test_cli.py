@@ -23,7 +23,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from harness import app_machines
-from temporalio import workflow
+from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.worker import Worker
@@ -293,11 +293,63 @@ async def test_status_says_when_no_worker_polls_the_queue(
         assert info["pending"] == []
         assert info["workers"] == {
             "task_queue": settings.task_queue,
+            "recent_seconds": 120,
             "workflow": [],
             "activity": [],
+            "earlier": [],
         }
         table = await cli("status", project_id)
         assert f"no worker polls {settings.task_queue}" in table.out, table.out
+    finally:
+        await handle.terminate("test over")
+
+
+@activity.defn(name="record_start")
+async def idle_activity() -> None:
+    """Gives a test worker something to poll activity tasks for."""
+
+
+async def test_status_counts_only_the_workers_seen_lately(
+    cli: Callable[..., Any],
+    temporal_client: Client,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+) -> None:
+    # A worker polls the queue for a moment, then stops: the server keeps it in the
+    # queue's poller list for minutes.
+    gone = f"gone-{uuid.uuid4().hex[:6]}@test"
+    async with Worker(
+        temporal_client,
+        task_queue=settings.task_queue,
+        workflows=[BrokenDeployWorkflow],
+        activities=[idle_activity],
+        identity=gone,
+    ):
+        await asyncio.sleep(1)
+    started = await cli("deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST)
+    assert started.code == 0, started.err
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    try:
+        # Within the default two minutes it still counts: it may only be between polls.
+        info = (await cli("status", project_id, "--json")).json()
+        assert info["workers"]["workflow"] == [gone] and info["workers"]["activity"] == [gone]
+        assert info["workers"]["earlier"] == []
+
+        await asyncio.sleep(1.5)
+        status = await cli("status", project_id, "--json", "--workers-seen-within", "1")
+        assert status.code == 0, status.err
+        workers = status.json()["workers"]
+        assert workers["workflow"] == [] and workers["activity"] == []
+        assert {(p["identity"], p["kind"]) for p in workers["earlier"]} == {
+            (gone, "workflow"),
+            (gone, "activity"),
+        }
+        assert all(p["last_seen"] for p in workers["earlier"])
+        table = await cli("status", project_id, "--workers-seen-within", "1")
+        [line] = [line for line in table.out.splitlines() if line.strip().startswith("workers")]
+        assert f"no worker polls {settings.task_queue}" in line, table.out
+        assert f"last seen: {gone}" in line and "ago" in line, line
     finally:
         await handle.terminate("test over")
 

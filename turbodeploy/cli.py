@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.models import (
@@ -380,19 +381,27 @@ async def _submit(
 
 @main.command()
 @click.argument("project_id")
+@click.option(
+    "--workers-seen-within",
+    "recent_seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    hidden=True,
+    help="Seconds since a worker's last poll within which it counts (default 120).",
+)
 @_json_option
-def status(project_id: str, as_json: bool) -> None:
+def status(project_id: str, recent_seconds: float | None, as_json: bool) -> None:
     """Show the latest deploy of PROJECT_ID: workflow state, current step and record."""
     _project(project_id)
     settings = _settings()
-    _run(_status(settings, project_id))
+    _run(_status(settings, project_id, recent_seconds=recent_seconds))
 
 
 _FAILED_RECORDS = frozenset({"failed", "rolled_back", "stopped"})
 _FAILED_RUNS = frozenset({"FAILED", "TERMINATED", "TIMED_OUT"})  # WorkflowExecutionStatus
 
 
-async def _status(settings: Settings, project_id: str) -> None:
+async def _status(settings: Settings, project_id: str, *, recent_seconds: float | None) -> None:
     from temporalio.client import WorkflowExecutionStatus
     from temporalio.service import RPCError, RPCStatusCode
 
@@ -427,7 +436,12 @@ async def _status(settings: Settings, project_id: str) -> None:
         failing = await diagnostics.failing_workflow_task(client, desc)
         info["workflow_task"] = failing.model_dump(mode="json") if failing else None
         with contextlib.suppress(RPCError):
-            info["workers"] = (await diagnostics.pollers(client, desc.task_queue)).model_dump()
+            workers = await diagnostics.pollers(
+                client,
+                desc.task_queue,
+                recent_seconds=recent_seconds or diagnostics.RECENT_POLL_SECONDS,
+            )
+            info["workers"] = workers.model_dump(mode="json")
     if settings.database_url:
         # Before any worker created the schema, the run itself still says what it waits
         # for, and that is what matters here.
@@ -488,16 +502,34 @@ def _print_status(info: dict[str, Any]) -> None:
                 _heartbeat_text(step["last_heartbeat"]) + (f" ({age} ago)" if age else ""),
             )
     if (workers := info.get("workers")) is not None:
-        if workers["workflow"] and workers["activity"]:
-            table.add_row("workers", f"{len(workers['activity'])} polling {workers['task_queue']}")
-        else:
-            missing = " and ".join(k for k in ("workflow", "activity") if not workers[k])
-            table.add_row(
-                "workers",
-                f"[red]no worker polls {workers['task_queue']} for {missing} tasks[/red]: "
-                "the deploy waits until one starts (python worker.py)",
-            )
+        table.add_row("workers", _workers_line(workers))
     _table_console().print(table)
+
+
+def _workers_line(workers: dict[str, Any]) -> str:
+    """How many workers poll the queue now, and which the server saw only earlier: a
+    stopped worker stays in its list for minutes, and is not counted."""
+    queue = escape(workers["task_queue"])
+    window = _duration(workers["recent_seconds"])
+    recent = set(workers["workflow"]) | set(workers["activity"])
+    gone: dict[str, str] = {}
+    for poller in workers["earlier"]:
+        if poller["identity"] not in recent:
+            seen = poller["last_seen"]
+            gone[poller["identity"]] = max(gone.get(poller["identity"], ""), seen or "")
+    earlier = ", ".join(
+        f"{escape(identity)} {_age(seen) or '?'} ago" for identity, seen in sorted(gone.items())
+    )
+    if workers["workflow"] and workers["activity"]:
+        line = f"{len(workers['activity'])} polling {queue} (seen within {window})"
+        if gone:
+            line += f"; {len(gone)} more last seen earlier, likely stopped: {earlier}"
+        return line
+    missing = " and ".join(k for k in ("workflow", "activity") if not workers[k])
+    line = f"[red]no worker polls {queue} for {missing} tasks[/red]"
+    if gone:
+        line += f" (none seen within {window}; last seen: {earlier})"
+    return line + ": the deploy waits until one starts (python worker.py)"
 
 
 def _heartbeat_text(details: Any, limit: int = 300) -> str:

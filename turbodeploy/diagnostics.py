@@ -7,7 +7,7 @@ Read-only, and answered by the server alone, so it works when every worker is do
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -118,12 +118,28 @@ class FailingWorkflowTask(BaseModel):
     worker: str | None = None
 
 
+# A worker long-polls its queue again at least every minute or so, so one not seen for two
+# is gone: the server keeps a stopped worker in a queue's poller list for minutes.
+RECENT_POLL_SECONDS = 120.0
+
+
+class Poller(BaseModel):
+    """A worker the server saw polling, and when it last did."""
+
+    identity: str
+    kind: str  # workflow, activity
+    last_seen: datetime | None
+
+
 class Pollers(BaseModel):
-    """Workers seen polling a task queue lately, per kind of task."""
+    """Workers polling a task queue, per kind of task: those seen within `recent_seconds`
+    count; `earlier` are those last seen before that, most likely stopped."""
 
     task_queue: str
+    recent_seconds: float
     workflow: list[str]
     activity: list[str]
+    earlier: list[Poller]
 
 
 async def pending_steps(
@@ -187,9 +203,15 @@ async def failing_workflow_task(
     return trouble
 
 
-async def pollers(client: Client, task_queue: str) -> Pollers:
-    """Who polls `task_queue`: with no worker on it, a deploy waits without end."""
+async def pollers(
+    client: Client, task_queue: str, *, recent_seconds: float = RECENT_POLL_SECONDS
+) -> Pollers:
+    """Who polls `task_queue`: with no worker on it, a deploy waits without end. A poller
+    counts when the server saw it within `recent_seconds`; one it has not seen since is
+    listed in `earlier`, with when it was last seen."""
+    since = datetime.now(UTC) - timedelta(seconds=recent_seconds)
     found: dict[str, list[str]] = {}
+    earlier: list[Poller] = []
     for kind, queue_type in (
         ("workflow", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
         ("activity", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY),
@@ -201,8 +223,27 @@ async def pollers(client: Client, task_queue: str) -> Pollers:
                 task_queue_type=queue_type,
             )
         )
-        found[kind] = sorted({p.identity for p in response.pollers})
-    return Pollers(task_queue=task_queue, workflow=found["workflow"], activity=found["activity"])
+        recent: set[str] = set()
+        last_seen: dict[str, datetime] = {}
+        for poller in response.pollers:
+            seen = _time(poller, "last_access_time")
+            if seen is None or seen >= since:  # no time given: it cannot be told gone
+                recent.add(poller.identity)
+            elif poller.identity not in last_seen or seen > last_seen[poller.identity]:
+                last_seen[poller.identity] = seen
+        found[kind] = sorted(recent)
+        earlier += [
+            Poller(identity=identity, kind=kind, last_seen=seen)
+            for identity, seen in sorted(last_seen.items())
+            if identity not in recent
+        ]
+    return Pollers(
+        task_queue=task_queue,
+        recent_seconds=recent_seconds,
+        workflow=found["workflow"],
+        activity=found["activity"],
+        earlier=earlier,
+    )
 
 
 def _failure_text(failure: Failure) -> str:

@@ -631,6 +631,33 @@ async def test_unknown_project_and_unreachable_server_exit_1(
     assert "cannot reach Temporal" in run.json()["error"]
 
 
+async def test_an_unreachable_database_says_which_and_what_to_check(
+    cli: Callable[..., Any], project_id: str, tmp_path: Path
+) -> None:
+    password = "s3cret-pw"
+    # Nothing listens on the port, and no server made a socket in the directory.
+    port = embedded.free_port()
+    tcp = {"DATABASE_URL": f"postgresql://deployer:{password}@127.0.0.1:{port}/deploys"}
+    nowhere = tmp_path / "no-postgres"
+    unix = {"DATABASE_URL": f"postgresql://deployer:{password}@/deploys?host={nowhere}"}
+    for env, where, why in (
+        (tcp, f"127.0.0.1:{port}", "refused the connection"),
+        (unix, f"{nowhere}/.s.PGSQL.5432", "no such socket"),
+    ):
+        run = await cli("history", project_id, "--json", extra_env=env)
+        assert run.code == 1
+        answer = run.json()
+        message = answer["error"]
+        assert answer["database"] == where
+        assert where in message and why in message, message
+        assert "database deploys, user deployer" in message, message
+        assert "PostgreSQL is not running there" in message and "check DATABASE_URL" in message
+        assert "Errno" not in message and "FileNotFoundError" not in message, message
+        table = await cli("releases", project_id, extra_env={**env, "COLUMNS": "400"})
+        assert table.code == 1 and where in table.err and "check DATABASE_URL" in table.err
+        assert password not in run.out + run.err + table.out + table.err
+
+
 async def test_live_progress_on_a_terminal(
     worker: None, settings: Settings, project_id: str, repo: str
 ) -> None:

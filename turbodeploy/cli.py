@@ -16,12 +16,15 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import click
 from pydantic import ValidationError
@@ -698,8 +701,20 @@ async def _with_store(
     assert settings.database_url
     try:
         pool = await create_pool(settings.database_url, 1, 2)
-    except (OSError, RuntimeError) as exc:
-        _fail(f"cannot reach the database: {type(exc).__name__}: {exc}")
+    # Whatever asyncpg raises before it has a connection: socket, DNS, login, URL errors.
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        where = _database_where(settings.database_url)
+        message = _unreachable(exc, where)
+        with contextlib.suppress(ValueError):
+            if password := urlsplit(settings.database_url).password:
+                message = message.replace(password, "***")
+        _fail(message, database=where.target)
     try:
         return await query(DeploymentStore(pool, settings.db_schema))
     except asyncpg.UndefinedTableError:
@@ -713,6 +728,108 @@ async def _with_store(
         _fail(f"the database refused the query: {type(exc).__name__}: {exc}")
     finally:
         await pool.close()
+
+
+@dataclass(frozen=True)
+class _Database:
+    """Where the database URL points, without its password."""
+
+    target: str  # "db.internal:5432", or the Unix socket's path
+    database: str | None
+    user: str | None
+    setting: str  # the variable it came from
+
+    @property
+    def socket(self) -> bool:
+        return self.target.startswith("/")
+
+    def describe(self) -> str:
+        what = ", ".join(
+            f"{name} {value}"
+            for name, value in (("database", self.database), ("user", self.user))
+            if value
+        )
+        where = f"the Unix socket {self.target}" if self.socket else self.target
+        return f"PostgreSQL at {where}" + (f" ({what})" if what else "")
+
+
+def _database_where(url: str) -> _Database:
+    """The host and port (or socket path), database and user of a PostgreSQL URL, as
+    asyncpg reads it; the password is never kept."""
+    # The settings read TURBODEPLOY_DATABASE_URL first.
+    named = "TURBODEPLOY_DATABASE_URL"
+    setting = named if os.environ.get(named) else "DATABASE_URL"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _Database("(an unreadable URL)", None, None, setting)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
+    netloc = parts.netloc.rpartition("@")[2]
+    user = unquote(parts.username or "")
+    default_port = query.get("port") or os.environ.get("PGPORT") or "5432"
+    hosts: list[tuple[str, str]] = []
+    for spec in filter(None, netloc.split(",")):
+        if spec.startswith("["):  # [::1]:5432
+            host, _, rest = spec[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = spec.partition(":")
+        hosts.append((unquote(host), port or default_port))
+    if not any(host for host, _ in hosts):
+        hosts = [
+            (host, default_port)
+            for host in (query.get("host") or os.environ.get("PGHOST") or "").split(",")
+            if host
+        ]
+    shown = tuple(
+        f"{host}/.s.PGSQL.{port}"
+        if host.startswith("/")
+        else f"[{host}]:{port}"
+        if ":" in host
+        else f"{host}:{port}"
+        for host, port in hosts
+    ) or (f"the default socket directory or localhost:{default_port}",)
+    return _Database(
+        target=", ".join(shown),
+        database=unquote(parts.path.lstrip("/")) or query.get("dbname") or None,
+        user=user or query.get("user") or os.environ.get("PGUSER") or None,
+        setting=setting,
+    )
+
+
+def _unreachable(exc: BaseException, where: _Database) -> str:
+    """What went wrong connecting to the database, and what to check."""
+    import asyncpg
+
+    db = where.describe()
+    check = f"check {where.setting}"
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"cannot reach the database: {db}: no such socket, so PostgreSQL is not running "
+            f"there (or listens elsewhere); start it, or {check} (its socket directory)"
+        )
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        return (
+            f"cannot reach the database: {db} refused the connection, so PostgreSQL is not "
+            f"running there (or listens elsewhere); start it, or {check} (host and port)"
+        )
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot reach the database: the host of {db} does not resolve "
+            f"({exc.strerror}); {check}"
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"cannot reach the database: no answer from {db} within 10s (down, or a firewall "
+            f"in the way); {check}"
+        )
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"{db} refused the login: {exc}; check the user and password in {where.setting}"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{db} has no such database: {exc}; {check}"
+    return f"cannot reach the database: {db}: {type(exc).__name__}: {exc}; {check}"
 
 
 def _need_database(settings: Settings) -> None:

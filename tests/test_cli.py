@@ -23,7 +23,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from harness import app_machines
-from temporalio import workflow
+from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.worker import Worker
@@ -330,8 +330,10 @@ async def test_status_says_when_no_worker_polls_the_queue(
         assert info["pending"] == []
         assert info["workers"] == {
             "task_queue": settings.task_queue,
+            "recent_seconds": 120,
             "workflow": [],
             "activity": [],
+            "earlier": [],
         }
         table = await cli("status", project_id)
         assert f"no worker polls {settings.task_queue}" in table.out, table.out
@@ -339,40 +341,104 @@ async def test_status_says_when_no_worker_polls_the_queue(
         await handle.terminate("test over")
 
 
-async def test_list_shows_every_project_and_filters_by_status(
+@activity.defn(name="record_start")
+async def idle_activity() -> None:
+    """Gives a test worker something to poll activity tasks for."""
+
+
+async def test_status_counts_only_the_workers_seen_lately(
+    cli: Callable[..., Any],
+    temporal_client: Client,
+    settings: Settings,
+    project_id: str,
+    repo: str,
+) -> None:
+    # A worker polls the queue for a moment, then stops: the server keeps it in the
+    # queue's poller list for minutes.
+    gone = f"gone-{uuid.uuid4().hex[:6]}@test"
+    async with Worker(
+        temporal_client,
+        task_queue=settings.task_queue,
+        workflows=[BrokenDeployWorkflow],
+        activities=[idle_activity],
+        identity=gone,
+    ):
+        await asyncio.sleep(1)
+    started = await cli("deploy", project_id, "--repo", repo, "--image", IMAGE, "--timings", FAST)
+    assert started.code == 0, started.err
+    handle = temporal_client.get_workflow_handle(f"deploy-{project_id}")
+    try:
+        # Within the default two minutes it still counts: it may only be between polls.
+        info = (await cli("status", project_id, "--json")).json()
+        assert info["workers"]["workflow"] == [gone] and info["workers"]["activity"] == [gone]
+        assert info["workers"]["earlier"] == []
+
+        await asyncio.sleep(1.5)
+        status = await cli("status", project_id, "--json", "--workers-seen-within", "1")
+        assert status.code == 0, status.err
+        workers = status.json()["workers"]
+        assert workers["workflow"] == [] and workers["activity"] == []
+        assert {(p["identity"], p["kind"]) for p in workers["earlier"]} == {
+            (gone, "workflow"),
+            (gone, "activity"),
+        }
+        assert all(p["last_seen"] for p in workers["earlier"])
+        table = await cli("status", project_id, "--workers-seen-within", "1")
+        [line] = [line for line in table.out.splitlines() if line.strip().startswith("workers")]
+        assert f"no worker polls {settings.task_queue}" in line, table.out
+        assert f"last seen: {gone}" in line and "ago" in line, line
+    finally:
+        await handle.terminate("test over")
+
+
+async def test_list_shows_each_projects_latest_run_and_filters_on_it(
     cli: Callable[..., Any],
     worker: None,
     temporal_client: Client,
     tmp_path: Path,
     flysim: Any,
 ) -> None:
-    good, bad, waiting = (f"l{uuid.uuid4().hex[:10]}" for _ in range(3))
+    good, bad, recovered, waiting = (f"l{uuid.uuid4().hex[:10]}" for _ in range(4))
     flysim.config.unhealthy_images.add(IMAGE_2)
-    for project, image in ((good, IMAGE), (bad, IMAGE_2)):
+
+    async def deploy(project: str, image: str) -> Run:
         repo = publish_example("nitro-hello", tmp_path / project)
-        run = await cli(
+        return await cli(
             "deploy", project, "--repo", repo, "--image", image, "--timings", FAST,
             "--wait", "--json", "--poll-interval", "0.02",
         )  # fmt: skip
-        assert run.code == (0 if project == good else 1), run.err
+
+    assert (await deploy(good, IMAGE)).code == 0
+    assert (await deploy(bad, IMAGE_2)).code == 1
+    # Failed once, then deployed: two runs, the latest deployed.
+    first = await deploy(recovered, IMAGE_2)
+    assert first.code == 1
+    failed = first.json()["status"]
+    assert failed in ("failed", "rolled_back")
+    assert (await deploy(recovered, IMAGE)).code == 0
     # One more, submitted on a queue no worker polls: it stays running.
     repo = publish_example("nitro-hello", tmp_path / waiting)
     idle = {"TURBODEPLOY_TASK_QUEUE": f"idle-{uuid.uuid4().hex[:8]}"}
     started = await cli("deploy", waiting, "--repo", repo, "--image", IMAGE, extra_env=idle)
     assert started.code == 0, started.err
+    mine = {good, bad, recovered, waiting}
     try:
 
         async def listed(*args: str) -> dict[str, dict[str, Any]]:
             run = await cli("list", "--json", *args)
             assert run.code == 0, run.err
-            return {d["project_id"]: d for d in run.json()}
+            rows = [d for d in run.json() if d["project_id"] in mine]
+            projects = [d["project_id"] for d in rows]
+            assert len(projects) == len(set(projects)), f"one line per project: {projects}"
+            return {d["project_id"]: d for d in rows}
 
         # The visibility store is updated a moment after each change.
         for _ in range(100):
             everything = await listed()
-            if {good, bad, waiting} <= set(everything) and everything[bad]["deploy_status"] in (
-                "failed",
-                "rolled_back",
+            if (
+                set(everything) == mine
+                and everything[bad]["deploy_status"] in ("failed", "rolled_back")
+                and everything[recovered]["deploy_status"] == "deployed"
             ):
                 break
             await asyncio.sleep(0.1)
@@ -380,16 +446,25 @@ async def test_list_shows_every_project_and_filters_by_status(
         assert everything[good]["workflow_status"] == "COMPLETED"
         assert everything[good]["fly_app"] == f"turbobackend-{good}"
         assert everything[bad]["deploy_status"] in ("failed", "rolled_back")
+        assert everything[recovered]["deploy_status"] == "deployed"
         assert everything[waiting]["workflow_status"] == "RUNNING"
+        # The latest run is the one listed: the second deploy of `recovered`.
+        description = await temporal_client.get_workflow_handle(f"deploy-{recovered}").describe()
+        assert everything[recovered]["run_id"] == description.run_id
 
         running = await listed("--running")
-        assert waiting in running and good not in running and bad not in running
+        assert set(running) == {waiting}
         deployed = await listed("--status", "deployed")
-        assert good in deployed and bad not in deployed and waiting not in deployed
+        assert set(deployed) == {good, recovered}
+        # The status of each project's latest deployment, not of any run it ever had.
+        assert recovered not in await listed("--status", failed)
+        if everything[bad]["deploy_status"] == failed:
+            assert bad in await listed("--status", failed)
         assert (await cli("list", "--status", "bogus")).code == 2
 
         table = await cli("list")
         assert table.code == 0 and good in table.out and "deployed" in table.out
+        assert len([line for line in table.out.splitlines() if recovered in line]) == 1
     finally:
         await temporal_client.get_workflow_handle(f"deploy-{waiting}").terminate("test over")
 
@@ -460,10 +535,22 @@ async def test_cancel_a_running_deploy(
     await wait_for_rollout(handle)
     await asyncio.sleep(0.3)
     # What it waits for: a started step, since when, and what it last said.
-    [step] = (await cli("status", project_id, "--json")).json()["pending"]
+    for _ in range(50):
+        [step] = (await cli("status", project_id, "--json")).json()["pending"]
+        if step["last_heartbeat"]:
+            break
+        await asyncio.sleep(0.1)
     assert step["activity"] in ("roll_out_release", "check_health")
     assert step["state"] == "started" and step["last_started_at"] and step["worker"]
-    assert "running for" in (await cli("status", project_id)).out
+    # Both steps heartbeat their progress as fields: a JSON object, not a Python repr.
+    heartbeat = step["last_heartbeat"]
+    assert isinstance(heartbeat, dict), heartbeat
+    assert {"step", "done"} <= set(heartbeat) or {"attempts", "started_at"} <= set(heartbeat)
+    table = (await cli("status", project_id)).out
+    assert "running for" in table
+    [line] = [line for line in table.splitlines() if line.strip().startswith("heartbeat")]
+    assert "{" not in line and "'" not in line, line
+    assert "step: " in line or "attempts: " in line, line
 
     run = await cli("cancel", project_id, "--json")
     assert run.code == 0, run.err
@@ -579,6 +666,33 @@ async def test_unknown_project_and_unreachable_server_exit_1(
     run = await cli("status", project_id, "--json", extra_env=dead)
     assert run.code == 1
     assert "cannot reach Temporal" in run.json()["error"]
+
+
+async def test_an_unreachable_database_says_which_and_what_to_check(
+    cli: Callable[..., Any], project_id: str, tmp_path: Path
+) -> None:
+    password = "s3cret-pw"
+    # Nothing listens on the port, and no server made a socket in the directory.
+    port = embedded.free_port()
+    tcp = {"DATABASE_URL": f"postgresql://deployer:{password}@127.0.0.1:{port}/deploys"}
+    nowhere = tmp_path / "no-postgres"
+    unix = {"DATABASE_URL": f"postgresql://deployer:{password}@/deploys?host={nowhere}"}
+    for env, where, why in (
+        (tcp, f"127.0.0.1:{port}", "refused the connection"),
+        (unix, f"{nowhere}/.s.PGSQL.5432", "no such socket"),
+    ):
+        run = await cli("history", project_id, "--json", extra_env=env)
+        assert run.code == 1
+        answer = run.json()
+        message = answer["error"]
+        assert answer["database"] == where
+        assert where in message and why in message, message
+        assert "database deploys, user deployer" in message, message
+        assert "PostgreSQL is not running there" in message and "check DATABASE_URL" in message
+        assert "Errno" not in message and "FileNotFoundError" not in message, message
+        table = await cli("releases", project_id, extra_env={**env, "COLUMNS": "400"})
+        assert table.code == 1 and where in table.err and "check DATABASE_URL" in table.err
+        assert password not in run.out + run.err + table.out + table.err
 
 
 async def test_live_progress_on_a_terminal(

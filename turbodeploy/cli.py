@@ -16,16 +16,20 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.models import (
@@ -380,19 +384,27 @@ async def _submit(
 
 @main.command()
 @click.argument("project_id")
+@click.option(
+    "--workers-seen-within",
+    "recent_seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    hidden=True,
+    help="Seconds since a worker's last poll within which it counts (default 120).",
+)
 @_json_option
-def status(project_id: str, as_json: bool) -> None:
+def status(project_id: str, recent_seconds: float | None, as_json: bool) -> None:
     """Show the latest deploy of PROJECT_ID: workflow state, current step and record."""
     _project(project_id)
     settings = _settings()
-    _run(_status(settings, project_id))
+    _run(_status(settings, project_id, recent_seconds=recent_seconds))
 
 
 _FAILED_RECORDS = frozenset({"failed", "rolled_back", "stopped"})
 _FAILED_RUNS = frozenset({"FAILED", "TERMINATED", "TIMED_OUT"})  # WorkflowExecutionStatus
 
 
-async def _status(settings: Settings, project_id: str) -> None:
+async def _status(settings: Settings, project_id: str, *, recent_seconds: float | None) -> None:
     from temporalio.client import WorkflowExecutionStatus
     from temporalio.service import RPCError, RPCStatusCode
 
@@ -427,7 +439,12 @@ async def _status(settings: Settings, project_id: str) -> None:
         failing = await diagnostics.failing_workflow_task(client, desc)
         info["workflow_task"] = failing.model_dump(mode="json") if failing else None
         with contextlib.suppress(RPCError):
-            info["workers"] = (await diagnostics.pollers(client, desc.task_queue)).model_dump()
+            workers = await diagnostics.pollers(
+                client,
+                desc.task_queue,
+                recent_seconds=recent_seconds or diagnostics.RECENT_POLL_SECONDS,
+            )
+            info["workers"] = workers.model_dump(mode="json")
     if settings.database_url:
         # Before any worker created the schema, the run itself still says what it waits
         # for, and that is what matters here.
@@ -481,22 +498,64 @@ def _print_status(info: dict[str, Any]) -> None:
         table.add_row("waiting on", _pending_line(step))
         if step["last_failure"]:
             table.add_row("  last failure", step["last_failure"])
-        if step["last_heartbeat"]:
+        if step["last_heartbeat"] not in (None, "", [], {}):
             age = _age(step["last_heartbeat_at"])
             table.add_row(
-                "  heartbeat", f"{step['last_heartbeat']}" + (f" ({age} ago)" if age else "")
+                "  heartbeat",
+                _heartbeat_text(step["last_heartbeat"]) + (f" ({age} ago)" if age else ""),
             )
     if (workers := info.get("workers")) is not None:
-        if workers["workflow"] and workers["activity"]:
-            table.add_row("workers", f"{len(workers['activity'])} polling {workers['task_queue']}")
-        else:
-            missing = " and ".join(k for k in ("workflow", "activity") if not workers[k])
-            table.add_row(
-                "workers",
-                f"[red]no worker polls {workers['task_queue']} for {missing} tasks[/red]: "
-                "the deploy waits until one starts (python worker.py)",
-            )
+        table.add_row("workers", _workers_line(workers))
     _table_console().print(table)
+
+
+def _workers_line(workers: dict[str, Any]) -> str:
+    """How many workers poll the queue now, and which the server saw only earlier: a
+    stopped worker stays in its list for minutes, and is not counted."""
+    queue = escape(workers["task_queue"])
+    window = _duration(workers["recent_seconds"])
+    recent = set(workers["workflow"]) | set(workers["activity"])
+    gone: dict[str, str] = {}
+    for poller in workers["earlier"]:
+        if poller["identity"] not in recent:
+            seen = poller["last_seen"]
+            gone[poller["identity"]] = max(gone.get(poller["identity"], ""), seen or "")
+    earlier = ", ".join(
+        f"{escape(identity)} {_age(seen) or '?'} ago" for identity, seen in sorted(gone.items())
+    )
+    if workers["workflow"] and workers["activity"]:
+        line = f"{len(workers['activity'])} polling {queue} (seen within {window})"
+        if gone:
+            line += f"; {len(gone)} more last seen earlier, likely stopped: {earlier}"
+        return line
+    missing = " and ".join(k for k in ("workflow", "activity") if not workers[k])
+    line = f"[red]no worker polls {queue} for {missing} tasks[/red]"
+    if gone:
+        line += f" (none seen within {window}; last seen: {earlier})"
+    return line + ": the deploy waits until one starts (python worker.py)"
+
+
+def _heartbeat_text(details: Any, limit: int = 300) -> str:
+    """An activity's heartbeat on one line: text as it is, an object as its fields
+    (`done: m1, m2; step: waiting for m2`), anything else as compact JSON."""
+    if isinstance(details, dict):
+        text = "; ".join(
+            f"{name}: {_detail_text(value)}" for name, value in details.items() if value is not None
+        )
+    elif isinstance(details, list):
+        text = "; ".join(_heartbeat_text(value, limit) for value in details)
+    else:
+        text = _detail_text(details)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _detail_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return ", ".join(str(v) for v in value) or "none"
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def _pending_line(step: dict[str, Any]) -> str:
@@ -642,8 +701,20 @@ async def _with_store(
     assert settings.database_url
     try:
         pool = await create_pool(settings.database_url, 1, 2)
-    except (OSError, RuntimeError) as exc:
-        _fail(f"cannot reach the database: {type(exc).__name__}: {exc}")
+    # Whatever asyncpg raises before it has a connection: socket, DNS, login, URL errors.
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        where = _database_where(settings.database_url)
+        message = _unreachable(exc, where)
+        with contextlib.suppress(ValueError):
+            if password := urlsplit(settings.database_url).password:
+                message = message.replace(password, "***")
+        _fail(message, database=where.target)
     try:
         return await query(DeploymentStore(pool, settings.db_schema))
     except asyncpg.UndefinedTableError:
@@ -657,6 +728,108 @@ async def _with_store(
         _fail(f"the database refused the query: {type(exc).__name__}: {exc}")
     finally:
         await pool.close()
+
+
+@dataclass(frozen=True)
+class _Database:
+    """Where the database URL points, without its password."""
+
+    target: str  # "db.internal:5432", or the Unix socket's path
+    database: str | None
+    user: str | None
+    setting: str  # the variable it came from
+
+    @property
+    def socket(self) -> bool:
+        return self.target.startswith("/")
+
+    def describe(self) -> str:
+        what = ", ".join(
+            f"{name} {value}"
+            for name, value in (("database", self.database), ("user", self.user))
+            if value
+        )
+        where = f"the Unix socket {self.target}" if self.socket else self.target
+        return f"PostgreSQL at {where}" + (f" ({what})" if what else "")
+
+
+def _database_where(url: str) -> _Database:
+    """The host and port (or socket path), database and user of a PostgreSQL URL, as
+    asyncpg reads it; the password is never kept."""
+    # The settings read TURBODEPLOY_DATABASE_URL first.
+    named = "TURBODEPLOY_DATABASE_URL"
+    setting = named if os.environ.get(named) else "DATABASE_URL"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _Database("(an unreadable URL)", None, None, setting)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if v}
+    netloc = parts.netloc.rpartition("@")[2]
+    user = unquote(parts.username or "")
+    default_port = query.get("port") or os.environ.get("PGPORT") or "5432"
+    hosts: list[tuple[str, str]] = []
+    for spec in filter(None, netloc.split(",")):
+        if spec.startswith("["):  # [::1]:5432
+            host, _, rest = spec[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = spec.partition(":")
+        hosts.append((unquote(host), port or default_port))
+    if not any(host for host, _ in hosts):
+        hosts = [
+            (host, default_port)
+            for host in (query.get("host") or os.environ.get("PGHOST") or "").split(",")
+            if host
+        ]
+    shown = tuple(
+        f"{host}/.s.PGSQL.{port}"
+        if host.startswith("/")
+        else f"[{host}]:{port}"
+        if ":" in host
+        else f"{host}:{port}"
+        for host, port in hosts
+    ) or (f"the default socket directory or localhost:{default_port}",)
+    return _Database(
+        target=", ".join(shown),
+        database=unquote(parts.path.lstrip("/")) or query.get("dbname") or None,
+        user=user or query.get("user") or os.environ.get("PGUSER") or None,
+        setting=setting,
+    )
+
+
+def _unreachable(exc: BaseException, where: _Database) -> str:
+    """What went wrong connecting to the database, and what to check."""
+    import asyncpg
+
+    db = where.describe()
+    check = f"check {where.setting}"
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"cannot reach the database: {db}: no such socket, so PostgreSQL is not running "
+            f"there (or listens elsewhere); start it, or {check} (its socket directory)"
+        )
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        return (
+            f"cannot reach the database: {db} refused the connection, so PostgreSQL is not "
+            f"running there (or listens elsewhere); start it, or {check} (host and port)"
+        )
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot reach the database: the host of {db} does not resolve "
+            f"({exc.strerror}); {check}"
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"cannot reach the database: no answer from {db} within 10s (down, or a firewall "
+            f"in the way); {check}"
+        )
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"{db} refused the login: {exc}; check the user and password in {where.setting}"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{db} has no such database: {exc}; {check}"
+    return f"cannot reach the database: {db}: {type(exc).__name__}: {exc}; {check}"
 
 
 def _need_database(settings: Settings) -> None:
@@ -676,17 +849,20 @@ def _when(epoch: int | None) -> str:
 
 
 @main.command(name="list")
-@click.option("--running", is_flag=True, help="Only deploys that are running now.")
+@click.option("--running", is_flag=True, help="Only projects whose latest run is running now.")
 @click.option(
     "--status",
     type=click.Choice([s.value for s in DeployStatus]),
     default=None,
     help="Only projects whose latest deployment has this status.",
 )
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--limit", default=50, show_default=True, type=click.IntRange(1, 1000), help="Projects."
+)
 @_json_option
 def list_(running: bool, status: str | None, limit: int, as_json: bool) -> None:
-    """List the newest deploy runs of all projects, from the Temporal server."""
+    """List the latest deploy run of every project, from the Temporal server: one line per
+    project, the most recently started first."""
     settings = _settings()
 
     async def _list() -> None:

@@ -7,7 +7,7 @@ Read-only, and answered by the server alone, so it works when every worker is do
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,7 +20,7 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowExecutionDescription
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionDescription
 
 from core.contract import DEPLOY_STATUS, FLY_APP, PROJECT_ID, WORKFLOW_TYPE
 from core.models import WORKFLOW_ID_PREFIX, DeployStatus
@@ -46,33 +46,49 @@ async def list_deploys(
     status: DeployStatus | None = None,
     limit: int = 50,
 ) -> list[DeploySummary]:
-    """The newest deploy runs of every project: only running ones, or only those whose
-    latest deployment has `status`, when asked."""
+    """The latest deploy run of every project, the most recently started first: only
+    those running now, or only those whose latest deployment has `status`, when asked.
+
+    The visibility store lists every run of a project (one per deploy that found none
+    running, one per continue-as-new), so the runs are read and each project keeps its
+    latest: the status filter applies to that run alone, and a project that failed once
+    and has deployed since is not listed as failed. A running run is always its project's
+    latest (one run of a workflow id runs at a time), so `running` narrows the query.
+    """
     clauses = [f"WorkflowType = '{WORKFLOW_TYPE}'"]
     if running:
         clauses.append("ExecutionStatus = 'Running'")
-    if status is not None:
-        # An enum member's value: never free text in the query.
-        clauses.append(f"DeployStatus = '{DeployStatus(status).value}'")
-    found: list[DeploySummary] = []
-    async for execution in client.list_workflows(" AND ".join(clauses), limit=limit):
-        attributes = execution.typed_search_attributes
-        found.append(
-            DeploySummary(
-                project_id=attributes.get(PROJECT_ID)
-                or execution.id.removeprefix(WORKFLOW_ID_PREFIX),
-                workflow_id=execution.id,
-                run_id=execution.run_id,
-                workflow_status=execution.status.name if execution.status else "UNKNOWN",
-                deploy_status=attributes.get(DEPLOY_STATUS),
-                fly_app=attributes.get(FLY_APP),
-                started=execution.start_time,
-                closed=execution.close_time,
-            )
-        )
-        if len(found) >= limit:
-            break
-    return found
+    latest: dict[str, DeploySummary] = {}
+    async for execution in client.list_workflows(" AND ".join(clauses), page_size=1000):
+        run = _summary(execution)
+        seen = latest.get(run.workflow_id)
+        if seen is None or _newer(run, seen):
+            latest[run.workflow_id] = run
+    # An enum member's value: only the statuses a deployment can have.
+    wanted = DeployStatus(status).value if status is not None else None
+    found = [d for d in latest.values() if wanted is None or d.deploy_status == wanted]
+    found.sort(key=lambda d: d.started, reverse=True)
+    return found[:limit]
+
+
+def _summary(execution: WorkflowExecution) -> DeploySummary:
+    attributes = execution.typed_search_attributes
+    return DeploySummary(
+        project_id=attributes.get(PROJECT_ID) or execution.id.removeprefix(WORKFLOW_ID_PREFIX),
+        workflow_id=execution.id,
+        run_id=execution.run_id,
+        workflow_status=execution.status.name if execution.status else "UNKNOWN",
+        deploy_status=attributes.get(DEPLOY_STATUS),
+        fly_app=attributes.get(FLY_APP),
+        started=execution.start_time,
+        closed=execution.close_time,
+    )
+
+
+def _newer(run: DeploySummary, than: DeploySummary) -> bool:
+    """Whether `run` came after `than`, two runs of one workflow id: started later, or at
+    the same instant and still open."""
+    return (run.started, run.closed is None) > (than.started, than.closed is None)
 
 
 class PendingStep(BaseModel):
@@ -84,7 +100,9 @@ class PendingStep(BaseModel):
     attempt: int
     maximum_attempts: int  # 0: no limit but the step's own deadline
     last_failure: str | None = None
-    last_heartbeat: str | None = None
+    # What the attempt last reported, as it sent it: text, or an object of fields (a
+    # list when it sent several values).
+    last_heartbeat: Any = None
     last_heartbeat_at: datetime | None = None
     last_started_at: datetime | None = None  # when its latest attempt started
     next_attempt_at: datetime | None = None
@@ -100,12 +118,28 @@ class FailingWorkflowTask(BaseModel):
     worker: str | None = None
 
 
+# A worker long-polls its queue again at least every minute or so, so one not seen for two
+# is gone: the server keeps a stopped worker in a queue's poller list for minutes.
+RECENT_POLL_SECONDS = 120.0
+
+
+class Poller(BaseModel):
+    """A worker the server saw polling, and when it last did."""
+
+    identity: str
+    kind: str  # workflow, activity
+    last_seen: datetime | None
+
+
 class Pollers(BaseModel):
-    """Workers seen polling a task queue lately, per kind of task."""
+    """Workers polling a task queue, per kind of task: those seen within `recent_seconds`
+    count; `earlier` are those last seen before that, most likely stopped."""
 
     task_queue: str
+    recent_seconds: float
     workflow: list[str]
     activity: list[str]
+    earlier: list[Poller]
 
 
 async def pending_steps(
@@ -114,10 +148,10 @@ async def pending_steps(
     """The activities the run waits for, with their attempt, last failure and heartbeat."""
     steps: list[PendingStep] = []
     for pending in description.raw_description.pending_activities:
-        heartbeat = None
+        heartbeat: Any = None
         if pending.heartbeat_details.payloads:
             values = await client.data_converter.decode(list(pending.heartbeat_details.payloads))
-            heartbeat = " ".join(str(v) for v in values)[:300]
+            heartbeat = values[0] if len(values) == 1 else values
         state = PendingActivityState.Name(pending.state)
         steps.append(
             PendingStep(
@@ -169,9 +203,15 @@ async def failing_workflow_task(
     return trouble
 
 
-async def pollers(client: Client, task_queue: str) -> Pollers:
-    """Who polls `task_queue`: with no worker on it, a deploy waits without end."""
+async def pollers(
+    client: Client, task_queue: str, *, recent_seconds: float = RECENT_POLL_SECONDS
+) -> Pollers:
+    """Who polls `task_queue`: with no worker on it, a deploy waits without end. A poller
+    counts when the server saw it within `recent_seconds`; one it has not seen since is
+    listed in `earlier`, with when it was last seen."""
+    since = datetime.now(UTC) - timedelta(seconds=recent_seconds)
     found: dict[str, list[str]] = {}
+    earlier: list[Poller] = []
     for kind, queue_type in (
         ("workflow", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
         ("activity", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY),
@@ -183,8 +223,27 @@ async def pollers(client: Client, task_queue: str) -> Pollers:
                 task_queue_type=queue_type,
             )
         )
-        found[kind] = sorted({p.identity for p in response.pollers})
-    return Pollers(task_queue=task_queue, workflow=found["workflow"], activity=found["activity"])
+        recent: set[str] = set()
+        last_seen: dict[str, datetime] = {}
+        for poller in response.pollers:
+            seen = _time(poller, "last_access_time")
+            if seen is None or seen >= since:  # no time given: it cannot be told gone
+                recent.add(poller.identity)
+            elif poller.identity not in last_seen or seen > last_seen[poller.identity]:
+                last_seen[poller.identity] = seen
+        found[kind] = sorted(recent)
+        earlier += [
+            Poller(identity=identity, kind=kind, last_seen=seen)
+            for identity, seen in sorted(last_seen.items())
+            if identity not in recent
+        ]
+    return Pollers(
+        task_queue=task_queue,
+        recent_seconds=recent_seconds,
+        workflow=found["workflow"],
+        activity=found["activity"],
+        earlier=earlier,
+    )
 
 
 def _failure_text(failure: Failure) -> str:

@@ -16,6 +16,8 @@ language").
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -191,6 +193,10 @@ async def submit(
             raise RequestRejected(cause.message) from err
         raise
     except (WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+        # The operation holds the same failure for its workflow handle: read it here, so it
+        # is not reported again as never retrieved.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(start.workflow_handle()), 0.1)
         if isinstance(err, RPCError) and err.status not in _UNANSWERED:
             raise
         # No worker answered in time (none polls, or all are busy). The request is safe

@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -523,6 +523,9 @@ class DeployProgress(Model):
     completed_steps: list[DeployStep] = Field(default_factory=list)
     error: str | None = None
     queued: list[str] = Field(default_factory=list)  # deployment ids waiting behind this one
+    # How long each completed step took, in seconds, and when the current one began.
+    step_seconds: dict[DeployStep, float] = Field(default_factory=dict)
+    step_started_at: datetime | None = None
 
 
 class DeployResult(Model):

@@ -138,7 +138,8 @@ async def follow(
                 else:
                     for step in p.completed_steps:
                         if step not in seen:
-                            display.step_done(step, elapsed)
+                            # The step's own duration, as the workflow timed it.
+                            display.step_done(step, p.step_seconds.get(step, elapsed))
                             seen.add(step)
                     display.current(p, elapsed)
             if finished:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -114,6 +115,15 @@ class StepRunner:
         self.status = DeployStatus.DEPLOYING
         self.error: str | None = None
         self.cancel_requested = False
+        # When each step of this deploy began, and how long each finished one took.
+        self.started_at: dict[DeployStep, datetime] = {}
+        self.seconds: dict[DeployStep, float] = {}
+
+    def begin(self) -> None:
+        """A new deploy: its first step, nothing done yet (a cancellation stays asked)."""
+        self.step, self.detail, self.done = DeployStep.RECORD_START, "", []
+        self.status, self.error = DeployStatus.DEPLOYING, None
+        self.started_at, self.seconds = {}, {}
 
     def raise_if_cancelled(self) -> None:
         # A cancellation that arrived during a shielded step, or while a step was finishing
@@ -137,10 +147,13 @@ class StepRunner:
         summary: str,
         *,
         mark_step: bool = True,
+        finishes: bool = True,
         shielded: bool = False,
     ) -> ResultT:
         """Run one activity as a step of the deploy.
 
+        `mark_step` makes `step` the current one; `finishes` (with it) ticks the step done
+        when the activity ends, which a step's first activity of several must not do.
         `shielded` steps (records, rollback) are not interrupted by a cancellation: they
         finish, the cancellation is remembered, and the deploy ends `cancelled` after them.
         """
@@ -149,6 +162,7 @@ class StepRunner:
             lambda: workflow.execute_activity_method(activity, arg, **policy.options(summary)),
             summary,
             mark_step=mark_step,
+            finishes=finishes,
             shielded=shielded,
         )
 
@@ -164,6 +178,7 @@ class StepRunner:
             lambda: workflow.execute_activity_method(activity, **policy.options(summary)),
             summary,
             mark_step=True,
+            finishes=True,
             shielded=False,
         )
 
@@ -174,11 +189,13 @@ class StepRunner:
         summary: str,
         *,
         mark_step: bool,
+        finishes: bool,
         shielded: bool,
     ) -> ResultT:
         if not shielded:
             self.raise_if_cancelled()
         if mark_step:
+            self.started_at.setdefault(step, workflow.now())
             self.step = step
             self.detail = summary
             workflow.set_current_details(
@@ -194,8 +211,10 @@ class StepRunner:
                 result = await task
         else:
             result = await call
-        if mark_step and step not in self.done:
+        if mark_step and finishes and step not in self.done:
             self.done.append(step)
+            began = self.started_at.get(step, workflow.now())
+            self.seconds[step] = (workflow.now() - began).total_seconds()
         return result
 
     async def record_start(
@@ -234,8 +253,7 @@ class DeploySaga:
     async def run(self) -> tuple[DeployResult, bool]:
         """The deploy, to its end: its result, and whether it had ended in an earlier run."""
         request = self._request
-        self._run.step, self._run.detail, self._run.done = DeployStep.RECORD_START, "", []
-        self._run.status, self._run.error = DeployStatus.DEPLOYING, None
+        self._run.begin()
         self._run.set_status(DeployStatus.DEPLOYING)
         if isinstance(request, DeployRequest):
             d = _Deploy(
@@ -598,8 +616,10 @@ class DeploySaga:
             SnapshotInput(app_name=d.request.app_name),
             policies.snapshot(d.request.timings),
             f"Snapshot machines of {d.request.app_name} {when}",
-            # The one taken beside the health check must not take over the current step.
+            # The one taken beside the health check must not take over the current step,
+            # and the one before the rollout is not the rollout done.
             mark_step=before,
+            finishes=False,
             shielded=not before,
         )
 

@@ -208,6 +208,8 @@ class DeployProjectWorkflow:
             completed_steps=list(self._run.done),
             error=self._run.error,
             queued=[r.deployment_id for r in self._queue],
+            step_seconds=dict(self._run.seconds),
+            step_started_at=self._run.started_at.get(self._run.step),
         )
 
     @workflow.query(name="current_request")

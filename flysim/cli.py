@@ -137,7 +137,7 @@ _KNOBS = (
     _Knob("--start-delay", "timing", "start_delay", seconds, "SECONDS",
           "seconds a machine spends 'starting' before it is 'started'"),
     _Knob("--stop-delay", "timing", "stop_delay", seconds, "SECONDS",
-          "seconds a machine spends 'stopping' before it is stopped or suspended"),
+          "seconds a machine spends stopping or suspending before it is stopped or suspended"),
     _Knob("--healthy-after", "timing", "healthy_after", seconds, "SECONDS",
           "seconds after a start before a machine's checks pass"),
     _Knob("--autostop-after", "timing", "autostop_after", seconds, "SECONDS",

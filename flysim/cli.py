@@ -2,6 +2,9 @@
 
 Tokens come from `FLYSIM_TOKENS` (comma-separated `token=org` pairs, or a bare token for
 the `personal` org), never from the command line, where other users could read them.
+
+Every option but `--host` and `--port` sets the configuration field of the same name that
+`POST /_sim/config` sets: `config_patch(args)` builds that endpoint's JSON body from them.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
-from flysim.config import SimConfig, SimTiming
+from flysim.config import Faults, SimConfig, SimTiming
 from flysim.server import FlySim
 
 TOKENS_ENV = "FLYSIM_TOKENS"
@@ -45,19 +51,202 @@ def parse_tokens(value: str) -> dict[str, str]:
     return tokens
 
 
-def main(argv: list[str] | None = None) -> int:
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"not a finite number: {value!r}")
+    return number
+
+
+def seconds(value: str) -> float:
+    """A duration in seconds, zero or more."""
+    number = _number(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {value}")
+    return number
+
+
+def positive_seconds(value: str) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero seconds, got {value}")
+    return number
+
+
+def probability(value: str) -> float:
+    """A fraction of requests, from 0 to 1."""
+    number = _number(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return number
+
+
+def positive_rate(value: str) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero requests per second, got {value}")
+    return number
+
+
+def whole_seconds(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {value}")
+    return number
+
+
+def seed(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+
+
+def error_codes(value: str) -> tuple[int, ...]:
+    """Comma-separated HTTP error statuses (400 to 599)."""
+    codes: list[int] = []
+    for piece in (p.strip() for p in value.split(",")):
+        if not piece.isdigit() or not 400 <= int(piece) <= 599:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated HTTP error statuses (400-599), got {value!r}"
+            )
+        codes.append(int(piece))
+    return tuple(codes)
+
+
+class _Knob(NamedTuple):
+    flag: str
+    section: str | None  # "timing", "faults", or None for a top-level field
+    field: str
+    type: Callable[[str], Any]
+    metavar: str
+    help: str
+
+
+_KNOBS = (
+    _Knob("--api-latency", "timing", "api_latency", seconds, "SECONDS",
+          "delay added to every /v1 API request, in seconds"),
+    _Knob("--create-delay", "timing", "create_delay", seconds, "SECONDS",
+          "seconds a new machine stays 'created' before it starts"),
+    _Knob("--start-delay", "timing", "start_delay", seconds, "SECONDS",
+          "seconds a machine spends 'starting' before it is 'started'"),
+    _Knob("--stop-delay", "timing", "stop_delay", seconds, "SECONDS",
+          "seconds a machine spends stopping or suspending before it is stopped or suspended"),
+    _Knob("--healthy-after", "timing", "healthy_after", seconds, "SECONDS",
+          "seconds after a start before a machine's checks pass"),
+    _Knob("--autostop-after", "timing", "autostop_after", seconds, "SECONDS",
+          "seconds without proxied traffic after which a machine with autostop stops "
+          "(default: never)"),
+    _Knob("--lease-default-ttl", "timing", "lease_default_ttl", positive_seconds, "SECONDS",
+          "lease lifetime, in seconds, when a lease request gives no ttl"),
+    _Knob("--proxy-wait-limit", "timing", "proxy_wait_limit", seconds, "SECONDS",
+          "seconds an app URL request waits for a machine to wake before answering 503"),
+    _Knob("--error-rate", "faults", "error_rate", probability, "FRACTION",
+          "fraction (0-1) of /v1 requests answered with an injected server error"),
+    _Knob("--error-codes", "faults", "error_codes", error_codes, "CODES",
+          "comma-separated HTTP statuses the injected errors pick from"),
+    _Knob("--rate-limit-rate", "faults", "rate_limit_rate", probability, "FRACTION",
+          "fraction (0-1) of /v1 requests answered 429 Too Many Requests"),
+    _Knob("--retry-after", "faults", "retry_after", whole_seconds, "SECONDS",
+          "Retry-After header of 429 answers, in whole seconds"),
+    _Knob("--latency-spike-rate", "faults", "latency_spike_rate", probability, "FRACTION",
+          "fraction (0-1) of /v1 requests delayed by --latency-spike"),
+    _Knob("--latency-spike", "faults", "latency_spike", seconds, "SECONDS",
+          "extra delay of a latency spike, in seconds"),
+    _Knob("--drop-rate", "faults", "drop_rate", probability, "FRACTION",
+          "fraction (0-1) of /v1 requests whose connection is closed without an answer"),
+    _Knob("--fault-seed", "faults", "seed", seed, "N",
+          "random seed of the fault draws, for a repeatable sequence (default: unseeded)"),
+    _Knob("--rate-limit-rps", None, "rate_limit_rps", positive_rate, "RPS",
+          "most /v1 requests per second (token bucket); more are answered 429 "
+          "(default: no limit)"),
+)  # fmt: skip
+
+_MODELS: dict[str | None, type[SimTiming] | type[Faults] | type[SimConfig]] = {
+    "timing": SimTiming,
+    "faults": Faults,
+    None: SimConfig,
+}
+
+
+def _default_text(knob: _Knob) -> str:
+    if "(default:" in knob.help:
+        return knob.help
+    default = _MODELS[knob.section].model_fields[knob.field].default
+    if isinstance(default, tuple):
+        default = ",".join(str(d) for d in default)
+    return f"{knob.help} (default: {default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flysim",
-        description=f"Local Fly Machines API emulator. Accepted tokens come from ${TOKENS_ENV}.",
+        description=(
+            f"Local Fly Machines API emulator. Accepted tokens come from ${TOKENS_ENV}. "
+            "Every option below can also be changed while it runs, through POST /_sim/config."
+        ),
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=4280)
-    parser.add_argument("--start-delay", type=float, default=0.0, help="seconds starting→started")
-    parser.add_argument("--stop-delay", type=float, default=0.0)
-    parser.add_argument("--create-delay", type=float, default=0.0)
-    parser.add_argument("--healthy-after", type=float, default=0.0)
-    parser.add_argument("--api-latency", type=float, default=0.0)
-    parser.add_argument("--autostop-after", type=float, default=None)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=4280, help="port to listen on")
+    timing = parser.add_argument_group("timings")
+    faults = parser.add_argument_group(
+        "fault injection",
+        "Failures of /v1 API requests, decided before the request changes anything.",
+    )
+    health = parser.add_argument_group("health checks")
+    for knob in _KNOBS:
+        group = timing if knob.section == "timing" else faults
+        group.add_argument(
+            knob.flag,
+            dest=knob.field,
+            type=knob.type,
+            default=None,
+            metavar=knob.metavar,
+            help=_default_text(knob),
+        )
+    health.add_argument(
+        "--unhealthy-image",
+        dest="unhealthy_images",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="image whose machines start but never pass their checks (repeatable)",
+    )
+    return parser
+
+
+def config_patch(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given, as the JSON body `POST /_sim/config` accepts."""
+    patch: dict[str, Any] = {}
+    for knob in _KNOBS:
+        value = getattr(args, knob.field)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if knob.section is None:
+            patch[knob.field] = value
+        else:
+            patch.setdefault(knob.section, {})[knob.field] = value
+    if args.unhealthy_images:
+        patch["unhealthy_images"] = sorted(set(args.unhealthy_images))
+    return patch
+
+
+def build_config(args: argparse.Namespace, tokens: dict[str, str]) -> SimConfig:
+    config = SimConfig(tokens=tokens)
+    config.apply(config_patch(args))
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     tokens = parse_tokens(os.environ.get(TOKENS_ENV, ""))
@@ -67,15 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    timing = SimTiming(
-        start_delay=args.start_delay,
-        stop_delay=args.stop_delay,
-        create_delay=args.create_delay,
-        healthy_after=args.healthy_after,
-        api_latency=args.api_latency,
-        autostop_after=args.autostop_after,
-    )
-    sim = FlySim(SimConfig(tokens=tokens, timing=timing))
+    try:
+        config = build_config(args, tokens)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sim = FlySim(config)
 
     async def serve() -> None:
         await sim.start(args.host, args.port)

@@ -156,3 +156,14 @@ def _config(image: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def test_turbodeploy_flysim_passes_the_emulator_options_on() -> None:
+    from click.testing import CliRunner
+
+    from turbodeploy.cli import main as turbodeploy_main
+
+    refused = CliRunner().invoke(turbodeploy_main, ["flysim", "--error-rate", "2"])
+    assert refused.exit_code == 2
+    # The emulator's own parser refused the value (not the CLI, for an unknown option).
+    assert "flysim: error: argument --error-rate" in refused.output, refused.output

@@ -1022,14 +1022,19 @@ def _run_module(module: str, args: tuple[str, ...]) -> int:
     return 128 - code if code < 0 else code
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=4280, show_default=True, type=int)
-def flysim(host: str, port: int) -> None:
-    """Run the local Fly Machines API emulator (tokens from FLYSIM_TOKENS)."""
+@click.argument("options", nargs=-1, type=click.UNPROCESSED)
+def flysim(host: str, port: int, options: tuple[str, ...]) -> None:
+    """Run the local Fly Machines API emulator (tokens from FLYSIM_TOKENS).
+
+    Any other option goes to the emulator as `python -m flysim` reads it: timings, faults
+    and unhealthy images (`turbodeploy flysim --unhealthy-image IMAGE --error-rate 0.1`;
+    `python -m flysim --help` lists them)."""
     from flysim import main as flysim_main
 
-    sys.exit(flysim_main(["--host", host, "--port", str(port)]))
+    sys.exit(flysim_main(["--host", host, "--port", str(port), *options]))
 
 
 @main.command()

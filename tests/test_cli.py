@@ -146,6 +146,14 @@ async def test_deploy_wait_then_status_history_releases(
     assert info["record"]["status"] == "deployed"
     assert info["record"]["url"] == url
     assert info["ui"].startswith(f"http://ui.test/namespaces/default/workflows/deploy-{project_id}")
+    # Each finished step with its own duration, in the JSON and in the table.
+    progress = info["progress"]
+    assert set(progress["step_seconds"]) == set(progress["completed_steps"])
+    assert all(seconds >= 0 for seconds in progress["step_seconds"].values())
+    table = await cli("status", project_id)
+    # (The row lists the steps as they ended: the record and the token in either order.)
+    for step in ("record_start", "credentials", "rollout", "health"):
+        assert re.search(rf"\b{step} \d+\.\ds\b", table.out), table.out
 
     history = await cli("history", project_id, "--json")
     assert history.code == 0, history.err

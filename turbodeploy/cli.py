@@ -471,7 +471,12 @@ def _print_status(info: dict[str, Any]) -> None:
         table.add_row("deployment", p["deployment_id"])
         position = f" ({p['step_index'] + 1}/{p['step_count']})" if p["step"] != "done" else ""
         table.add_row("step", f"{p['step']}{position}")
-        table.add_row("done", ", ".join(p["completed_steps"]) or "-")
+        seconds = p.get("step_seconds") or {}
+        done = [
+            f"{step} {seconds[step]:.1f}s" if step in seconds else step
+            for step in p["completed_steps"]
+        ]
+        table.add_row("done", ", ".join(done) or "-")
         table.add_row("detail", p["detail"] or "-")
         if p.get("queued"):
             table.add_row("queued", ", ".join(p["queued"]))

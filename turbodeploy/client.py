@@ -45,6 +45,7 @@ from core.contract import (
     CURRENT_REQUEST_QUERY,
     DEPLOY_STATUS,
     FLY_APP,
+    INVALID_REQUEST,
     OUTCOME_QUERY,
     PROGRESS_QUERY,
     PROJECT_ID,
@@ -189,7 +190,7 @@ async def submit(
         )
     except WorkflowUpdateFailedError as err:
         cause = err.cause
-        if isinstance(cause, ApplicationError) and cause.type == "InvalidRequest":
+        if isinstance(cause, ApplicationError) and cause.type == INVALID_REQUEST:
             raise RequestRejected(cause.message) from err
         raise
     except (WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:

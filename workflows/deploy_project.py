@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         RecordResultInput,
     )
     from activities.notify import NotifyActivities, NotifyInput, NotifyResult
-    from core import metrics
+    from core import contract, metrics
     from core.models import (
         Accepted,
         DeploymentNotice,
@@ -59,12 +59,8 @@ with workflow.unsafe.imports_passed_through():
 # database.
 _MAX_OUTCOMES = 100
 
-# The error type of a request refused for its content: an update rejected by its validator,
-# or a run whose input is no valid request.
-INVALID_REQUEST = "InvalidRequest"
 
-
-@workflow.defn(name="DeployProjectWorkflow")
+@workflow.defn(name=contract.WORKFLOW_TYPE)
 class DeployProjectWorkflow:
     @workflow.init
     def __init__(self, request: IncomingRequest) -> None:
@@ -92,7 +88,7 @@ class DeployProjectWorkflow:
         if isinstance(start, str):
             # Nothing was started or written: say why, at once, and never retry.
             self._run.set_status(DeployStatus.FAILED)
-            raise ApplicationError(start, type=INVALID_REQUEST, non_retryable=True)
+            raise ApplicationError(start, type=contract.INVALID_REQUEST, non_retryable=True)
         # Signal-with-start delivers the first request twice: as input and as `submit`.
         self._queue = [r for r in self._queue if r.deployment_id != start.deployment_id]
         self._pending.add(start.deployment_id)
@@ -125,14 +121,14 @@ class DeployProjectWorkflow:
                 f"deploy {result.deployment_id} of {result.project_id} ended {result.status}: "
                 f"{result.error}",
                 result.model_dump(mode="json"),
-                type="DeployRolledBack"
+                type=contract.DEPLOY_ROLLED_BACK
                 if result.status is DeployStatus.ROLLED_BACK
-                else "DeployFailed",
+                else contract.DEPLOY_FAILED,
                 non_retryable=True,
             )
         return result
 
-    @workflow.update(name="submit_request")
+    @workflow.update(name=contract.SUBMIT_UPDATE)
     async def submit_request(self, request: IncomingRequest) -> Accepted:
         """Take a deploy or rollback: the one running or queued under its deployment id
         when that id is known here, else a new deployment, queued behind the running one."""
@@ -145,9 +141,9 @@ class DeployProjectWorkflow:
         # Runs before the update enters the history: a refused request leaves no trace.
         admitted = _admit(request, self._start)
         if isinstance(admitted, str):
-            raise ApplicationError(admitted, type=INVALID_REQUEST, non_retryable=True)
+            raise ApplicationError(admitted, type=contract.INVALID_REQUEST, non_retryable=True)
 
-    @workflow.signal(name="submit")
+    @workflow.signal(name=contract.SUBMIT_SIGNAL)
     async def submit(self, request: IncomingRequest) -> None:
         """Queue a deploy or rollback: `submit_request` for callers of signal-with-start.
 
@@ -194,7 +190,7 @@ class DeployProjectWorkflow:
             status=status,
         )
 
-    @workflow.query(name="progress")
+    @workflow.query(name=contract.PROGRESS_QUERY)
     def progress(self) -> DeployProgress:
         request = self._current
         return DeployProgress(
@@ -212,18 +208,19 @@ class DeployProjectWorkflow:
             step_started_at=self._run.started_at.get(self._run.step),
         )
 
-    @workflow.query(name="current_request")
+    @workflow.query(name=contract.CURRENT_REQUEST_QUERY)
     def current_request(self) -> ProjectRequest | None:
         """The request running now, or the last one run: what `turbodeploy retry` repeats."""
         return self._current
 
-    @workflow.query(name="outcome")
+    @workflow.query(name=contract.OUTCOME_QUERY)
     def outcome(self, deployment_id: str) -> DeployResult | None:
         return self._outcomes.get(deployment_id)
 
     # Abandoned on continue-as-new: the caller then asks the next run (see client.py).
     @workflow.update(
-        name="wait_outcome", unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON
+        name=contract.WAIT_OUTCOME_UPDATE,
+        unfinished_policy=workflow.HandlerUnfinishedPolicy.ABANDON,
     )
     async def wait_outcome(self, deployment_id: str) -> DeployResult:
         """Wait until `deployment_id` (running or queued here) has ended; return its result."""

@@ -232,22 +232,21 @@ async def _running_with(client: Client, request: ProjectRequest) -> str | None:
 
     Read from the server (the description and the run's first event), so it needs no
     worker."""
-    handle = client.get_workflow_handle(request.workflow_id)
     try:
-        description = await handle.describe()
+        description = await client.get_workflow_handle(request.workflow_id).describe()
         if description.status != WorkflowExecutionStatus.RUNNING:
             return None
-        async for event in client.get_workflow_handle(
-            request.workflow_id, run_id=description.run_id
-        ).fetch_history_events():
-            started = event.workflow_execution_started_event_attributes
-            inputs = await client.data_converter.decode(started.input.payloads)
-            sent = inputs[0] if inputs else None
-            if isinstance(sent, dict) and sent.get("deployment_id") == request.deployment_id:
-                return description.run_id
+        run = client.get_workflow_handle(request.workflow_id, run_id=description.run_id)
+        first = await anext(aiter(run.fetch_history_events()), None)
+        if first is None:
             return None
+        started = first.workflow_execution_started_event_attributes
+        inputs = await client.data_converter.decode(started.input.payloads)
     except RPCError:
         return None
+    sent = inputs[0] if inputs else None
+    if isinstance(sent, dict) and sent.get("deployment_id") == request.deployment_id:
+        return description.run_id
     return None
 
 

@@ -109,21 +109,19 @@ class StepRunner:
     cancellation was asked for (remembered while a shielded step finishes)."""
 
     def __init__(self) -> None:
+        self.cancel_requested = False
+        self.begin()
+
+    def begin(self) -> None:
+        """A new deploy: its first step, nothing done yet (a cancellation stays asked)."""
         self.step = DeployStep.RECORD_START
         self.detail = ""
         self.done: list[DeployStep] = []
         self.status = DeployStatus.DEPLOYING
         self.error: str | None = None
-        self.cancel_requested = False
         # When each step of this deploy began, and how long each finished one took.
         self.started_at: dict[DeployStep, datetime] = {}
         self.seconds: dict[DeployStep, float] = {}
-
-    def begin(self) -> None:
-        """A new deploy: its first step, nothing done yet (a cancellation stays asked)."""
-        self.step, self.detail, self.done = DeployStep.RECORD_START, "", []
-        self.status, self.error = DeployStatus.DEPLOYING, None
-        self.started_at, self.seconds = {}, {}
 
     def raise_if_cancelled(self) -> None:
         # A cancellation that arrived during a shielded step, or while a step was finishing

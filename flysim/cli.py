@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from flysim.config import Faults, SimConfig, SimTiming
@@ -194,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=4280, help="port to listen on")
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="keep the apps, machines and app secrets in this file: loaded at start, "
+        "written on change and at stop (default: kept in memory only)",
+    )
     timing = parser.add_argument_group("timings")
     faults = parser.add_argument_group(
         "fault injection",
@@ -261,16 +269,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     sim = FlySim(config)
+    state = None
+    if args.state_file:
+        from flysim.persist import StateFile
+
+        state = StateFile(sim, Path(args.state_file))
+        try:
+            restored = state.load()
+        except ValueError as exc:
+            print(f"flysim: {exc}", file=sys.stderr)
+            return 1
+        print(f"flysim: {restored} apps restored from {args.state_file}", file=sys.stderr)
 
     async def serve() -> None:
         await sim.start(args.host, args.port)
+        keeper = asyncio.create_task(state.run()) if state else None
         print(
             f"flysim: API {sim.base_url}, apps {sim.app_url_template}, "
             f"control http://{args.host}:{sim.port}/_sim",
             file=sys.stderr,
             flush=True,
         )
-        await sim.wait_closed()
+        try:
+            await sim.wait_closed()
+        finally:
+            if keeper is not None:
+                keeper.cancel()
 
     with contextlib.suppress(KeyboardInterrupt):
         try:
@@ -278,4 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"flysim: {exc}", file=sys.stderr)
             return 1
+        finally:
+            if state is not None:
+                state.save()
     return 0

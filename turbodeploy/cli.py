@@ -975,22 +975,32 @@ def releases(project_id: str, limit: int, as_json: bool) -> None:
 @click.option("--ui-port", default=8233, show_default=True, type=int)
 @click.option("--flysim-port", default=4280, show_default=True, type=int)
 @click.option("--metrics-port", default=None, type=int, help="Serve worker metrics here.")
+@click.option("--no-worker", is_flag=True, help="Start no worker: run `python -m worker` yourself.")
 def up(
-    state_dir: Path, temporal_port: int, ui_port: int, flysim_port: int, metrics_port: int | None
+    state_dir: Path,
+    temporal_port: int,
+    ui_port: int,
+    flysim_port: int,
+    metrics_port: int | None,
+    no_worker: bool,
 ) -> None:
-    """Run the whole stack locally (Temporal + UI, PostgreSQL, SSM, Fly emulator, worker)
-    until Ctrl-C."""
+    """Run the whole stack locally until Ctrl-C: Temporal + UI, PostgreSQL, SSM, the Fly
+    emulator and a worker, each a process of its own (a port of 0: any free one).
+
+    The emulator's apps and machines, Temporal's history and the database stay under
+    --state-dir across restarts. SIGHUP restarts the worker, as does its own exit.
+    Refused while another stack runs on the same --state-dir or a port is taken; after a
+    stack that was killed, the next `up` stops what it left running."""
     from turbodeploy.stack import run_stack
 
     sys.exit(
-        _run(
-            run_stack(
-                state_dir,
-                temporal_port=temporal_port,
-                ui_port=ui_port,
-                flysim_port=flysim_port,
-                metrics_port=metrics_port,
-            )
+        run_stack(
+            state_dir,
+            temporal_port=temporal_port,
+            ui_port=ui_port,
+            flysim_port=flysim_port,
+            metrics_port=metrics_port,
+            run_worker=not no_worker,
         )
     )
 
@@ -1053,14 +1063,39 @@ def flysim(host: str, port: int, options: tuple[str, ...]) -> None:
     show_default=True,
     help="Image reference to roll out (the emulator runs no containers).",
 )
-@click.option("--keep", is_flag=True, help="Leave the stack running to explore the UI.")
-@click.option("--ui-port", default=8233, show_default=True, type=int)
-def demo(state_dir: Path, project_id: str, image: str, keep: bool, ui_port: int) -> None:
-    """Deploy the example project on an embedded stack and print its URL."""
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the stack running (prints every address and the `export` lines).",
+)
+@click.option("--ui-port", default=None, type=int, help="[default: 8233, or any free port]")
+@click.option("--temporal-port", default=None, type=int, help="[default: 7233, or any free port]")
+@click.option("--flysim-port", default=None, type=int, help="[default: 4280, or any free port]")
+def demo(
+    state_dir: Path,
+    project_id: str,
+    image: str,
+    keep: bool,
+    ui_port: int | None,
+    temporal_port: int | None,
+    flysim_port: int | None,
+) -> None:
+    """Deploy the example project on the local stack and print its URL.
+
+    Without --keep the stack stops when the deploy ends (what it wrote stays under
+    --state-dir, and `turbodeploy up` serves it again)."""
     from turbodeploy.demo import run_demo
 
     outcome = _run(
-        run_demo(state_dir, project_id=project_id, image=image, keep=keep, ui_port=ui_port)
+        run_demo(
+            state_dir,
+            project_id=project_id,
+            image=image,
+            keep=keep,
+            ui_port=ui_port,
+            temporal_port=temporal_port,
+            flysim_port=flysim_port,
+        )
     )
     if outcome.get("status") != "deployed":
         sys.exit(EXIT_FAILED)

@@ -67,7 +67,7 @@ def follow_up_commands(stack: LocalStack, project_id: str) -> list[str]:
     assert s is not None
     td, temporal = _command("turbodeploy", "turbodeploy.cli"), _command("temporal", "")
     address = shlex.quote(s.temporal_address)
-    query = shlex.quote(f"ProjectId='{project_id}'")
+    query = f'"ProjectId={project_id!r}"'  # a project id: letters, digits, '-'
     return [
         f"{td} status {project_id}",
         f"{td} history {project_id}",
@@ -103,7 +103,9 @@ async def run_demo(
     ports = Ports(
         _port(temporal_port, "temporal"), _port(ui_port, "ui"), _port(flysim_port, "flysim")
     )
-    stack = LocalStack(state_dir, ports, say=lambda line: console.print(line), token=token)
+    stack = LocalStack(
+        state_dir, ports, say=lambda line: console.print(line, markup=False), token=token
+    )
     console.print(
         "[bold]starting the local stack[/bold] (Temporal, PostgreSQL, SSM, Fly emulator, "
         f"worker) under {stack.state_dir}"
@@ -169,10 +171,10 @@ async def _deploy(stack: LocalStack, request: DeployRequest, repo: str) -> dict[
 
 def _print_keep(stack: LocalStack, project_id: str) -> None:
     console.print("\n[bold]the stack keeps running[/bold]:")
-    print_addresses(stack, lambda line: console.print(line))
-    console.print("\nThen try:")
+    print_addresses(stack, lambda line: console.print(line, markup=False))
+    console.print("\nThen try (in a shell that ran the export lines above):")
     for command in follow_up_commands(stack, project_id):
-        console.print(f"  {command}")
+        console.print(f"  {command}", markup=False)
     console.print(
         "\nstack running; press Ctrl-C to stop it (every server stops, PostgreSQL included; "
         f"what is on disk stays under {stack.state_dir})"

@@ -21,6 +21,7 @@ from core.settings import Settings
 
 FLY_TOML = "fly.toml"
 _DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)
+_PROBE_IMAGE = "registry.fly.io/probe:latest"
 
 
 class PrepareConfigInput(Model):
@@ -70,6 +71,9 @@ class FlyConfigActivities:
             rendered = flytoml.render_fly_toml(
                 app_name=input.app_name, region=input.region, env=input.env, existing=existing
             )
+            # A file the rollout cannot turn into a machine config fails here, before
+            # anything is committed or created.
+            flytoml.machine_config(rendered, image=_PROBE_IMAGE, metadata={})
             changed: list[str] = []
             if rendered != existing:
                 gitrepo.write_file(clone, FLY_TOML, rendered)

@@ -52,6 +52,7 @@ from activities._machines import (
     all_or_first_error,
     has_checks,
 )
+from activities._volumes import VolumeAttacher
 from core.flytoml import machine_config, overlay_managed
 from core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
 from flyapi import (
@@ -122,6 +123,7 @@ class _Rollout:
         self._app = input.app_name
         self._deployment = input.deployment_id
         self._s = MachineSession(fly, input.app_name, input.timings, input.checks_hint)
+        self._volumes = VolumeAttacher(self._s, input.fly_toml, PROCESS_GROUP)
         self._digests: dict[str, str | None] = {}
 
     async def run(self) -> RolloutResult:
@@ -276,7 +278,7 @@ class _Rollout:
         previous: Machine | None = None
         if step.kind == "create":
             machine = await self._s.create(
-                step.config,
+                await self._volumes.attach(step.config, self._input.region),
                 self._input.region,
                 label=f"machine (slot {step.slot})",
                 matches=lambda m: (

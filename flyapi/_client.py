@@ -21,7 +21,7 @@ from flyapi._errors import (
     FlyTransportError,
     error_from_response,
 )
-from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine
+from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine, Volume
 from flyapi._ratelimit import RateLimiter
 from flyapi._retry import RequestRetry
 
@@ -218,6 +218,83 @@ class FlyClient:
                 body[key] = value
         response = await self._request("POST", f"/apps/{_seg(app)}/ip_assignments", json=body)
         return self._model(IPAssignment, response)
+
+    # --------------------------------------------------------------------------- volumes
+
+    async def create_volume(
+        self,
+        app: str,
+        name: str,
+        region: str,
+        size_gb: int,
+        *,
+        encrypted: bool | None = None,
+        snapshot_retention: int | None = None,
+        auto_backup_enabled: bool | None = None,
+        require_unique_zone: bool | None = None,
+        fstype: str | None = None,
+        compute: Mapping[str, Any] | None = None,
+    ) -> Volume:
+        """Create a volume named `name` (not unique: an app may hold several of one name).
+
+        Not idempotent: after a 408, a 5xx or a transport error the volume may exist;
+        list the app's volumes before creating again.
+        """
+        body: dict[str, Any] = {"name": name, "region": region, "size_gb": int(size_gb)}
+        for key, value in (
+            ("encrypted", encrypted),
+            ("snapshot_retention", snapshot_retention),
+            ("auto_backup_enabled", auto_backup_enabled),
+            ("require_unique_zone", require_unique_zone),
+            ("fstype", fstype),
+            ("compute", dict(compute) if compute is not None else None),
+        ):
+            if value is not None:
+                body[key] = value
+        response = await self._request(
+            "POST", f"/apps/{_seg(app)}/volumes", json=body, idempotent=False
+        )
+        return self._model(Volume, response)
+
+    async def list_volumes(self, app: str, *, include_destroyed: bool = False) -> list[Volume]:
+        """The app's volumes; those being destroyed only with `include_destroyed` (as
+        fly-go's GetVolumes and GetAllVolumes)."""
+        response = await self._request("GET", f"/apps/{_seg(app)}/volumes")
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise self._unexpected(response, "expected a list of volumes")
+        volumes = [self._validate(Volume, v, response) for v in data]
+        return volumes if include_destroyed else [v for v in volumes if not v.gone]
+
+    async def get_volume(self, app: str, volume_id: str) -> Volume:
+        response = await self._request("GET", self._volume_path(app, volume_id))
+        return self._model(Volume, response)
+
+    async def delete_volume(self, app: str, volume_id: str) -> Volume | None:
+        """Destroy a volume. Raises `FlyNotFound` when it does not exist (already gone:
+        whether that is fine is the caller's choice). The API refuses a volume attached
+        to a machine that is not destroyed."""
+        response = await self._request("DELETE", self._volume_path(app, volume_id))
+        data = self._json_or_none(response)
+        return self._validate(Volume, data, response) if isinstance(data, dict) else None
+
+    async def extend_volume(self, app: str, volume_id: str, size_gb: int) -> tuple[Volume, bool]:
+        """Grow a volume to `size_gb`; returns it and whether its machine needs a restart."""
+        response = await self._request(
+            "PUT", self._volume_path(app, volume_id, "extend"), json={"size_gb": int(size_gb)}
+        )
+        data = self._json(response)
+        if not isinstance(data, dict) or not isinstance(data.get("volume"), dict):
+            raise self._unexpected(response, "expected {volume, needs_restart}")
+        volume = self._validate(Volume, data["volume"], response)
+        return volume, bool(data.get("needs_restart"))
+
+    @staticmethod
+    def _volume_path(app: str, volume_id: str, *rest: str) -> str:
+        path = f"/apps/{_seg(app)}/volumes/{_seg(volume_id)}"
+        for part in rest:
+            path += f"/{_seg(part)}"
+        return path
 
     # -------------------------------------------------------------------------- machines
 

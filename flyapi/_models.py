@@ -107,3 +107,40 @@ class IPAssignment(_Liberal):
     service_name: str | None = None
     shared: bool | None = None
     created_at: str | None = None
+
+
+# Volume states after which a volume is on its way out (fly-go's GetVolumes leaves them out).
+VOLUME_GONE_STATES = frozenset(
+    {
+        "scheduling_destroy",
+        "fork_cleanup",
+        "waiting_for_detach",
+        "pending_destroy",
+        "destroying",
+        "destroyed",
+    }
+)
+
+
+class Volume(_Liberal):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    size_gb: int | None = None
+    region: str | None = None
+    zone: str | None = None
+    encrypted: bool | None = None
+    attached_machine_id: str | None = None
+    attached_alloc_id: str | None = None
+    created_at: str | None = None
+    snapshot_retention: int | None = None
+    auto_backup_enabled: bool | None = None
+    host_status: str | None = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.attached_machine_id or self.attached_alloc_id)
+
+    @property
+    def gone(self) -> bool:
+        return self.state in VOLUME_GONE_STATES

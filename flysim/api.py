@@ -16,6 +16,7 @@ from starlette.routing import Route
 from flysim._http import ApiError, Handler, SimContext, flag, json_body, path_app, request_org
 from flysim.state import GONE_STATES, App, IPAssignment, Lease, Machine, iso, ulid
 from flysim.validation import REGION_RE, ConfigError, app_name_error, check_machine_config
+from flysim.volumes import check_mounts, volume_routes
 
 LEASE_HEADER = "fly-machine-lease-nonce"
 WAIT_STATES = frozenset({"started", "stopped", "destroyed", "suspended"})
@@ -187,6 +188,7 @@ class _Api:
         region = body.get("region") or _DEFAULT_REGION
         if not isinstance(region, str) or not REGION_RE.match(region):
             raise ApiError(422, f"invalid region {region!r}")
+        check_mounts(app, config, region, None)
         lease_ttl = body.get("lease_ttl")
         if lease_ttl is not None and (not isinstance(lease_ttl, int) or lease_ttl <= 0):
             raise ApiError(400, "lease_ttl must be a positive number of seconds")
@@ -225,7 +227,7 @@ class _Api:
         return JSONResponse(self._json(machine))
 
     async def machines_update(self, request: Request) -> Response:
-        _, machine = self._machine(request)
+        app, machine = self._machine(request)
         self._check_lease(request, machine)
         body = await json_body(request)
         if machine.state in GONE_STATES:
@@ -234,6 +236,7 @@ class _Api:
             config = check_machine_config(body.get("config"))
         except ConfigError as exc:
             raise ApiError(422, str(exc)) from None
+        check_mounts(app, config, machine.region, machine)
         current = body.get("current_version")
         if current and current != machine.instance_id:
             raise ApiError(409, f"machine version mismatch: current is {machine.instance_id}")
@@ -516,4 +519,5 @@ def api_routes(sim: SimContext) -> list[Route]:
         (f"{m}/versions", api.versions, ["GET"]),
         (f"{m}/events", api.events, ["GET"]),
     ]
-    return [Route(path, handler, methods=methods) for path, handler, methods in table]
+    routes = [Route(path, handler, methods=methods) for path, handler, methods in table]
+    return routes + volume_routes(sim)

@@ -252,6 +252,62 @@ class IPAssignment:
 
 
 @dataclass
+class Volume:
+    """A volume: one machine at a time mounts it, in the volume's region."""
+
+    id: str
+    name: str
+    region: str
+    size_gb: int
+    created_at: float
+    zone: str = field(default_factory=lambda: secrets.token_hex(2))
+    encrypted: bool = True
+    fstype: str = "ext4"
+    snapshot_retention: int = 5
+    auto_backup_enabled: bool = True
+    state: str = "created"
+
+    def attached_to(self, app: App) -> Machine | None:
+        """The machine that mounts this volume and is not destroyed, if any."""
+        for machine in app.machines.values():
+            if machine.state == "destroyed":
+                continue
+            for mount in machine.config.get("mounts") or []:
+                if isinstance(mount, dict) and mount.get("volume") == self.id:
+                    return machine
+        return None
+
+    def to_json(self, app: App) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "size_gb": self.size_gb,
+            "region": self.region,
+            "zone": self.zone,
+            "encrypted": self.encrypted,
+            "fstype": self.fstype,
+            "created_at": iso(self.created_at),
+            "snapshot_retention": self.snapshot_retention,
+            "auto_backup_enabled": self.auto_backup_enabled,
+            "host_status": "ok",
+            "type": "local",
+            "block_size": 4096,
+            "blocks": self.size_gb * 262144,
+            "blocks_free": self.size_gb * 262144,
+            "blocks_avail": self.size_gb * 262144,
+            "bytes_total": self.size_gb * 2**30,
+            "bytes_used": 0,
+        }
+        machine = self.attached_to(app)
+        if machine is not None:
+            # Absent, not null, when detached: the spec types these as strings.
+            out["attached_machine_id"] = machine.id
+            out["attached_alloc_id"] = machine.instance_id
+        return out
+
+
+@dataclass
 class App:
     id: str
     name: str
@@ -260,6 +316,7 @@ class App:
     created_at: float
     machines: dict[str, Machine] = field(default_factory=dict)
     ips: list[IPAssignment] = field(default_factory=list)
+    volumes: dict[str, Volume] = field(default_factory=dict)
 
     def live_machines(self) -> list[Machine]:
         return [m for m in self.machines.values() if m.state not in GONE_STATES]
@@ -316,6 +373,14 @@ class World:
         existing = {m for a in self.apps.values() for m in a.machines}
         while True:
             candidate = secrets.token_hex(7)
+            if candidate not in existing:
+                return candidate
+
+    def new_volume_id(self) -> str:
+        existing = {v for a in self.apps.values() for v in a.volumes}
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+        while True:
+            candidate = "vol_" + "".join(secrets.choice(alphabet) for _ in range(16))
             if candidate not in existing:
                 return candidate
 

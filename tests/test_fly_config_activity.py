@@ -335,6 +335,26 @@ async def test_invalid_fly_toml_in_the_repository(
     assert "line 2" in caught.value.message
 
 
+async def test_a_fly_toml_that_cannot_become_a_machine_config_is_refused_before_commit(
+    tmp_path: Path, activities: FlyConfigActivities
+) -> None:
+    # Valid TOML, but two volumes for one machine (flyctl refuses it too).
+    text = (
+        '[[mounts]]\nsource = "a"\ndestination = "/a"\n\n'
+        '[[mounts]]\nsource = "b"\ndestination = "/b"\n'
+    )
+    remote = make_remote(tmp_path, {**NITRO_TREE, "fly.toml": text})
+    before = remote.tip()
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote))
+
+    assert caught.value.type == "FlyTomlError"
+    assert caught.value.non_retryable is True
+    assert "more than one [[mounts]]" in caught.value.message
+    assert remote.tip() == before
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

@@ -279,7 +279,13 @@ def test_the_validator_catches_wrong_types(machine_config_validator: Draft4Valid
 
 def test_machine_config_of_a_rendered_file() -> None:
     config = machine_config(_render(A="1"), image=IMAGE, metadata={"fly_release_id": "r1"})
-    assert config["env"] == {"PORT": "3000", "NODE_ENV": "production", "A": "1"}
+    assert config["env"] == {
+        "PORT": "3000",
+        "NODE_ENV": "production",
+        "A": "1",
+        "FLY_PROCESS_GROUP": "app",
+        "PRIMARY_REGION": "ams",
+    }
     assert config["guest"] == {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}
     assert config["metadata"] == {
         "fly_release_id": "r1",
@@ -292,7 +298,7 @@ def test_machine_config_of_a_rendered_file() -> None:
         "internal_port": 3000,
         "ports": [
             {"port": 80, "handlers": ["http"], "force_https": True},
-            {"port": 443, "handlers": ["tls", "http"]},
+            {"port": 443, "handlers": ["http", "tls"]},
         ],
         "autostop": True,
         "autostart": True,
@@ -301,7 +307,6 @@ def test_machine_config_of_a_rendered_file() -> None:
         "checks": [
             {
                 "type": "http",
-                "port": 3000,
                 "method": "GET",
                 "path": "/api/health",
                 "grace_period": "10s",
@@ -316,25 +321,79 @@ def test_machine_config_of_the_full_reference() -> None:
     text = reference_file("fly-toml-examples", "full-reference.toml").read_text()
     config = machine_config(text, image=IMAGE, metadata={})
 
-    # Two [[vm]] entries apply to the app group; later keys win, as in flyctl.
-    assert config["guest"]["cpu_kind"] == "performance"
-    assert config["guest"]["cpus"] == 8
-    assert config["guest"]["memory_mb"] == 4096
-    http, other = config["services"]
+    # The file's groups are web and task: sections without `processes` belong to the
+    # default group (task, the first name), as flyctl flattens them; app gets its own.
+    assert config["metadata"]["fly_process_group"] == "app"
+    assert config["env"] == {"FOO": "BAR", "FLY_PROCESS_GROUP": "app", "PRIMARY_REGION": "sea"}
+    # Two [[vm]] entries apply to the app group; the one naming it wins, as in flyctl.
+    assert config["guest"] == {
+        "cpu_kind": "performance",
+        "cpus": 8,
+        "memory_mb": 8192,
+        "gpu_kind": "a100-pcie-40gb",
+        "gpus": 2,
+        "kernel_args": ["quiet"],
+        "host_dedication_id": "isolated-xxx",
+    }
+    (other,) = config["services"]
+    assert other["internal_port"] == 8081 and other["min_machines_running"] == 1
+    assert [c["type"] for c in other["checks"]] == ["tcp", "http", "http"]
+    assert "checks" not in config and "metrics" not in config and "mounts" not in config
+    assert "restart" not in config  # [[restart]] only applies to the web group
+    assert config["stop_config"] == {"signal": "SIGTERM", "timeout": "3s"}
+    assert config["init"] == {
+        "cmd": ["cmd"],
+        "entrypoint": ["entrypoint"],
+        "exec": ["exec"],
+        "swap_size_mb": 512,
+    }
+
+    task = machine_config(text, image=IMAGE, metadata={}, process_group="task")
+    (http,) = task["services"]
     assert http["internal_port"] == 8080 and http["autostop"] is False
     assert http["checks"][0]["headers"] == [{"name": "My-Custom-Header", "values": ["whatever"]}]
     assert http["ports"][1]["tls_options"]["versions"] == ["TLSv1.2", "TLSv1.3"]
-    assert other["internal_port"] == 8081 and other["min_machines_running"] == 1
-    assert [c["type"] for c in other["checks"]] == ["tcp", "http", "http"]
-    assert config["checks"]["status"]["port"] == 2020
-    assert config["metrics"] == {"port": 9999, "path": "/metrics"}
-    # [[restart]] only applies to the web group.
-    assert "restart" not in config
-    assert config["stop_config"] == {"signal": "SIGTERM", "timeout": "3s"}
-    assert config["init"]["swap_size_mb"] == 512
+    assert task["checks"]["status"]["port"] == 2020
+    assert task["metrics"] == {"port": 9999, "path": "/metrics"}
+    assert task["mounts"] == [{"name": "data", "path": "/data"}]
+    assert task["init"]["cmd"] == ["task", "all", "day"]
+    assert task["guest"] == {
+        "cpu_kind": "shared",
+        "cpus": 1,
+        "memory_mb": 4096,
+        "host_dedication_id": "06031957",
+    }
+    # raw_value is encoded as written (flyctl does not take it for base64).
+    assert task["files"] == [
+        {"guest_path": "/path/to/hello.txt", "raw_value": "YUdWc2JHOGdkMjl5YkdRSw=="},
+        {"guest_path": "/path/to/secret.txt", "secret_name": "SUPER_SECRET"},
+    ]
+    assert (
+        task["statics"]
+        == config["statics"]
+        == [
+            {
+                "guest_path": "/path/to/statics",
+                "url_prefix": "/static-assets",
+                "tigris_bucket": "example-bucket",
+                "index_document": "index.html",
+            }
+        ]
+    )
 
-    web = machine_config(text, image=IMAGE, metadata={}, process_group="web")
+    # A local file is read from what the caller provides, and refused clearly without it.
+    with pytest.raises(FlyTomlError, match=r"local_path '/local/path/config\.yaml'"):
+        machine_config(text, image=IMAGE, metadata={}, process_group="web")
+    web = machine_config(
+        text,
+        image=IMAGE,
+        metadata={},
+        process_group="web",
+        local_files={"/local/path/config.yaml": b"a: 1\n"},
+    )
+    assert web["files"] == [{"guest_path": "/path/to/config.yaml", "raw_value": "YTogMQo="}]
     assert web["restart"] == {"policy": "always", "max_retries": 3}
+    assert web["metrics"] == {"port": 9998, "path": "/metrics"}
     assert web["init"]["cmd"] == ["run", "web"]
     assert web["metadata"]["fly_process_group"] == "web"
 
@@ -342,11 +401,11 @@ def test_machine_config_of_the_full_reference() -> None:
 def test_machine_config_of_old_formats() -> None:
     text = reference_file("fly-toml-examples", "old-format.toml").read_text()
     config = machine_config(text, image=IMAGE, metadata={})
-    assert config["env"] == {"FOO": "STRING", "BAR": "123"}
+    assert config["env"] == {"FOO": "STRING", "BAR": "123", "FLY_PROCESS_GROUP": "app"}
     (service,) = config["services"]
     assert service["internal_port"] == 8080
     assert service["ports"] == [{"port": 80, "handlers": ["http"]}]
-    assert service["concurrency"] == {"soft_limit": 12, "hard_limit": 23}
+    assert service["concurrency"] == {"type": "requests", "soft_limit": 12, "hard_limit": 23}
     assert service["autostop"] is False
     tcp1, tcp2, http1, http2 = service["checks"]
     assert (tcp1["interval"], tcp1["timeout"]) == ("10s", "2s")
@@ -360,6 +419,7 @@ def test_machine_config_of_old_formats() -> None:
         "FOO": "BAR",
         "TWO": "2",
         "TRUE": "true",
+        "FLY_PROCESS_GROUP": "app",
     }
     quirks = reference_file("fly-toml-examples", "format-quirks.toml").read_text()
     assert machine_config(quirks, image=IMAGE, metadata={})["guest"]["memory_mb"] == 512
@@ -406,7 +466,7 @@ def test_overlay_managed_keeps_unmanaged_fields() -> None:
         "dns": {"skip_registration": True},
         "schedule": "daily",
         "mounts": [{"volume": "vol_1", "path": "/data"}],
-        "init": {"entrypoint": ["/bin/sh"], "swap_size_mb": 64},
+        "init": {"entrypoint": ["/bin/sh"], "swap_size_mb": 64, "tty": True},
         "metadata": {"fly_release_id": "r1", "fly_platform_version": "v2", "owner": "me"},
     }
     snapshot = copy.deepcopy(current)
@@ -424,7 +484,8 @@ def test_overlay_managed_keeps_unmanaged_fields() -> None:
     assert merged["dns"] == {"skip_registration": True}
     assert merged["schedule"] == "daily"
     assert merged["mounts"] == [{"volume": "vol_1", "path": "/data"}]
-    assert merged["init"] == {"entrypoint": ["/bin/sh"], "swap_size_mb": 64}
+    # fly.toml manages the command, entrypoint, exec and swap (as flyctl does); not the rest.
+    assert merged["init"] == {"tty": True}
     assert merged["metadata"] == {
         "fly_release_id": "r1",
         "fly_platform_version": "v2",

@@ -52,6 +52,7 @@ from flyapi._models import (
     Lease,
     Machine,
     Organization,
+    Volume,
 )
 from flyapi._ratelimit import RateLimiter
 from flyapi._retry import RequestRetry
@@ -79,6 +80,7 @@ __all__ = [
     "RateLimiter",
     "RequestRetry",
     "TokenSource",
+    "Volume",
     "WaitHook",
     "WaitState",
 ]

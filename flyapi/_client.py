@@ -21,7 +21,7 @@ from flyapi._errors import (
     FlyTransportError,
     error_from_response,
 )
-from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine
+from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine, Volume
 from flyapi._ratelimit import RateLimiter
 from flyapi._retry import RequestRetry
 
@@ -433,6 +433,29 @@ class FlyClient:
         except FlyNotFound:
             return None
         return _secrets_version(self._json_or_none(response))
+
+    # --------------------------------------------------------------------------- volumes
+
+    async def create_volume(self, app: str, name: str, region: str, *, size_gb: int = 1) -> Volume:
+        body = {"name": name, "region": region, "size_gb": size_gb}
+        response = await self._request(
+            "POST", f"/apps/{_seg(app)}/volumes", json=body, idempotent=False
+        )
+        return self._model(Volume, response)
+
+    async def list_volumes(self, app: str) -> list[Volume]:
+        response = await self._request("GET", f"/apps/{_seg(app)}/volumes")
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise self._unexpected(response, "expected a list of volumes")
+        return [self._validate(Volume, v, response) for v in data]
+
+    async def get_volume(self, app: str, volume_id: str) -> Volume:
+        response = await self._request("GET", f"/apps/{_seg(app)}/volumes/{_seg(volume_id)}")
+        return self._model(Volume, response)
+
+    async def delete_volume(self, app: str, volume_id: str) -> None:
+        await self._request("DELETE", f"/apps/{_seg(app)}/volumes/{_seg(volume_id)}")
 
     # --------------------------------------------------------------------------- private
 

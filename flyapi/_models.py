@@ -107,3 +107,13 @@ class IPAssignment(_Liberal):
     service_name: str | None = None
     shared: bool | None = None
     created_at: str | None = None
+
+
+class Volume(_Liberal):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    region: str | None = None
+    size_gb: int | None = None
+    attached_machine_id: str | None = None
+    created_at: str | None = None

@@ -25,6 +25,7 @@ from flysim.proxy import proxy_routes
 from flysim.secrets import SecretVault, machine_runtime_env, secret_routes
 from flysim.state import World, ulid
 from flysim.stats import LogEntry, SimStats
+from flysim.volumes import volume_routes
 
 _LOG_LIMIT = 100_000
 
@@ -38,7 +39,7 @@ class _SimApp(Starlette):
 
     def __init__(self, sim: FlySim) -> None:
         self._sim = sim
-        self.api_routes = [*api_routes(sim), *secret_routes(sim)]
+        self.api_routes = [*api_routes(sim), *secret_routes(sim), *volume_routes(sim)]
         routes: list[Route] = [
             *self.api_routes,
             *proxy_routes(sim),
@@ -329,7 +330,10 @@ class FlySim:
         apps, machines, leases = [], [], []
         for app in list(self.world.apps.values()):
             self.world.advance(app, now)
-            apps.append({**app.to_json(), "ips": [ip.to_json() for ip in app.ips], "org": app.org})
+            apps.append(
+                {**app.to_json(), "ips": [ip.to_json() for ip in app.ips], "org": app.org,
+                 "volumes": [v.to_json(app) for v in app.volumes.values()]}
+            )  # fmt: skip
             for machine in app.machines.values():
                 machines.append(
                     {**machine.to_json(self._config, now), "app": app.name,

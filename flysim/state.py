@@ -260,6 +260,7 @@ class App:
     created_at: float
     machines: dict[str, Machine] = field(default_factory=dict)
     ips: list[IPAssignment] = field(default_factory=list)
+    volumes: dict[str, Any] = field(default_factory=dict)  # id -> flysim.volumes.Volume
 
     def live_machines(self) -> list[Machine]:
         return [m for m in self.machines.values() if m.state not in GONE_STATES]

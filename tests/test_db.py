@@ -33,6 +33,7 @@ MIGRATIONS = [
     "0002_releases.sql",
     "0003_first_run.sql",
     "0004_serving_image.sql",
+    "0005_destroyed_and_projects.sql",
 ]
 
 

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 from harness import Rows, app_machines, apps_named, by_deployment, fast_timings
 from temporalio.client import Client
 
@@ -256,3 +258,40 @@ async def test_a_deploy_asked_for_after_a_destroy_runs_after_it(
         DeployStatus.CANCELLED, DeployStatus.DESTROYED, DeployStatus.DEPLOYED
     ]  # fmt: skip
     assert len(app_machines(flysim, results[2].app_name)) == 1
+
+
+@pytest_asyncio.fixture
+async def projects_table(settings: Settings) -> str:
+    """The platform's `projects` table in the test's schema, before the worker migrates it,
+    holding one project."""
+    assert settings.database_url
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{settings.db_schema}"')
+        await conn.execute(
+            f'CREATE TABLE "{settings.db_schema}".projects (project_id VARCHAR PRIMARY KEY)'
+        )
+        await conn.execute(f"INSERT INTO \"{settings.db_schema}\".projects VALUES ('known')")
+    finally:
+        await conn.close()
+    return "known"
+
+
+async def test_a_deploy_of_a_project_the_platform_does_not_know_fails_before_any_side_effect(
+    projects_table: str,
+    temporal_client: Client,
+    settings: Settings,
+    rows_of: Rows,
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    project_id: str,
+) -> None:
+    calls = flysim.stats.total_requests
+    handle = await start_deploy(temporal_client, make_request(), task_queue=settings.task_queue)
+    result = await outcome(handle)
+    assert result.status is DeployStatus.FAILED
+    assert f"ProjectNotRegistered: project {project_id} is not in" in (result.error or "")
+    assert flysim.stats.total_requests == calls, "nothing was asked of Fly"
+    assert apps_named(flysim, result.app_name) == []
+    assert await rows_of(project_id) == []

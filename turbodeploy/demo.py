@@ -71,6 +71,11 @@ async def run_demo(
         if row is not None:
             console.print("[bold]recorded row:[/bold]")
             console.print_json(json.dumps(row.as_json()))
+        project = request.project_id
+        console.print("[bold]next[/bold] (with --keep, against this stack):", highlight=False)
+        for command in (f"app {project}", f"logs {project} --follow", f"stop {project}",
+                        f"start {project}", f"destroy {project} --yes"):  # fmt: skip
+            console.print(f"  turbodeploy {command}", highlight=False)
         if keep:
             console.print("\nstack running; press Ctrl-C to stop")
             with contextlib.suppress(asyncio.CancelledError):

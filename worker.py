@@ -24,9 +24,11 @@ from activities._heartbeat import heartbeat_if_in_activity
 from activities.app_secrets import AppSecretActivities
 from activities.build import BuildActivities
 from activities.deployments import DeploymentActivities
+from activities.destroy import DestroyActivities
 from activities.fly_apps import FlyAppActivities
 from activities.fly_config import FlyConfigActivities
 from activities.health import HealthActivities
+from activities.lifecycle import LifecycleActivities
 from activities.notify import NotifyActivities
 from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
@@ -82,6 +84,8 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     releases = ReleaseActivities(fly)
     builds = BuildActivities(credentials, settings, fly=fly)
     app_secrets = AppSecretActivities(fly, credentials, settings)
+    lifecycle = LifecycleActivities(fly, credentials)
+    destroy = DestroyActivities(fly, credentials, store)
     try:
         yield Worker(
             client,
@@ -104,6 +108,14 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 releases.restore,
                 health.check_health,
                 notify.notify_deployment,
+                lifecycle.stop_machines,
+                lifecycle.start_machines,
+                destroy.survey,
+                destroy.destroy_machines,
+                destroy.delete_volumes,
+                destroy.release_ips,
+                destroy.delete_secrets,
+                destroy.delete_app,
             ],
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,

@@ -13,7 +13,10 @@ that forgot to say so still does not retry a hopeless request for minutes.
     │   ├── SecretsUnavailable       SSM unreachable or throttling
     │   ├── AppNotVisible            a Fly app just created is not readable yet
     │   ├── CallbackUnavailable      the platform's callback receiver is down
-    │   └── FlyctlInterrupted        flyctl killed before it finished
+    │   ├── FlyctlInterrupted        flyctl killed before it finished
+    │   ├── MachineNotSettled        a machine stopped or started is not there yet
+    │   ├── VolumeInUse              a volume still attached to a machine being destroyed
+    │   └── AppNotGone               a deleted Fly app is still visible
     ├── decided by each failure
     │   ├── GitError                 auth or a missing branch: no; the network: yes
     │   ├── FlyctlFailed             its output says whether the cause was transient
@@ -27,7 +30,7 @@ that forgot to say so still does not retry a hopeless request for minutes.
         ├── app secrets              SecretMissing, SecretAccessDenied, SecretInvalid
         ├── records                  DeploymentNotFound, DeploymentConflict,
         │                            DeploymentRecordInvalid, ReleaseNotFound,
-        │                            ReleaseNotRestorable
+        │                            ReleaseNotRestorable, ProjectNotRegistered
         ├── the app                  AppNameTaken, AppNotFound
         ├── configuration            FlyTomlError, UnsupportedStrategy, BlueGreenNeedsChecks,
         │                            BlueGreenWithVolumes
@@ -87,6 +90,9 @@ SECRETS_UNAVAILABLE = Failure("SecretsUnavailable", retryable=True)
 APP_NOT_VISIBLE = Failure("AppNotVisible", retryable=True)
 CALLBACK_UNAVAILABLE = Failure("CallbackUnavailable", retryable=True)
 FLYCTL_INTERRUPTED = Failure("FlyctlInterrupted", retryable=True)
+MACHINE_NOT_SETTLED = Failure("MachineNotSettled", retryable=True)
+VOLUME_IN_USE = Failure("VolumeInUse", retryable=True)
+APP_NOT_GONE = Failure("AppNotGone", retryable=True)
 # decided by each failure
 GIT_ERROR = Failure("GitError", retryable=None)
 FLYCTL_FAILED = Failure("FlyctlFailed", retryable=None)
@@ -104,6 +110,7 @@ RELEASE_NOT_FOUND = Failure("ReleaseNotFound", retryable=False)
 RELEASE_NOT_RESTORABLE = Failure("ReleaseNotRestorable", retryable=False)
 APP_NAME_TAKEN = Failure("AppNameTaken", retryable=False)
 APP_NOT_FOUND = Failure("AppNotFound", retryable=False)
+PROJECT_NOT_REGISTERED = Failure("ProjectNotRegistered", retryable=False)
 FLY_TOML_ERROR = Failure("FlyTomlError", retryable=False)
 UNSUPPORTED_STRATEGY = Failure("UnsupportedStrategy", retryable=False)
 BLUE_GREEN_NEEDS_CHECKS = Failure("BlueGreenNeedsChecks", retryable=False)

@@ -21,6 +21,7 @@ from activities._errors import (
     DEPLOYMENT_CONFLICT,
     DEPLOYMENT_NOT_FOUND,
     DEPLOYMENT_RECORD_INVALID,
+    PROJECT_NOT_REGISTERED,
     RELEASE_NOT_FOUND,
     RELEASE_NOT_RESTORABLE,
 )
@@ -29,6 +30,7 @@ from core.db import (
     DeploymentNotFound,
     DeploymentStore,
     NewDeployment,
+    ProjectNotRegistered,
 )
 from core.models import (
     CheckWindow,
@@ -215,6 +217,8 @@ def _release_not_found(message: str) -> ApplicationError:
 def _classified_errors() -> Iterator[None]:
     try:
         yield
+    except ProjectNotRegistered as err:
+        raise PROJECT_NOT_REGISTERED(str(err)) from err
     except DeploymentNotFound as err:
         raise DEPLOYMENT_NOT_FOUND(str(err)) from err
     except DeploymentConflict as err:

@@ -24,8 +24,11 @@ from core.models import (
     DeployProgress,
     DeployRequest,
     DeployResult,
+    DestroyRequest,
     ProjectRequest,
     RollbackRequest,
+    StartRequest,
+    StopRequest,
 )
 from core.settings import TASK_QUEUE
 
@@ -44,6 +47,9 @@ CURRENT_REQUEST_QUERY = "current_request"  # -> the request running now, or the 
 INVALID_REQUEST = "InvalidRequest"  # the update's rejection, or the run's failure at once
 DEPLOY_FAILED = "DeployFailed"  # the run's failure: its last deployment did not deploy
 DEPLOY_ROLLED_BACK = "DeployRolledBack"  # ... and the previous release serves again
+# The run's failure when its last request was a stop, start or destroy that did not
+# succeed (details hold the DeployResult).
+APP_OPERATION_FAILED = "AppOperationFailed"
 
 # Keyword search attributes, set by the caller at start; the workflow keeps DeployStatus true.
 PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
@@ -59,6 +65,9 @@ _SCHEMAS: dict[str, tuple[Any, Mode]] = {
     "project-request": (ProjectRequest, "validation"),
     "deploy-request": (DeployRequest, "validation"),
     "rollback-request": (RollbackRequest, "validation"),
+    "stop-request": (StopRequest, "validation"),
+    "start-request": (StartRequest, "validation"),
+    "destroy-request": (DestroyRequest, "validation"),
     "accepted": (Accepted, "serialization"),
     "deploy-progress": (DeployProgress, "serialization"),
     "deploy-result": (DeployResult, "serialization"),

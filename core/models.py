@@ -190,6 +190,7 @@ class DeployStatus(StrEnum):
     CANCELLED = "cancelled"
     ROLLED_BACK = "rolled_back"
     SUPERSEDED = "superseded"
+    DESTROYED = "destroyed"
 
     @property
     def is_final(self) -> bool:
@@ -433,6 +434,62 @@ class RollbackRequest(IncomingRequest):
         return workflow_id_for(self.project_id)
 
 
+class _AppRequest(IncomingRequest):
+    """A request about the project's running app rather than a new release."""
+
+    project_id: ProjectId
+    deployment_id: str = Field(default="", description=DEPLOYMENT_ID_DESCRIPTION)
+    timings: DeployTimings = Field(default_factory=DeployTimings)
+
+    @field_validator("deployment_id", mode="before")
+    @classmethod
+    def _deployment_id(cls, v: object) -> object:
+        return _optional_deployment_id(v)
+
+    @property
+    def app_name(self) -> str:
+        return app_name_for(self.project_id)
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id_for(self.project_id)
+
+
+class StopRequest(_AppRequest):
+    """Stop every machine of the project's app: its release, IPs and volumes stay, and it
+    costs storage only. The deployment ends `stopped`."""
+
+    kind: Literal["stop"] = "stop"
+
+
+class StartRequest(_AppRequest):
+    """Start the machines of a stopped app again and verify `/api/health`; ends `deployed`."""
+
+    kind: Literal["start"] = "start"
+
+
+class DestroyRequest(_AppRequest):
+    """Remove the project's app from Fly: machines, volumes, IP assignments, secrets and
+    the app itself. The records stay; the deployment ends `destroyed`, and the next deploy
+    of the project starts from scratch."""
+
+    kind: Literal["destroy"] = "destroy"
+
+
+# The requests about the running app, and the status each ends with when it succeeds.
+AppRequest = StopRequest | StartRequest | DestroyRequest
+REQUEST_KINDS = ("deploy", "rollback", "stop", "start", "destroy")
+
+
+def success_status(request: object) -> DeployStatus:
+    """The status a request of this kind ends with when it does what it asked."""
+    if isinstance(request, StopRequest):
+        return DeployStatus.STOPPED
+    if isinstance(request, DestroyRequest):
+        return DeployStatus.DESTROYED
+    return DeployStatus.DEPLOYED
+
+
 def _request_kind(value: Any) -> str:
     # A JSON caller may leave `kind` out: a request is a deploy unless it says otherwise.
     if isinstance(value, dict):
@@ -440,16 +497,25 @@ def _request_kind(value: Any) -> str:
     return str(getattr(value, "kind", "deploy"))
 
 
-# What a project's deploy workflow runs, one at a time: a deploy or a rollback.
+# What a project's deploy workflow runs, one at a time: a deploy, a rollback, or a stop,
+# start or destroy of its app.
 ProjectRequest = Annotated[
-    Annotated[DeployRequest, Tag("deploy")] | Annotated[RollbackRequest, Tag("rollback")],
+    Annotated[DeployRequest, Tag("deploy")]
+    | Annotated[RollbackRequest, Tag("rollback")]
+    | Annotated[StopRequest, Tag("stop")]
+    | Annotated[StartRequest, Tag("start")]
+    | Annotated[DestroyRequest, Tag("destroy")],
     Discriminator(
         _request_kind,
         custom_error_type="invalid_kind",
-        custom_error_message="kind must be 'deploy' (the default) or 'rollback'",
+        custom_error_message=(
+            "kind must be 'deploy' (the default), 'rollback', 'stop', 'start' or 'destroy'"
+        ),
     ),
 ]
-PROJECT_REQUEST: TypeAdapter[DeployRequest | RollbackRequest] = TypeAdapter(ProjectRequest)
+PROJECT_REQUEST: TypeAdapter[
+    DeployRequest | RollbackRequest | StopRequest | StartRequest | DestroyRequest
+] = TypeAdapter(ProjectRequest)
 
 
 class InvalidRequest(IncomingRequest):
@@ -463,7 +529,7 @@ def describe_validation_error(err: ValidationError) -> str:
     """Every problem of a request on one line: `field: message; field: message`."""
     problems = []
     for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("deploy", "rollback"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in REQUEST_KINDS)
         message = str(e["msg"]).removeprefix("Value error, ")
         problems.append(f"{loc}: {message}" if loc else message)
     return "; ".join(problems)
@@ -509,6 +575,11 @@ class DeployStep(StrEnum):
     HEALTH = "health"
     ROLLBACK = "rollback"
     RECORD_RESULT = "record_result"
+    # The steps of a stop, start or destroy of the app (with record_start, credentials,
+    # secrets, app, health and record_result above).
+    MACHINES = "machines"
+    VOLUMES = "volumes"
+    IPS = "ips"
     DONE = "done"
 
 
@@ -552,6 +623,10 @@ class DeployResult(Model):
     )
     machine_ids: list[str] = Field(default_factory=list)
     error: str | None = None
+    detail: str | None = Field(
+        default=None,
+        description="What a stop, start or destroy did, in one line (not recorded)",
+    )
 
 
 class CheckWindow(Model):

@@ -31,7 +31,7 @@ The client does not retry on its own: retry policy belongs to the caller. The on
 is a GET whose connection dropped before any response; it is sent once more, immediately.
 """
 
-from flyapi._client import FlyClient, IPType, TokenSource, WaitHook, WaitState
+from flyapi._client import FlyClient, IPType, TokenSource, WaitHook, WaitState, web_base_url_for
 from flyapi._errors import (
     FlyAPIError,
     FlyBadRequest,
@@ -50,7 +50,10 @@ from flyapi._models import (
     CheckStatus,
     IPAssignment,
     Lease,
+    LogEntry,
+    LogPage,
     Machine,
+    MachineEvent,
     Organization,
     Volume,
 )
@@ -75,7 +78,10 @@ __all__ = [
     "IPAssignment",
     "IPType",
     "Lease",
+    "LogEntry",
+    "LogPage",
     "Machine",
+    "MachineEvent",
     "Organization",
     "RateLimiter",
     "RequestRetry",
@@ -83,4 +89,5 @@ __all__ = [
     "Volume",
     "WaitHook",
     "WaitState",
+    "web_base_url_for",
 ]

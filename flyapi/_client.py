@@ -21,7 +21,17 @@ from flyapi._errors import (
     FlyTransportError,
     error_from_response,
 )
-from flyapi._models import App, AppSecret, IPAssignment, Lease, Machine, Volume
+from flyapi._models import (
+    App,
+    AppSecret,
+    IPAssignment,
+    Lease,
+    LogEntry,
+    LogPage,
+    Machine,
+    MachineEvent,
+    Volume,
+)
 from flyapi._ratelimit import RateLimiter
 from flyapi._retry import RequestRetry
 
@@ -38,6 +48,9 @@ IPType = Literal["v4", "v6", "shared_v4", "private_v6"]
 WaitState = Literal["started", "stopped", "destroyed", "suspended"]
 
 DEFAULT_USER_AGENT = "turbodeploy-flyapi/0.1"
+# The Machines API's public base, and the web API that serves an app's logs beside it.
+MACHINES_API_BASE_URL = "https://api.machines.dev/v1"
+WEB_API_BASE_URL = "https://api.fly.io"
 LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
 # The server caps a wait at 60 s and rejects anything below a second.
 _WAIT_MIN_SECONDS = 1
@@ -83,8 +96,11 @@ class FlyClient:
         retry: RequestRetry | None = None,
         max_connections: int = 20,
         max_waiting: int = 100,
+        web_base_url: str | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        # Logs are served by the web API (api.fly.io), not the Machines API.
+        self._web_base_url = (web_base_url or web_base_url_for(self._base_url)).rstrip("/")
         self._retry = retry
         self._on_response = on_response
         self._on_wait = on_wait
@@ -190,6 +206,14 @@ class FlyClient:
 
     async def delete_app(self, app: str) -> None:
         await self._request("DELETE", f"/apps/{_seg(app)}")
+
+    async def release_ip_assignment(self, app: str, ip: str) -> bool:
+        """Release the address; False when the app no longer had it."""
+        try:
+            await self._request("DELETE", f"/apps/{_seg(app)}/ip_assignments/{_seg(ip)}")
+        except FlyNotFound:
+            return False
+        return True
 
     async def list_ip_assignments(self, app: str) -> list[IPAssignment]:
         response = await self._request("GET", f"/apps/{_seg(app)}/ip_assignments")
@@ -426,6 +450,20 @@ class FlyClient:
             raise
         return True
 
+    async def list_machine_events(
+        self, app: str, machine_id: str, *, limit: int | None = None
+    ) -> list[MachineEvent]:
+        """The machine's events, newest first (the API returns 20 unless `limit`, at most
+        50)."""
+        params = {"limit": str(limit)} if limit is not None else None
+        response = await self._request(
+            "GET", self._machine_path(app, machine_id, "events"), params=params
+        )
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise self._unexpected(response, "expected a list of events")
+        return [self._validate(MachineEvent, e, response) for e in data]
+
     async def cordon_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> None:
         await self._request("POST", self._machine_path(app, machine_id, "cordon"), nonce=nonce)
 
@@ -511,6 +549,46 @@ class FlyClient:
             return None
         return _secrets_version(self._json_or_none(response))
 
+    # ------------------------------------------------------------------------------ logs
+
+    async def get_app_logs(
+        self,
+        app: str,
+        *,
+        next_token: str = "",
+        instance: str | None = None,
+        region: str | None = None,
+    ) -> LogPage:
+        """One page of the app's logs, as flyctl polls them (`GET /api/v1/apps/{app}/logs`
+        on the web API): pass the page's `next_token` back for the entries after it.
+        `instance` is a machine id."""
+        params = {"next_token": next_token}
+        if instance:
+            params["instance"] = instance
+        if region:
+            params["region"] = region
+        response = await self._request(
+            "GET",
+            f"{self._web_base_url}/api/v1/apps/{_seg(app)}/logs",
+            params=params,
+            authorization=web_authorization,
+        )
+        data = self._json(response)
+        if not isinstance(data, dict):
+            raise self._unexpected(response, "expected a JSON object of logs")
+        items = data.get("data") or []
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+        if not isinstance(items, list):
+            raise self._unexpected(response, "expected a list of log entries in data")
+        entries = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise self._unexpected(response, "a log entry is not an object")
+            attributes = item.get("attributes") or {}
+            entries.append(self._validate(LogEntry, {"id": item.get("id"), **attributes}, response))
+        token = meta.get("next_token") if isinstance(meta, dict) else None
+        return LogPage(entries=entries, next_token=str(token or next_token))
+
     # --------------------------------------------------------------------------- private
 
     @staticmethod
@@ -536,6 +614,7 @@ class FlyClient:
         read_timeout: float | None = None,
         redact: Collection[str] = (),
         idempotent: bool = True,
+        authorization: Callable[[str], str] | None = None,
     ) -> httpx.Response:
         attempt = 1
         while True:
@@ -548,6 +627,7 @@ class FlyClient:
                     nonce=nonce,
                     read_timeout=read_timeout,
                     redact=redact,
+                    authorization=authorization,
                 )
             except (FlyRetryableError, FlyTransportError) as exc:
                 delay = self.retry_delay(exc, attempt) if idempotent else None
@@ -568,9 +648,10 @@ class FlyClient:
         nonce: str | None,
         read_timeout: float | None,
         redact: Collection[str],
+        authorization: Callable[[str], str] | None = None,
     ) -> httpx.Response:
         token = await self._token_value()
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = {"Authorization": (authorization or _bearer)(token)}
         if nonce:
             headers[LEASE_NONCE_HEADER] = nonce
         attempts = _GET_ATTEMPTS_ON_DROP if method == "GET" else 1
@@ -650,6 +731,29 @@ class FlyClient:
 
     def _model(self, model: type[_M], response: httpx.Response) -> _M:
         return self._validate(model, self._json(response), response)
+
+
+def web_base_url_for(machines_base_url: str) -> str:
+    """Where the web API (logs) lives beside a Machines API base URL: api.fly.io for the
+    public one, the same origin for any other (the emulator serves both)."""
+    base = machines_base_url.rstrip("/")
+    if base == MACHINES_API_BASE_URL:
+        return WEB_API_BASE_URL
+    return base.removesuffix("/v1")
+
+
+def _bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def web_authorization(token: str) -> str:
+    """The web API's Authorization header, as fly-go sends it: macaroon tokens (`fm1…`,
+    `fm2…`, or already `FlyV1 …`) with the FlyV1 scheme, any other token as Bearer."""
+    if token.startswith("FlyV1 "):
+        return token
+    if token.startswith(("fm1", "fm2")):
+        return f"FlyV1 {token}"
+    return f"Bearer {token}"
 
 
 def _redacted(error: FlyAPIError, values: Collection[str]) -> FlyAPIError:

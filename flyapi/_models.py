@@ -144,3 +144,41 @@ class Volume(_Liberal):
     @property
     def gone(self) -> bool:
         return self.state in VOLUME_GONE_STATES
+
+
+class MachineEvent(_Liberal):
+    """One entry of a machine's event log: `type` (launch, start, stop, exit, update,
+    destroy, ...), the `status` it led to, `source` (user, flyd, flyproxy), when (ms)."""
+
+    id: str | None = None
+    type: str | None = None
+    status: str | None = None
+    source: str | None = None
+    timestamp: int | None = None  # epoch milliseconds
+    request: dict[str, Any] | None = None
+
+
+class LogEntry(_Liberal):
+    """One line of an app's logs as `GET /api/v1/apps/{app}/logs` returns it (the
+    `attributes` of a data item): `instance` is the machine id."""
+
+    id: str | None = None
+    timestamp: str = ""
+    message: str = ""
+    level: str | None = None
+    instance: str | None = None
+    region: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _meta(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class LogPage(_Liberal):
+    """A page of log entries, oldest first, and the token that asks for the ones after it
+    (the same token again when there are none yet)."""
+
+    entries: list[LogEntry] = Field(default_factory=list)
+    next_token: str = ""

@@ -2,7 +2,8 @@
 
 Fly does not forget an app or a machine when a client restarts; neither should the local
 stack's emulator. `StateFile` writes the apps (machines, their events, versions, pending
-transitions and leases, IP assignments) and the app secrets to one JSON file:
+transitions and leases, IP assignments, volumes, the lines of their logs) and the app
+secrets to one JSON file:
 
 - at start, `load()` reads it back, if it exists;
 - every `interval` seconds while it serves, the file is written again when the world
@@ -27,9 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flysim.logs import LogLine
 from flysim.secrets import SecretVault, _AppSecrets, _Secret, _Value, _Version
 from flysim.server import FlySim
-from flysim.state import App, Event, IPAssignment, Lease, Machine
+from flysim.state import App, Event, IPAssignment, Lease, Machine, Volume
 
 FORMAT = 1
 _SKIP = frozenset({"changed"})  # a machine's asyncio.Event: made anew on load
@@ -64,6 +66,8 @@ def _app(app: App) -> dict[str, Any]:
     data = _fields(app)
     data["machines"] = {mid: _machine(m) for mid, m in app.machines.items()}
     data["ips"] = [_fields(ip) for ip in app.ips]
+    data["volumes"] = {vid: _fields(v) for vid, v in app.volumes.items()}
+    data["request_lines"] = [_fields(line) for line in app.request_lines]
     return data
 
 
@@ -121,6 +125,8 @@ def _load_app(data: dict[str, Any]) -> App:
         data,
         machines={mid: _load_machine(m) for mid, m in data.get("machines", {}).items()},
         ips=[_build(IPAssignment, ip) for ip in data.get("ips", [])],
+        volumes={vid: _build(Volume, v) for vid, v in data.get("volumes", {}).items()},
+        request_lines=[_build(LogLine, line) for line in data.get("request_lines", [])],
     )
 
 

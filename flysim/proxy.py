@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flysim._http import SimContext
+from flysim.logs import record_proxy_error, record_request
 from flysim.state import App, Machine
 
 _POLL_CAP = 0.5
@@ -50,6 +51,7 @@ class _Proxy:
             if healthy:
                 machine = min(healthy, key=lambda m: m.last_request_at)
                 machine.last_request_at = now
+                record_request(app, machine, request.method, path, 200, now)
                 return self._serve(app, machine, path)
             wake = self._next_ready(machines)
             if wake is None and not any(m.state == "started" for m in machines):
@@ -65,6 +67,7 @@ class _Proxy:
                 reason = (
                     "no healthy machines" if machines else "no machines registered with the proxy"
                 )
+                record_proxy_error(app, f"could not find a good candidate: {reason}", now)
                 return JSONResponse({"error": f"{name}: {reason}"}, status_code=503)
             if now >= deadline:
                 return JSONResponse({"error": f"{name}: timed out waiting for a machine"}, 503)

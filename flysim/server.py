@@ -21,6 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from flysim._http import ApiError, error_response
 from flysim.api import api_routes
 from flysim.config import SimConfig
+from flysim.logs import logs_routes
 from flysim.proxy import proxy_routes
 from flysim.secrets import SecretVault, machine_runtime_env, secret_routes
 from flysim.state import World, ulid
@@ -38,7 +39,11 @@ class _SimApp(Starlette):
 
     def __init__(self, sim: FlySim) -> None:
         self._sim = sim
-        self.api_routes = [*api_routes(sim), *secret_routes(sim)]
+        self.api_routes = [
+            *api_routes(sim),
+            *secret_routes(sim),
+            *logs_routes(sim),
+        ]
         routes: list[Route] = [
             *self.api_routes,
             *proxy_routes(sim),
@@ -63,7 +68,8 @@ class _SimApp(Starlette):
             await send(message)
 
         path: str = scope["path"]
-        if path == "/v1" or path.startswith("/v1/"):
+        # The Machines API, and the web API's log endpoint beside it.
+        if path == "/v1" or path.startswith(("/v1/", "/api/v1/")):
             await self._sim._gate(scope, receive, send, send_with_id, super().__call__)
         else:
             await super().__call__(scope, receive, send_with_id)
@@ -243,7 +249,7 @@ class FlySim:
         if value in tokens:
             return tokens[value]
         scheme, _, rest = value.partition(" ")
-        if scheme.lower() == "bearer":
+        if scheme.lower() in {"bearer", "flyv1"}:
             return tokens.get(rest.strip())
         return None
 
@@ -329,7 +335,10 @@ class FlySim:
         apps, machines, leases = [], [], []
         for app in list(self.world.apps.values()):
             self.world.advance(app, now)
-            apps.append({**app.to_json(), "ips": [ip.to_json() for ip in app.ips], "org": app.org})
+            apps.append(
+                {**app.to_json(), "ips": [ip.to_json() for ip in app.ips], "org": app.org,
+                 "volumes": [v.to_json(app) for v in app.volumes.values()]}
+            )  # fmt: skip
             for machine in app.machines.values():
                 machines.append(
                     {**machine.to_json(self._config, now), "app": app.name,

@@ -317,6 +317,8 @@ class App:
     machines: dict[str, Machine] = field(default_factory=dict)
     ips: list[IPAssignment] = field(default_factory=list)
     volumes: dict[str, Volume] = field(default_factory=dict)
+    # What the proxy handed to the app's machines, for its logs (flysim.logs.LogLine).
+    request_lines: list[Any] = field(default_factory=list)
 
     def live_machines(self) -> list[Machine]:
         return [m for m in self.machines.values() if m.state not in GONE_STATES]

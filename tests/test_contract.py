@@ -429,14 +429,15 @@ def ts_handler() -> Path:
 
 
 def _node_deploy(
-    cli: Path, settings: Settings, body: dict[str, Any]
+    cli: Path, settings: Settings, body: dict[str, Any], *, command: str = "deploy"
 ) -> tuple[int, list[dict[str, Any]]]:
     env = dict(os.environ)
     env.update(
         TEMPORAL_ADDRESS=settings.temporal_address, TURBODEPLOY_TASK_QUEUE=settings.task_queue
     )
+    arg = json.dumps(body) if command == "deploy" else body["project_id"]
     done = subprocess.run(
-        ["node", str(cli), "deploy", json.dumps(body)],
+        ["node", str(cli), command, arg],
         capture_output=True,
         text=True,
         env=env,
@@ -487,6 +488,31 @@ async def test_typescript_handler_one_request_one_deployment(
         body["deployment_id"],
         assigned,
     ]
+
+
+async def test_typescript_handler_destroys_the_app(
+    ts_handler: Path,
+    settings: Settings,
+    rows_of: Rows,
+    worker: None,
+    flysim: Any,
+    request_json: Callable[..., dict[str, Any]],
+    project_id: str,
+) -> None:
+    code, events = await asyncio.to_thread(_node_deploy, ts_handler, settings, request_json())
+    assert code == 0, events
+    app = f"turbobackend-{project_id}"
+    assert [a for a in flysim.snapshot()["apps"] if a["name"] == app]
+    code, events = await asyncio.to_thread(
+        _node_deploy, ts_handler, settings, {"project_id": project_id}, command="destroy"
+    )
+    assert code == 0, events
+    assert events[0]["event"] == "accepted" and events[-1]["event"] == "destroyed"
+    assert events[-1]["status"] == "destroyed" and "1 machine(s)" in events[-1]["detail"]
+    state = flysim.snapshot()
+    assert not [a for a in state["apps"] if a["name"] == app]
+    assert not [m for m in state["machines"] if m["app"] == app]
+    assert [r["status"] for r in await rows_of(project_id)] == ["deployed", "destroyed"]
 
 
 async def test_typescript_handler_gets_a_bad_request_refused(

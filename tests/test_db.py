@@ -20,6 +20,7 @@ from core.db import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentStore,
+    ProjectNotRegistered,
     create_pool,
 )
 from core.db.queries import Queries
@@ -33,6 +34,7 @@ MIGRATIONS = [
     "0002_releases.sql",
     "0003_first_run.sql",
     "0004_serving_image.sql",
+    "0005_destroyed_and_projects.sql",
 ]
 
 
@@ -580,3 +582,25 @@ async def test_only_a_run_of_the_same_chain_starts_a_finished_deployment_again(
     assert reset.finished_at is None
     done = await store.record_result(deployment_id, DeployStatus.DEPLOYED)
     assert done.status is DeployStatus.DEPLOYED and done.finished_at is not None
+
+
+async def test_where_the_platform_has_a_projects_table_a_deployment_must_name_one_of_them(
+    pool: asyncpg.Pool[asyncpg.Record], postgres_url: str
+) -> None:
+    schema = f"p_{uuid.uuid4().hex[:10]}"
+    await pool.execute(f'CREATE SCHEMA "{schema}"')
+    await pool.execute(f'CREATE TABLE "{schema}".projects (project_id VARCHAR PRIMARY KEY)')
+    await pool.execute(f"INSERT INTO \"{schema}\".projects VALUES ('known')")
+    store = DeploymentStore(pool, schema)
+    await store.migrate()
+    row = await _start(store, "known", _deployment_id())
+    assert row.status is DeployStatus.DEPLOYING
+    with pytest.raises(
+        ProjectNotRegistered, match=rf"project stranger is not in {schema}.projects"
+    ):
+        await _start(store, "stranger", _deployment_id())
+    assert await store.history("stranger") == []
+    # Without such a table nothing is referenced (the test schemas of every other test).
+    other = DeploymentStore(pool, f"q_{uuid.uuid4().hex[:10]}")
+    await other.migrate()
+    assert (await _start(other, "stranger", _deployment_id())).status is DeployStatus.DEPLOYING

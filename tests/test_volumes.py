@@ -215,3 +215,24 @@ async def test_fly_go_create_body_with_nulls_is_accepted(
         assert "attached_machine_id" not in volume
         deleted = await api.delete(f"/apps/{app}/volumes/{volume['id']}")
         assert deleted.status_code == 200 and deleted.json()["state"] == "destroyed"
+
+
+async def test_a_restarted_emulator_keeps_volumes_and_their_mounts(
+    fly: FlyClient, app: str, flysim: Any
+) -> None:
+    from flysim import FlySim, SimConfig
+    from flysim.persist import dump, restore
+
+    volume = await fly.create_volume(app, "data", "ams", 2)
+    machine = await fly.create_machine(app, _config(volume), "ams")
+    saved = json.loads(json.dumps(dump(flysim)))  # what the state file holds
+
+    restarted = FlySim(SimConfig(tokens=dict(flysim.config.tokens)))
+    restore(restarted, saved)
+    with restarted.serve_in_thread():
+        async with FlyClient(restarted.base_url, next(iter(flysim.config.tokens))) as again:
+            (kept,) = await again.list_volumes(app)
+            assert (kept.id, kept.region, kept.size_gb) == (volume.id, "ams", 2)
+            assert kept.attached_machine_id == machine.id
+            with pytest.raises(FlyAPIError):  # still attached: the emulator still knows it
+                await again.delete_volume(app, volume.id)

@@ -9,14 +9,23 @@ from typing import Any
 
 from core.models import DeployRequest, DeployResult, DeployStatus
 
-__all__ = ["DeployRequest", "DeployResult", "DeployStatus", "start_deploy"]
+__all__ = [
+    "DeployRequest",
+    "DeployResult",
+    "DeployStatus",
+    "start_deploy",
+    "start_destroy",
+    "start_start",
+    "start_stop",
+]
+_LAZY = ("start_deploy", "start_destroy", "start_start", "start_stop")
 
 
 def __getattr__(name: str) -> Any:
     # Imported lazily: workflow code imports core.models and must not pull the
     # Temporal client into the sandbox with it.
-    if name == "start_deploy":
-        from turbodeploy.client import start_deploy
+    if name in _LAZY:
+        from turbodeploy import client
 
-        return start_deploy
+        return getattr(client, name)
     raise AttributeError(name)

@@ -375,8 +375,200 @@ async def _submit(
     outcome = await follow(handle, quiet=_json_output, poll_interval=poll_interval)
     if _json_output:
         _print_json({**started, **outcome})
-    if outcome.get("status") != "deployed":
+    elif outcome.get("detail"):
+        click.echo(f"  {outcome['detail']}")
+    if outcome.get("status") != str(handle.expected):
         sys.exit(EXIT_FAILED)
+
+
+# ------------------------------------------------------------------ the app's life
+
+
+def _app_request_command(kind: str, verb: str, doc: str) -> None:
+    """`turbodeploy stop|start|destroy PROJECT_ID`: a request of the project's workflow."""
+
+    @main.command(name=kind, help=doc)
+    @click.argument("project_id")
+    @click.option("--timings", "timings_json", default=None, metavar="JSON", help="As for deploy.")
+    @click.option("--wait/--no-wait", default=False, help="Follow it until it ends.")
+    @click.option("--poll-interval", type=float, default=0.5, hidden=True)
+    @click.option(
+        "--yes", "-y", is_flag=True, hidden=kind != "destroy", help="Do not ask for confirmation."
+    )
+    @_json_option
+    def command(
+        project_id: str,
+        timings_json: str | None,
+        wait: bool,
+        poll_interval: float,
+        yes: bool,
+        as_json: bool,
+    ) -> None:
+        from core.models import PROJECT_REQUEST
+
+        extra: dict[str, Any] = {}
+        if timings := _parse_timings(timings_json):
+            extra["timings"] = timings
+        try:
+            request = PROJECT_REQUEST.validate_python(
+                {"kind": kind, "project_id": project_id, **extra}
+            )
+        except ValidationError as exc:
+            _invalid(exc)
+        from core.models import app_name_for
+
+        if kind == "destroy" and not yes:
+            if as_json or not sys.stdin.isatty():
+                _fail("destroy removes the app from Fly: confirm with --yes", EXIT_INVALID)
+            click.confirm(
+                f"Destroy Fly app {app_name_for(project_id)} of project {project_id} "
+                "(machines, volumes, IPs, secrets)?",
+                abort=True,
+            )
+        settings = _settings()
+
+        async def start(client: Client) -> DeployHandle:
+            from turbodeploy.client import submit
+
+            return await submit(client, request, task_queue=settings.task_queue)
+
+        _run(_submit(settings, start, verb, wait=wait, poll_interval=poll_interval))
+
+
+_app_request_command(
+    "stop",
+    "stopping",
+    "Stop every machine of PROJECT_ID's app (its release, IPs and volumes stay).",
+)
+_app_request_command(
+    "start",
+    "starting",
+    "Start the machines of PROJECT_ID's stopped app again and verify /api/health.",
+)
+_app_request_command(
+    "destroy",
+    "destroying",
+    "Remove PROJECT_ID's app from Fly: machines, volumes, IPs, secrets and the app. A "
+    "running deploy is cancelled first; the records stay.",
+)
+
+
+@main.command(name="app")
+@click.argument("project_id")
+@_json_option
+def app_command(project_id: str, as_json: bool) -> None:
+    """PROJECT_ID's app as Fly sees it now: machines, IPs, volumes, URL and health."""
+    from core.models import app_name_for
+
+    _project(project_id)
+    settings = _settings()
+    app = app_name_for(project_id)
+
+    async def show() -> None:
+        from flyapi import FlyError
+        from turbodeploy.flyview import app_status, fly_client
+
+        try:
+            async with fly_client(settings) as fly:
+                view = await app_status(fly, app, settings.app_url(app))
+        except FlyError as exc:
+            _fail(f"cannot read Fly app {app}: {exc}")
+        if _json_output:
+            _print_json({**view.model_dump(mode="json"), "healthy": view.healthy})
+            return
+        _print_app(view)
+        if not view.exists:
+            sys.exit(EXIT_FAILED)
+
+    _run(show())
+
+
+def _print_app(view: Any) -> None:
+    out = Console(highlight=False)
+    if not view.exists:
+        out.print(f"[yellow]no Fly app {view.app_name}[/yellow] (never deployed, or destroyed)")
+        return
+    health = (
+        "[green]200[/green]"
+        if view.healthy
+        else f"[red]{view.health_status or view.health_error or 'no answer'}[/red]"
+    )
+    out.print(f"[bold]{view.app_name}[/bold]  status {view.status}  org {view.organization}")
+    out.print(f"url     {view.url}   /api/health {health}")
+    table = Table(box=None, pad_edge=False)
+    for column in ("machine", "region", "state", "image", "version", "checks", "last event"):
+        table.add_column(column)
+    for m in view.machines:
+        checks = ", ".join(f"{c.status}" for c in m.checks) or "-"
+        when = f" {_age(m.last_event_at.isoformat())}" if m.last_event_at else ""
+        table.add_row(
+            m.id, m.region or "", m.state or "", m.image or "", m.version or "", checks,
+            f"{m.last_event or '-'}{when}",
+        )  # fmt: skip
+    out.print(table if view.machines else "machines: none")
+    ips = ", ".join(str(ip.get("ip")) for ip in view.ips) or "none"
+    volumes = ", ".join(f"{v.get('id')} ({v.get('size_gb')} GB)" for v in view.volumes) or "none"
+    out.print(f"ips     {ips}")
+    out.print(f"volumes {volumes}")
+
+
+@main.command()
+@click.argument("project_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--machine", "-m", default=None, help="Only this machine's lines.")
+@click.option("--region", "-r", default=None, help="Only this region's lines.")
+@click.option("--since", default=None, metavar="DURATION", help="Only lines newer: 30s, 10m, 2h.")
+@_json_option
+def logs(
+    project_id: str,
+    follow: bool,
+    machine: str | None,
+    region: str | None,
+    since: str | None,
+    as_json: bool,
+) -> None:
+    """PROJECT_ID's app logs, as `fly logs` reads them (JSON lines with --json)."""
+    from core.models import app_name_for
+    from turbodeploy.flyview import parse_since
+
+    _project(project_id)
+    try:
+        window = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    settings = _settings()
+    app = app_name_for(project_id)
+
+    async def read() -> None:
+        from flyapi import FlyError
+        from turbodeploy.flyview import fly_client, read_logs
+
+        try:
+            async with fly_client(settings) as fly:
+                async for entry in read_logs(
+                    fly, app, machine=machine, region=region, since=window, follow=follow
+                ):
+                    if as_json:
+                        click.echo(json.dumps(entry.model_dump(mode="json")))
+                    else:
+                        provider = (entry.meta.get("event") or {}).get("provider", "")
+                        click.echo(
+                            f"{entry.timestamp} {provider}[{entry.instance or '-'}] "
+                            f"{entry.region or '-'} [{entry.level or 'info'}] {entry.message}"
+                        )
+        except FlyError as exc:
+            _fail(f"cannot read the logs of Fly app {app}: {exc}")
+
+    async def until_interrupted() -> None:
+        # Ctrl-C is how --follow ends: stop polling and exit 0, mid-wait or mid-request.
+        task = asyncio.ensure_future(read())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    _run(until_interrupted())
 
 
 # ------------------------------------------------------------------------ status etc.

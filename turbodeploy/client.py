@@ -60,9 +60,13 @@ from core.models import (
     DeployRequest,
     DeployResult,
     DeployStatus,
+    DestroyRequest,
     ProjectRequest,
     RollbackRequest,
+    StartRequest,
+    StopRequest,
     new_deployment_id,
+    success_status,
     workflow_id_for,
 )
 from core.settings import TASK_QUEUE
@@ -82,7 +86,8 @@ class RequestRejected(DeployError):
 
 
 class DeployFailed(DeployError):
-    """The deploy ended without deploying: `result.status` says how, `result.error` why."""
+    """The deploy ended without deploying (a stop without stopping, a destroy without
+    destroying): `result.status` says how, `result.error` why."""
 
     def __init__(self, result: DeployResult) -> None:
         self.result = result
@@ -100,6 +105,9 @@ class DeployHandle:
     project_id: str
     deployment_id: str
     run_id: str | None  # the run that took the request
+    # What the request ends as when it succeeds: `deployed`, or `stopped` for a stop and
+    # `destroyed` for a destroy.
+    expected: DeployStatus = DeployStatus.DEPLOYED
 
     @property
     def workflow_id(self) -> str:
@@ -110,14 +118,15 @@ class DeployHandle:
         return deploy_handle(self.client, self.project_id, self.run_id)
 
     async def result(self) -> DeployResult:
-        """Wait for this deployment to end. Raises `DeployFailed` unless it deployed."""
+        """Wait for this deployment to end. Raises `DeployFailed` unless it ended as
+        `expected` (deployed, or stopped or destroyed for those requests)."""
         outcome = await self._outcome(self.run_id)
         if outcome is None and self.run_id is not None:
             # Carried over to a newer run by continue-as-new.
             outcome = await self._outcome(None)
         if outcome is None:
             raise DeployError(f"deployment {self.deployment_id} is not known to {self.workflow_id}")
-        if outcome.status is not DeployStatus.DEPLOYED:
+        if outcome.status is not self.expected:
             raise DeployFailed(outcome)
         return outcome
 
@@ -175,7 +184,7 @@ async def submit(
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         search_attributes=attributes,
-        static_summary=f"Deploy project {request.project_id} to Fly app {request.app_name}",
+        static_summary=_summary(request),
         static_details=_details(request),
     )
     try:
@@ -219,8 +228,16 @@ async def submit(
             run_id,
             task_queue,
         )
-        return DeployHandle(client, request.project_id, request.deployment_id, run_id)
-    return DeployHandle(client, request.project_id, accepted.deployment_id, accepted.run_id)
+        return DeployHandle(
+            client, request.project_id, request.deployment_id, run_id, success_status(request)
+        )
+    return DeployHandle(
+        client,
+        request.project_id,
+        accepted.deployment_id,
+        accepted.run_id,
+        success_status(request),
+    )
 
 
 # What a submit that no worker answered in time ends with, besides the SDK's own error.
@@ -275,6 +292,37 @@ async def start_rollback(
     return await submit(client, rollback, task_queue=task_queue)
 
 
+async def start_stop(
+    client: Client, project_id: str, *, task_queue: str = TASK_QUEUE, **request: Any
+) -> DeployHandle:
+    """Stop every machine of the project's app (after any deploy ahead of it); the app
+    keeps its release, IPs and volumes. `handle.result()` returns once it is `stopped`."""
+    stop = StopRequest(project_id=project_id, **request)
+    return await submit(client, stop, task_queue=task_queue)
+
+
+async def start_start(
+    client: Client, project_id: str, *, task_queue: str = TASK_QUEUE, **request: Any
+) -> DeployHandle:
+    """Start the machines of the project's stopped app again and verify its health;
+    `handle.result()` returns once it is `deployed` again."""
+    start = StartRequest(project_id=project_id, **request)
+    return await submit(client, start, task_queue=task_queue)
+
+
+async def start_destroy(
+    client: Client, project_id: str, *, task_queue: str = TASK_QUEUE, **request: Any
+) -> DeployHandle:
+    """Remove the project's app from Fly (machines, volumes, IPs, secrets, the app).
+
+    A deploy queued for the project is superseded and a running one is cancelled first,
+    with its cleanup. The records stay. `handle.result()` returns once it is `destroyed`;
+    for a project that never deployed and has no app, at once, with nothing done.
+    """
+    destroy = DestroyRequest(project_id=project_id, **request)
+    return await submit(client, destroy, task_queue=task_queue)
+
+
 async def retry_deploy(
     client: Client, project_id: str, *, task_queue: str = TASK_QUEUE
 ) -> DeployHandle:
@@ -284,6 +332,11 @@ async def retry_deploy(
     if answer is None:
         raise DeployError(f"no earlier request of project {project_id} to retry")
     last = PROJECT_REQUEST.validate_python(answer)
+    if not isinstance(last, DeployRequest | RollbackRequest):
+        raise DeployError(
+            f"the last request of project {project_id} was a {last.kind}, not a deploy: "
+            f"run turbodeploy {last.kind} again instead"
+        )
     # A new deployment, with an id of its own.
     again = last.model_copy(update={"deployment_id": ""})
     return await submit(client, again, task_queue=task_queue)
@@ -333,7 +386,23 @@ async def cancel_deploy(client: Client, project_id: str) -> None:
     await handle.cancel()
 
 
+def _summary(request: ProjectRequest) -> str:
+    verb = {"stop": "Stop", "start": "Start", "destroy": "Destroy"}.get(request.kind)
+    if verb is not None:
+        return f"{verb} Fly app {request.app_name} of project {request.project_id}"
+    return f"Deploy project {request.project_id} to Fly app {request.app_name}"
+
+
 def _details(request: ProjectRequest) -> str:
+    if isinstance(request, StopRequest | StartRequest | DestroyRequest):
+        return "\n".join(
+            [
+                f"**project** {request.project_id}",
+                f"**app** {request.app_name}",
+                f"**{request.kind}** the app",
+                f"**deployment** {request.deployment_id or '(assigned when accepted)'}",
+            ]
+        )
     if isinstance(request, RollbackRequest):
         return "\n".join(
             [

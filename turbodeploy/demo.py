@@ -72,6 +72,8 @@ def follow_up_commands(stack: LocalStack, project_id: str) -> list[str]:
         f"{td} status {project_id}",
         f"{td} history {project_id}",
         f"{td} list",
+        f"{td} app {project_id}",
+        f"{td} logs {project_id}",
         f"{temporal} workflow list --address {address} --query {query}",
         f"{temporal} workflow describe --address {address} -w deploy-{project_id}",
         f"{temporal} workflow query --address {address} -w deploy-{project_id} --name progress",

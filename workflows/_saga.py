@@ -72,8 +72,9 @@ with workflow.unsafe.imports_passed_through():
 ArgT = TypeVar("ArgT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel | None)
 
-# The steps a person sees in the progress query, in order.
-STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE]
+# The steps of a deploy or a rollback a person sees in the progress query, in order.
+APP_STEPS = (DeployStep.MACHINES, DeployStep.VOLUMES, DeployStep.IPS)
+STEPS: list[DeployStep] = [s for s in DeployStep if s is not DeployStep.DONE and s not in APP_STEPS]
 
 
 @dataclass
@@ -110,10 +111,15 @@ class StepRunner:
 
     def __init__(self) -> None:
         self.cancel_requested = False
+        # Why the running request was cancelled when it was not by a person: a destroy
+        # that overtook it.
+        self.cancel_reason: str | None = None
         self.begin()
 
-    def begin(self) -> None:
-        """A new deploy: its first step, nothing done yet (a cancellation stays asked)."""
+    def begin(self, steps: list[DeployStep] | None = None) -> None:
+        """A new deploy: its first step, nothing done yet (a cancellation stays asked).
+        `steps`: the request's steps, in order (default: a deploy's)."""
+        self.steps = STEPS if steps is None else steps
         self.step = DeployStep.RECORD_START
         self.detail = ""
         self.done: list[DeployStep] = []
@@ -196,9 +202,8 @@ class StepRunner:
             self.started_at.setdefault(step, workflow.now())
             self.step = step
             self.detail = summary
-            workflow.set_current_details(
-                f"**{step}** ({STEPS.index(step) + 1}/{len(STEPS)}): {summary}"
-            )
+            position = self.steps.index(step) + 1 if step in self.steps else len(self.steps)
+            workflow.set_current_details(f"**{step}** ({position}/{len(self.steps)}): {summary}")
         call = start()
         if shielded:
             task = asyncio.ensure_future(call)
@@ -235,7 +240,7 @@ class DeploySaga:
 
     def __init__(
         self,
-        request: ProjectRequest,
+        request: DeployRequest | RollbackRequest,
         run: StepRunner,
         on_recorded: Callable[[], None],
         *,
@@ -265,9 +270,19 @@ class DeploySaga:
             d = _Deploy(request=request, strategy=Strategy.ROLLING, machine_count=1)
         # Independent of each other, so they run together: one step less to wait for.
         credentials = asyncio.ensure_future(self._credentials())
-        started = await self._run.record_start(
-            request, DeployStep.RECORD_START, mark_step=True, restart=self._restart
-        )
+        try:
+            started = await self._run.record_start(
+                request, DeployStep.RECORD_START, mark_step=True, restart=self._restart
+            )
+        except BaseException as err:
+            # The records refuse the deployment (a project the platform does not know):
+            # nothing was written or touched, and the run says why.
+            if not isinstance(err, ActivityError) or not workflow.patched("unrecorded-failure"):
+                raise
+            credentials.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ActivityError):
+                await credentials
+            return unrecorded(request, self._run, err), False
         self._on_recorded()
         if started.finished is not None:
             credentials.cancel()
@@ -288,7 +303,7 @@ class DeploySaga:
             status = DeployStatus.DEPLOYED
             d.serving_image = d.image
         except BaseException as err:
-            if not _is_failure(err):
+            if not is_failure(err):
                 raise
             status = await self._recover(d, err)
 
@@ -486,7 +501,10 @@ class DeploySaga:
         if cancelled:
             self._run.cancel_requested = True
         failed_step = self._run.step
-        d.error = "cancelled by request" if cancelled else f"{failed_step}: {_describe(err)}"
+        if cancelled:
+            d.error = self._run.cancel_reason or "cancelled by request"
+        else:
+            d.error = f"{failed_step}: {describe(err)}"
         self._run.error = d.error
         rolled_back = False
         await self._restore_secrets(d)
@@ -523,9 +541,9 @@ class DeploySaga:
                 shielded=True,
             )
         except BaseException as err:
-            if not _is_failure(err):
+            if not is_failure(err):
                 raise
-            d.error = f"{d.error}; secrets not put back: {_describe(err)}"
+            d.error = f"{d.error}; secrets not put back: {describe(err)}"
 
     async def _roll_back(self, d: _Deploy) -> bool:
         """Restore the snapshot; True when a previous release serves again, verified.
@@ -558,9 +576,9 @@ class DeploySaga:
                 shielded=True,
             )
         except BaseException as err:
-            if not _is_failure(err):
+            if not is_failure(err):
                 raise
-            d.error = f"{d.error}; rollback failed: {_describe(err)}"
+            d.error = f"{d.error}; rollback failed: {describe(err)}"
             return False
         d.machines = []
         # The snapshot's machines run again (None: it had none, or not one image).
@@ -573,9 +591,9 @@ class DeploySaga:
                 d, DeployStep.ROLLBACK, f"Check {d.url}/api/health after the rollback"
             )
         except BaseException as err:
-            if not _is_failure(err):
+            if not is_failure(err):
                 raise
-            d.error = f"{d.error}; previous release restored but unhealthy: {_describe(err)}"
+            d.error = f"{d.error}; previous release restored but unhealthy: {describe(err)}"
             return False
         metrics.rollback_performed("automatic")
         d.machines = [
@@ -684,6 +702,21 @@ class DeploySaga:
         )
 
 
+def unrecorded(request: ProjectRequest, run: StepRunner, err: BaseException) -> DeployResult:
+    """The result of a request whose row could not be written: failed, nothing done."""
+    error = f"{DeployStep.RECORD_START}: {describe(err)}"
+    run.error = error
+    run.set_status(DeployStatus.FAILED)
+    return DeployResult(
+        deployment_id=request.deployment_id,
+        project_id=request.project_id,
+        app_name=request.app_name,
+        url="",
+        status=DeployStatus.FAILED,
+        error=error,
+    )
+
+
 def record_input(request: ProjectRequest, *, restart: bool = False) -> RecordStartInput:
     """The row of `request`. With `restart` (the run's own start input), a row that a run of
     this chain already finished starts again: that is what a reset asks for. A request that
@@ -703,14 +736,14 @@ def record_input(request: ProjectRequest, *, restart: bool = False) -> RecordSta
     )
 
 
-def _is_failure(err: BaseException) -> bool:
+def is_failure(err: BaseException) -> bool:
     """Errors a deploy recovers from (activity failures, cancellation), not workflow bugs."""
     return isinstance(err, ActivityError | ApplicationError | ChildWorkflowError) or (
         is_cancelled_exception(err)
     )
 
 
-def _describe(err: BaseException) -> str:
+def describe(err: BaseException) -> str:
     """The failing activity's own message: what a person needs, without Temporal's wrapping.
 
     Activities word their errors for people ("SSM is unreachable reading ..."); the causes

@@ -45,13 +45,18 @@ with workflow.unsafe.imports_passed_through():
         DeployResult,
         DeployStatus,
         DeployStep,
+        DestroyRequest,
         IncomingRequest,
         InvalidRequest,
         ProjectRequest,
         RollbackRequest,
+        StartRequest,
+        StopRequest,
         deployment_id_at,
+        success_status,
     )
     from workflows import policies
+    from workflows._lifecycle import AppSaga, steps_of
     from workflows._saga import STEPS, DeploySaga, StepRunner, record_input
 
 
@@ -79,6 +84,9 @@ class DeployProjectWorkflow:
         self._outcomes: dict[str, DeployResult] = {}
         self._pending: set[str] = set()  # accepted here, no outcome yet
         self._run = StepRunner()
+        # The running request's task, and whether a destroy cancelled it (not a person).
+        self._running: asyncio.Future[tuple[DeployResult, bool]] | None = None
+        self._preempted = False
 
     # ------------------------------------------------------------------ the run
 
@@ -95,6 +103,11 @@ class DeployProjectWorkflow:
         current = start
         while True:
             result = await self._deploy_one(current)
+            if self._preempted and workflow.cancellation_reason() is None:
+                # Cancelled for the destroy queued behind it, which runs next.
+                self._preempted = False
+                self._run.cancel_requested = False
+                self._run.cancel_reason = None
             if self._run.cancel_requested:
                 # Nothing waiting behind a cancelled deploy runs; requests that arrive
                 # while these records are written are cancelled too.
@@ -116,14 +129,19 @@ class DeployProjectWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         if result.status is DeployStatus.CANCELLED:
             raise asyncio.CancelledError(result.error or "cancelled")
-        if result.status is not DeployStatus.DEPLOYED:
+        last = self._current
+        if result.status is not success_status(last):
+            if steps_of(last) is not None:
+                kind = contract.APP_OPERATION_FAILED
+            elif result.status is DeployStatus.ROLLED_BACK:
+                kind = contract.DEPLOY_ROLLED_BACK
+            else:
+                kind = contract.DEPLOY_FAILED
             raise ApplicationError(
                 f"deploy {result.deployment_id} of {result.project_id} ended {result.status}: "
                 f"{result.error}",
                 result.model_dump(mode="json"),
-                type=contract.DEPLOY_ROLLED_BACK
-                if result.status is DeployStatus.ROLLED_BACK
-                else contract.DEPLOY_FAILED,
+                type=kind,
                 non_retryable=True,
             )
         return result
@@ -168,7 +186,25 @@ class DeployProjectWorkflow:
         # (The first request arrives before anything runs; its row is written as it starts.)
         if self._current is not None and workflow.patched("record-queued"):
             await self._record_queued(request)
+        if isinstance(request, DestroyRequest):
+            self._preempt_for(request)
         return self._accepted(request.deployment_id)
+
+    def _preempt_for(self, destroy: DestroyRequest) -> None:
+        """A destroy does not wait for the running request: it is cancelled, with its
+        cleanup (a deploy puts the previous release back), and the destroy runs next."""
+        running, current = self._running, self._current
+        if running is None or running.done() or current is None:
+            return
+        if isinstance(current, DestroyRequest) or self._preempted:
+            return
+        self._preempted = True
+        self._run.cancel_requested = True
+        self._run.cancel_reason = f"cancelled: the app is being destroyed ({destroy.deployment_id})"
+        workflow.logger.info(
+            "deployment %s cancelled for destroy %s", current.deployment_id, destroy.deployment_id
+        )
+        running.cancel()
 
     def _accepted(self, deployment_id: str) -> Accepted:
         outcome = self._outcomes.get(deployment_id)
@@ -193,12 +229,18 @@ class DeployProjectWorkflow:
     @workflow.query(name=contract.PROGRESS_QUERY)
     def progress(self) -> DeployProgress:
         request = self._current
+        steps = self._run.steps
+        step = self._run.step
+        if steps is STEPS:
+            index = list(DeployStep).index(step)
+        else:
+            index = steps.index(step) if step in steps else len(steps)
         return DeployProgress(
             deployment_id=request.deployment_id if request else "",
             project_id=request.project_id if request else "",
-            step=self._run.step,
-            step_index=list(DeployStep).index(self._run.step),
-            step_count=len(STEPS),
+            step=step,
+            step_index=index,
+            step_count=len(steps),
             detail=self._run.detail,
             status=self._run.status,
             completed_steps=list(self._run.done),
@@ -237,10 +279,23 @@ class DeployProjectWorkflow:
     async def _deploy_one(self, request: ProjectRequest) -> DeployResult:
         self._current = request
         started_at = workflow.now()
-        saga = DeploySaga(
-            request, self._run, on_recorded=self._end_start_claim, restart=request is self._start
-        )
-        result, already_ended = await saga.run()
+        restart = request is self._start
+        saga: DeploySaga | AppSaga
+        if isinstance(request, StopRequest | StartRequest | DestroyRequest):
+            saga = AppSaga(request, self._run, on_recorded=self._end_start_claim, restart=restart)
+        else:
+            saga = DeploySaga(
+                request, self._run, on_recorded=self._end_start_claim, restart=restart
+            )
+        if workflow.patched("preemptible-requests"):
+            # Its own task, so that a destroy can cancel it without cancelling the run.
+            self._running = asyncio.ensure_future(saga.run())
+            try:
+                result, already_ended = await self._running
+            finally:
+                self._running = None
+        else:
+            result, already_ended = await saga.run()
         self._remember(result)
         if already_ended:
             return result
@@ -258,9 +313,18 @@ class DeployProjectWorkflow:
     # ------------------------------------------------------------ the queue
 
     async def _take_newest(self) -> ProjectRequest:
-        """The newest queued request runs next; the ones it overtakes end `superseded`."""
-        newest = self._queue.pop()
-        overtaken, self._queue = self._queue, []
+        """The newest queued request runs next; the ones it overtakes end `superseded`.
+
+        A destroy is never overtaken: when requests came after it, it runs first (the
+        ones before it superseded), and they wait behind it."""
+        destroys = [i for i, r in enumerate(self._queue) if isinstance(r, DestroyRequest)]
+        if destroys and destroys[-1] < len(self._queue) - 1:
+            at = destroys[-1]
+            newest = self._queue[at]
+            overtaken, self._queue = self._queue[:at], self._queue[at + 1 :]
+        else:
+            newest = self._queue.pop()
+            overtaken, self._queue = self._queue, []
         for old in overtaken:
             await self._close_unstarted(
                 old, DeployStatus.SUPERSEDED, f"superseded by deployment {newest.deployment_id}"
@@ -374,7 +438,9 @@ def _admit(incoming: IncomingRequest, start: ProjectRequest | str | None) -> Pro
     """
     if isinstance(incoming, InvalidRequest):
         return f"invalid request: {incoming.error}"
-    if not isinstance(incoming, DeployRequest | RollbackRequest):
+    if not isinstance(
+        incoming, DeployRequest | RollbackRequest | StopRequest | StartRequest | DestroyRequest
+    ):
         return f"invalid request: unknown kind of request {type(incoming).__name__}"
     if isinstance(start, str):
         return start

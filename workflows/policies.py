@@ -152,3 +152,34 @@ NOTIFY = StepPolicy(
     retry=_retry(initial=1, maximum=300),
     schedule_to_close=timedelta(days=1),
 )
+
+
+def machines(t: DeployTimings) -> StepPolicy:
+    # Stopping or starting every machine of an app: each is waited for up to the wait timeout
+    # (the step repeats what is left, so one slow machine does not make it start over).
+    return StepPolicy(
+        start_to_close=t.machine_wait_timeout * 2 + timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=30, attempts=8),
+    )
+
+
+def survey(t: DeployTimings) -> StepPolicy:
+    # A few reads of the app before a destroy.
+    return StepPolicy(
+        start_to_close=timedelta(minutes=1),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=0.5, maximum=15, attempts=10),
+    )
+
+
+def teardown(t: DeployTimings) -> StepPolicy:
+    # A destroy half done leaves things that cost money: each of its steps keeps retrying,
+    # like a restore, for as long as an operator would reasonably wait. Every step is
+    # idempotent (what is gone stays gone), so a retry only removes what is left.
+    return StepPolicy(
+        start_to_close=t.machine_wait_timeout + t.app_visible_timeout + timedelta(minutes=2),
+        heartbeat=t.heartbeat_timeout,
+        retry=_retry(initial=1, maximum=60),
+        schedule_to_close=timedelta(hours=1),
+    )

@@ -8,6 +8,7 @@ from core.db.store import (
     DeploymentRecordError,
     DeploymentStore,
     NewDeployment,
+    ProjectNotRegistered,
     create_pool,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "DeploymentRecordError",
     "DeploymentStore",
     "NewDeployment",
+    "ProjectNotRegistered",
     "create_pool",
 ]

@@ -24,6 +24,12 @@ RELEASE_COLUMNS = (
 )
 # Statuses of a deployment that has not ended yet.
 _OPEN = "('deploying', 'queued')"
+# Releases recorded before the project's app was last destroyed belong to an app that is
+# gone: a later deploy starts from scratch and a rollback cannot go back to them.
+_SINCE_DESTROYED = (
+    "COALESCE((SELECT MAX(finished_at) FROM {schema}.project_deployments"
+    " WHERE project_id = $1 AND status = 'destroyed'), 0)"
+)
 
 _TEMPLATES = {
     "schema_exists": "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
@@ -137,6 +143,7 @@ _TEMPLATES = {
         " WHERE deployment_id = $2 AND project_id = $1)"
         " SELECT {release_columns} FROM {schema}.releases r"
         " WHERE r.project_id = $1 AND r.status = 'deployed'"
+        " AND r.created_at >= {since_destroyed}"
         " AND r.deployment_id IS DISTINCT FROM $2"
         " AND NOT EXISTS (SELECT 1 FROM pivot p"
         " WHERE (r.created_at, r.seq) >= (p.created_at, p.seq))"
@@ -145,7 +152,7 @@ _TEMPLATES = {
     # What a new deploy needs of the release it replaces: three small columns, not the bundle.
     "last_good_outline": (
         "SELECT machines, secrets, image FROM {schema}.releases"
-        " WHERE project_id = $1 AND status = 'deployed'"
+        " WHERE project_id = $1 AND status = 'deployed' AND created_at >= {since_destroyed}"
         " ORDER BY created_at DESC, seq DESC LIMIT 1"
     ),
 }
@@ -187,6 +194,7 @@ class Queries:
                     columns=COLUMNS,
                     release_columns=RELEASE_COLUMNS,
                     open=_OPEN,
+                    since_destroyed=_SINCE_DESTROYED.format(schema=quoted),
                 )
                 for name, template in _TEMPLATES.items()
             }

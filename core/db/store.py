@@ -54,6 +54,10 @@ class DeploymentConflict(DeploymentRecordError):
     pass
 
 
+class ProjectNotRegistered(DeploymentRecordError, LookupError):
+    """The schema has the platform's `projects` table, and the project is not in it."""
+
+
 async def create_pool(
     url: str,
     min_size: int = 1,
@@ -208,7 +212,27 @@ class DeploymentStore:
 
     async def _insert(self, sql: str, row: NewDeployment) -> DeploymentRow:
         deployment_id, project_id = row["deployment_id"], row["project_id"]
-        inserted = await self._fetchrow(
+        try:
+            inserted = await self._insert_row(sql, row)
+        except asyncpg.ForeignKeyViolationError:
+            raise ProjectNotRegistered(
+                f"project {project_id} is not in {self._schema}.projects: the platform must "
+                "create the project before it is deployed"
+            ) from None
+        if inserted is not None:
+            return inserted
+        existing = await self.get(deployment_id)
+        if existing is None:  # deleted between the two statements
+            raise DeploymentNotFound(f"deployment {deployment_id} vanished while recording it")
+        if existing.project_id != project_id:
+            raise DeploymentConflict(
+                f"deployment id {deployment_id} already belongs to project {existing.project_id}"
+            )
+        return existing
+
+    async def _insert_row(self, sql: str, row: NewDeployment) -> DeploymentRow | None:
+        deployment_id, project_id = row["deployment_id"], row["project_id"]
+        return await self._fetchrow(
             sql,
             deployment_id,
             project_id,
@@ -222,16 +246,6 @@ class DeploymentStore:
             row.get("image"),
             row.get("first_run_id"),
         )
-        if inserted is not None:
-            return inserted
-        existing = await self.get(deployment_id)
-        if existing is None:  # deleted between the two statements
-            raise DeploymentNotFound(f"deployment {deployment_id} vanished while recording it")
-        if existing.project_id != project_id:
-            raise DeploymentConflict(
-                f"deployment id {deployment_id} already belongs to project {existing.project_id}"
-            )
-        return existing
 
     async def record_result(
         self,

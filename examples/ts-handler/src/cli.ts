@@ -1,19 +1,23 @@
 /**
  * `node dist/cli.js deploy '<request JSON>'` (or the JSON on stdin): start a deploy, print
  * what happens as JSON lines, and exit 0 when it deployed, 1 when it ended otherwise, 2
- * when the request was refused. Connects as the `temporal` CLI does by default:
+ * when the request was refused. `node dist/cli.js destroy PROJECT_ID` removes the
+ * project's app from Fly the same way (exit 0 once it is destroyed). Connects as the
+ * `temporal` CLI does by default:
  * TEMPORAL_ADDRESS (localhost:7233), TEMPORAL_NAMESPACE (default); the task queue is
  * TURBODEPLOY_TASK_QUEUE (turbodeploy).
  */
 import { readFileSync } from 'node:fs';
 import { Client, Connection } from '@temporalio/client';
 import {
+  AppRequest,
   DEFAULT_TASK_QUEUE,
   DeployFailed,
   DeployRejected,
   DeployRequest,
   progress,
   startDeploy,
+  successStatus,
   waitForResult,
 } from './handler';
 
@@ -39,12 +43,16 @@ async function follow(client: Client, projectId: string, done: () => boolean): P
 }
 
 async function main(): Promise<number> {
-  const [command, json] = process.argv.slice(2);
-  if (command !== 'deploy') {
-    process.stderr.write("usage: cli.js deploy '<request JSON>'\n");
+  const [command, arg] = process.argv.slice(2);
+  let request: DeployRequest | AppRequest;
+  if (command === 'deploy') {
+    request = JSON.parse(arg ?? readFileSync(0, 'utf8')) as DeployRequest;
+  } else if (command === 'destroy' && arg) {
+    request = { kind: 'destroy', project_id: arg };
+  } else {
+    process.stderr.write("usage: cli.js deploy '<request JSON>' | cli.js destroy PROJECT_ID\n");
     return 64;
   }
-  const request = JSON.parse(json ?? readFileSync(0, 'utf8')) as DeployRequest;
   const connection = await Connection.connect({
     address: process.env.TEMPORAL_ADDRESS ?? 'localhost:7233',
   });
@@ -63,13 +71,13 @@ async function main(): Promise<number> {
     const following = follow(client, request.project_id, () => finished);
     let result;
     try {
-      result = await waitForResult(client, accepted);
+      result = await waitForResult(client, accepted, successStatus(request));
     } finally {
       // The last progress line comes before the outcome.
       finished = true;
       await following;
     }
-    emit('deployed', result);
+    emit(result.status === 'deployed' ? 'deployed' : result.status, result);
     return 0;
   } catch (err) {
     if (err instanceof DeployRejected) {

@@ -45,6 +45,24 @@ export interface DeployRequest {
   timings?: Record<string, string>;
 }
 
+/**
+ * schemas/stop-request.schema.json, start-request, destroy-request: a request about the
+ * project's app. A destroy cancels a running deploy first and removes the app from Fly.
+ */
+export interface AppRequest {
+  kind: 'stop' | 'start' | 'destroy';
+  project_id: string;
+  deployment_id?: string;
+  timings?: Record<string, string>;
+}
+
+/** What each kind of request ends as when it succeeds. */
+export function successStatus(request: DeployRequest | AppRequest): string {
+  if (request.kind === 'stop') return 'stopped';
+  if (request.kind === 'destroy') return 'destroyed';
+  return 'deployed';
+}
+
 /** schemas/accepted.schema.json: the answer of the `submit_request` update. */
 export interface Accepted {
   deployment_id: string;
@@ -79,6 +97,8 @@ export interface DeployResult {
   image: string | null;
   machine_ids: string[];
   error: string | null;
+  /** What a stop, start or destroy did, in one line. */
+  detail?: string | null;
 }
 
 /** The workflow refused the request (error type `InvalidRequest`): nothing was started. */
@@ -104,7 +124,7 @@ export function workflowIdFor(projectId: string): string {
  */
 export async function startDeploy(
   client: Client,
-  request: DeployRequest,
+  request: DeployRequest | AppRequest,
   taskQueue: string = DEFAULT_TASK_QUEUE,
 ): Promise<Accepted> {
   const startWorkflowOperation = new WithStartWorkflowOperation(WORKFLOW_TYPE, {
@@ -137,13 +157,36 @@ export async function startDeploy(
   }
 }
 
+/**
+ * Remove the project's app from Fly (machines, volumes, IPs, secrets, the app), through
+ * the same queue as its deploys: a running deploy is cancelled first, with its cleanup.
+ * Wait for it with `waitForResult(client, accepted, 'destroyed')`.
+ */
+export async function startDestroy(
+  client: Client,
+  projectId: string,
+  taskQueue: string = DEFAULT_TASK_QUEUE,
+  deploymentId?: string,
+): Promise<Accepted> {
+  const request: AppRequest = { kind: 'destroy', project_id: projectId };
+  if (deploymentId) request.deployment_id = deploymentId;
+  return await startDeploy(client, request, taskQueue);
+}
+
 /** Where the project's deploy is now: step, status, what waits behind it. */
 export async function progress(client: Client, projectId: string): Promise<DeployProgress> {
   return await client.workflow.getHandle(workflowIdFor(projectId)).query<DeployProgress>('progress');
 }
 
-/** Wait for the accepted deployment to end; throws `DeployFailed` unless it deployed. */
-export async function waitForResult(client: Client, accepted: Accepted): Promise<DeployResult> {
+/**
+ * Wait for the accepted deployment to end; throws `DeployFailed` unless it ended as
+ * `expected` (`deployed`; `stopped` for a stop, `destroyed` for a destroy).
+ */
+export async function waitForResult(
+  client: Client,
+  accepted: Accepted,
+  expected: string = 'deployed',
+): Promise<DeployResult> {
   const result =
     (await outcome(client, accepted, accepted.run_id)) ??
     // Carried over to a newer run (continue-as-new): the latest run knows it.
@@ -151,7 +194,7 @@ export async function waitForResult(client: Client, accepted: Accepted): Promise
   if (result === null) {
     throw new Error(`deployment ${accepted.deployment_id} is not known to ${accepted.workflow_id}`);
   }
-  if (result.status !== 'deployed') {
+  if (result.status !== expected) {
     throw new DeployFailed(result);
   }
   return result;

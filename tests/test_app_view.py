@@ -55,7 +55,7 @@ async def test_status_of_a_healthy_a_stopped_and_a_half_failed_app(
 ) -> None:
     _, app = await _project_app(fly)
     one, two = await _machine(fly, app), await _machine(fly, app)
-    volume = await fly.create_volume(app, "data", "iad")
+    volume = await fly.create_volume(app, "data", "iad", 1)
     url = flysim.app_url(app)
 
     healthy = await app_status(fly, app, url)

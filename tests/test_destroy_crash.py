@@ -97,7 +97,7 @@ async def test_a_destroy_killed_in_each_step_is_finished_by_another_worker(
                 await start_deploy(temporal_client, request, task_queue=task_queue)
             ).result()
             async with FlyClient(sim.base_url, fly_token) as fly:
-                await fly.create_volume(app, "data", "iad")
+                await fly.create_volume(app, "data", "iad", 1)
 
             sim.config.timing.api_latency = 0.25
             handle = await start_destroy(

@@ -154,7 +154,7 @@ async def test_destroy_leaves_nothing_in_the_emulator_and_a_new_deploy_starts_af
     first = make_request(machine_count=3, secrets={"TOKEN": parameter})
     deployed = await (await start_deploy(temporal_client, first, task_queue=tq)).result()
     app = deployed.app_name
-    await fly.create_volume(app, "data", "iad")
+    await fly.create_volume(app, "data", "iad", 1)
     await fly.assign_ip(app, "v4")
     before = holdings(flysim, app)
     assert len(before["machines"]) == 3 and before["secrets"]

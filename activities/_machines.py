@@ -160,7 +160,9 @@ class MachineSession:
         wanted = list(dict.fromkeys(m.id for m in machines))
         deadline = time.monotonic() + self.timings.lease_wait_timeout.total_seconds()
         while targets := [m for m in wanted if m not in self.leases]:
-            self.set_progress(", ".join(targets), "leasing machines")
+            # No heartbeat yet: the first one an attempt sends reaches the server at once
+            # (later ones are throttled), and it should carry the nonces taken here.
+            self.progress.current, self.progress.step = ", ".join(targets), "leasing machines"
             results = await asyncio.gather(
                 *(self._lease(m) for m in targets), return_exceptions=True
             )

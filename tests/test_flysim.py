@@ -530,6 +530,10 @@ async def test_control_api(sim: FlySim, api: httpx.AsyncClient) -> None:
         assert len(state["machines"]) == 1 and len(state["leases"]) == 1
         assert state["counters"]["total_requests"] == 2
         assert TOKEN not in json.dumps(state)
+        other = (await control.get("/_sim/state", params={"app": "other"})).json()
+        assert other["apps"] == other["machines"] == other["leases"] == []
+        assert other["counters"]["total_requests"] == 2
+        assert len((await control.get("/_sim/state", params={"app": "demo"})).json()["leases"]) == 1
 
         r = await control.post("/_sim/config", json={"timing": {"start_delay": 0.5}})
         assert r.status_code == 200 and r.json()["timing"]["start_delay"] == 0.5

@@ -96,6 +96,10 @@ class MachineSession:
         self.checks_hint = checks_hint
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
+        # A refresh is not sent while a release is (or the other way round): a refresh
+        # that reached the API after the release would take a new lease (the nonce of a
+        # lease that is gone asks for a new one).
+        self._lease_lock = asyncio.Lock()
         self.progress = RolloutProgress()
 
     @property
@@ -274,7 +278,10 @@ class MachineSession:
             await asyncio.sleep(tick)
             if loop.time() >= next_refresh:
                 next_refresh = loop.time() + refresh_every
-                await asyncio.gather(*(self._refresh(m, n) for m, n in list(self.leases.items())))
+                async with self._lease_lock:
+                    await asyncio.gather(
+                        *(self._refresh(m, n) for m, n in list(self.leases.items()))
+                    )
             self._heartbeat()
 
     async def _refresh(self, machine_id: str, nonce: str, *, resumed: bool = False) -> None:
@@ -295,17 +302,27 @@ class MachineSession:
         # A lease that lapsed meanwhile comes back new, with its own nonce.
         if resumed or machine_id in self.leases:
             self.leases[machine_id] = lease.nonce
+        elif lease.nonce != nonce:
+            # Released (or destroyed) while this refresh was on its way, which took a new
+            # lease: give it back too.
+            await self._release(machine_id, lease.nonce)
 
     async def release_all(self) -> None:
-        leases, self.leases = self.leases, {}
-        await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
+        async with self._lease_lock:
+            leases, self.leases = self.leases, {}
+            await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
 
     async def release(self, machine_id: str) -> None:
         """Hand back one machine the rollout is done with (as flyctl does), so the leases
         still to refresh are only those of machines still being worked on."""
-        nonce = self.leases.pop(machine_id, None)
-        if nonce is not None:
-            await asyncio.shield(self._release(machine_id, nonce))
+
+        async def release() -> None:
+            async with self._lease_lock:
+                nonce = self.leases.pop(machine_id, None)
+                if nonce is not None:
+                    await self._release(machine_id, nonce)
+
+        await asyncio.shield(release())
 
     async def _release(self, machine_id: str, nonce: str) -> None:
         try:

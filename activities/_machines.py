@@ -11,11 +11,19 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -23,8 +31,10 @@ from activities._errors import (
     MACHINE_UNHEALTHY,
     to_application_error,
 )
+from activities._heartbeat import heartbeat_details_from
 from core.models import CheckWindow, DeployTimings
 from flyapi import (
+    FlyAPIError,
     FlyClient,
     FlyError,
     FlyForbidden,
@@ -50,15 +60,21 @@ ASLEEP_STATES = frozenset({"stopped", "suspended"})
 _DEAD_STATES = frozenset({"failed", "destroyed", "destroying"})
 _MIN_HEARTBEAT_SECONDS = 0.05
 _MAX_HEARTBEAT_SECONDS = 10.0
+# A lease held elsewhere is read again at most this often, and at least this often (a
+# holder that releases early is noticed within a flyctl refresh interval).
+_MIN_LEASE_POLL_SECONDS = 0.05
+_MAX_LEASE_POLL_SECONDS = 4.0
 _T = TypeVar("_T")
 
 
 class RolloutProgress(BaseModel):
-    """Heartbeat details: where the rollout is, readable in the Web UI."""
+    """Heartbeat details: where the rollout is, readable in the Web UI, and the leases it
+    holds (machine id -> nonce), which the next attempt takes over after a crash."""
 
     done: list[str] = Field(default_factory=list)
     current: str | None = None
     step: str = "listing machines"
+    leases: dict[str, str] = Field(default_factory=dict)
 
 
 class MachineSession:
@@ -80,23 +96,33 @@ class MachineSession:
         self.checks_hint = checks_hint
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
+        # A refresh is not sent while a release is (or the other way round): a refresh
+        # that reached the API after the release would take a new lease (the nonce of a
+        # lease that is gone asks for a new one).
+        self._lease_lock = asyncio.Lock()
         self.progress = RolloutProgress()
+
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between lease refreshes: flyctl's (ttl - 1 s) / 3, 4 s of its 13 s, so
+        two refreshes may fail before a lease lapses under a live rollout."""
+        return (self.ttl - 1) / 3 if self.ttl > 2 else self.ttl / 3
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[MachineSession]:
-        """Heartbeat and keep the leases alive inside; release every lease on the way out."""
-        background = [
-            asyncio.create_task(self._heartbeat_forever()),
-            asyncio.create_task(self._refresh_leases_forever()),
-        ]
-        try:
-            yield self
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            # Shielded: a cancelled activity must still hand its machines back.
-            await asyncio.shield(self.release_all())
+        """Take over the leases an earlier attempt left (their nonces are in its last
+        heartbeat), heartbeat and keep the leases alive inside; release every lease on the
+        way out."""
+        with heartbeat_details_from(self._details):
+            await self._resume_leases()
+            keep_alive = asyncio.create_task(self._keep_alive_forever())
+            try:
+                yield self
+            finally:
+                keep_alive.cancel()
+                await asyncio.gather(keep_alive, return_exceptions=True)
+                # Shielded: a cancelled activity must still hand its machines back.
+                await asyncio.shield(self.release_all())
 
     # ------------------------------------------------------------------------- listing
 
@@ -128,34 +154,85 @@ class MachineSession:
     # -------------------------------------------------------------------------- leases
 
     async def lease_all(self, machines: Iterable[Machine]) -> None:
-        """Lease every machine, or none: on any failure the leases taken are given back
-        and a retryable error says which machine could not be leased."""
-        targets = [m for m in machines if m.id not in self.leases]
-        if not targets:
-            return
-        self.set_progress(", ".join(m.id for m in targets), "leasing machines")
-        results = await asyncio.gather(
-            *(self._lease(m.id) for m in targets), return_exceptions=True
-        )
-        for machine, result in zip(targets, results, strict=True):
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-            if not isinstance(result, FlyError):
-                continue
-            await self.release_all()
-            error = to_application_error(
-                result, action=f"Lease machine {machine.id} of Fly app {self.app}"
+        """Lease every machine, or none.
+
+        A lease held elsewhere is waited for (read until it is released or lapses) for up
+        to `lease_wait_timeout`, holding none of the others meanwhile; then the attempt
+        fails, retryably, naming the machine. Any other failure gives back the leases
+        taken and says which machine could not be leased.
+        """
+        wanted = list(dict.fromkeys(m.id for m in machines))
+        deadline = time.monotonic() + self.timings.lease_wait_timeout.total_seconds()
+        while targets := [m for m in wanted if m not in self.leases]:
+            # No heartbeat yet: the first one an attempt sends reaches the server at once
+            # (later ones are throttled), and it should carry the nonces taken here.
+            self.progress.current, self.progress.step = ", ".join(targets), "leasing machines"
+            results = await asyncio.gather(
+                *(self._lease(m) for m in targets), return_exceptions=True
             )
-            if isinstance(result, FlyUnauthorized | FlyForbidden):
-                raise error from None
-            # Nothing has been touched yet; whatever held the lease or removed the
-            # machine, a later attempt starts from a fresh listing.
-            raise ApplicationError(
-                error.message, type=error.type, next_retry_delay=error.next_retry_delay
-            ) from None
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+            held: dict[str, FlyAPIError] = {}
+            for machine_id, result in zip(targets, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if _lease_held(result):
+                    assert isinstance(result, FlyAPIError)
+                    held[machine_id] = result
+                elif isinstance(result, FlyError):
+                    await self.release_all()
+                    raise self._lease_error(machine_id, result) from None
+                elif isinstance(result, BaseException):
+                    await self.release_all()
+                    raise result
+            if not held:
+                break
+            # Hold nothing while waiting: whoever holds the rest may be waiting for ours.
+            await self.release_all()
+            await all_or_first_error(
+                self._wait_for_lease(m, error, deadline) for m, error in held.items()
+            )
+        self._heartbeat()
+
+    def _lease_error(self, machine_id: str, exc: FlyError, waited: str = "") -> ApplicationError:
+        error = to_application_error(
+            exc, action=f"Lease machine {machine_id} of Fly app {self.app}"
+        )
+        if isinstance(exc, FlyUnauthorized | FlyForbidden):
+            return error
+        # Nothing has been touched yet; whatever held the lease or removed the machine, a
+        # later attempt starts from a fresh listing.
+        return ApplicationError(
+            error.message + waited, type=error.type, next_retry_delay=error.next_retry_delay
+        )
+
+    async def _wait_for_lease(self, machine_id: str, conflict: FlyError, deadline: float) -> None:
+        """Return once the machine's lease is free; fail at `deadline`."""
+        where = f"machine {machine_id} of Fly app {self.app}"
+        poll = min(
+            max(self.timings.machine_poll_interval.total_seconds(), _MIN_LEASE_POLL_SECONDS),
+            _MAX_LEASE_POLL_SECONDS,
+        )
+        while True:
+            lease = await self.read(
+                f"Read the lease on {where}", lambda: self.fly.get_lease(self.app, machine_id)
+            )
+            if lease is None:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                waited = _human(self.timings.lease_wait_timeout)
+                raise self._lease_error(
+                    machine_id, conflict, f"; still held after waiting {waited}"
+                )
+            why = (
+                f"lease on {where} held by {lease.owner or 'someone else'}"
+                + (f" ({lease.description})" if lease.description else "")
+                + (f", expires at {lease.expires_at}" if lease.expires_at else "")
+            )
+            activity.logger.info("Waiting: %s", why)
+            self.set_progress(machine_id, f"waiting for the {why}")
+            # A lapsing lease is read again as it lapses; a refreshed one at the poll pace.
+            until_expiry = (lease.expires_at or 0) - time.time()
+            await asyncio.sleep(min(max(until_expiry, poll), _MAX_LEASE_POLL_SECONDS, remaining))
 
     async def _lease(self, machine_id: str) -> None:
         lease = await self.fly.acquire_lease(
@@ -164,36 +241,88 @@ class MachineSession:
         self.leases[machine_id] = lease.nonce
         activity.logger.info("Leased machine %s of Fly app %s", machine_id, self.app)
 
-    async def _refresh_leases_forever(self) -> None:
-        interval = self.ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            await asyncio.gather(*(self._refresh(m, n) for m, n in list(self.leases.items())))
+    async def _resume_leases(self) -> None:
+        """Refresh, with their nonces, the leases the last attempt's heartbeat names: one
+        still held (or lapsed and free) is ours again without a wait; one that someone
+        else took since, or whose machine is gone, is left to `lease_all`."""
+        carried = _carried_leases(activity.info().heartbeat_details)
+        if not carried:
+            return
+        results = await asyncio.gather(
+            *(self._refresh(m, n, resumed=True) for m, n in carried.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if self.leases:
+            activity.logger.info(
+                "Took over the lease(s) of the previous attempt on machine(s) %s of Fly app %s",
+                ", ".join(self.leases),
+                self.app,
+            )
+            self._heartbeat()
 
-    async def _refresh(self, machine_id: str, nonce: str) -> None:
+    async def _keep_alive_forever(self) -> None:
+        """Heartbeat (with the progress and the nonces held) and refresh the leases, each
+        at its own pace, from one loop."""
+        # Server-side waits last up to a minute; keep the heartbeat alive across them.
+        timeout = activity.info().heartbeat_timeout
+        interval = timeout.total_seconds() / 3 if timeout else _MAX_HEARTBEAT_SECONDS
+        interval = min(max(interval, _MIN_HEARTBEAT_SECONDS), _MAX_HEARTBEAT_SECONDS)
+        refresh_every = self.refresh_interval
+        tick = min(interval, refresh_every)
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + refresh_every
+        while True:
+            await asyncio.sleep(tick)
+            if loop.time() >= next_refresh:
+                next_refresh = loop.time() + refresh_every
+                async with self._lease_lock:
+                    await asyncio.gather(
+                        *(self._refresh(m, n) for m, n in list(self.leases.items()))
+                    )
+            self._heartbeat()
+
+    async def _refresh(self, machine_id: str, nonce: str, *, resumed: bool = False) -> None:
         try:
-            lease = await self.fly.acquire_lease(self.app, machine_id, self.ttl, nonce=nonce)
+            lease = await self.fly.acquire_lease(
+                self.app, machine_id, self.ttl, nonce=nonce, description=LEASE_DESCRIPTION
+            )
         except FlyError as exc:
-            activity.logger.warning(
-                "Could not refresh the lease on machine %s of Fly app %s: %s",
+            log = activity.logger.info if resumed else activity.logger.warning
+            log(
+                "Could not %s the lease on machine %s of Fly app %s: %s",
+                "take over" if resumed else "refresh",
                 machine_id,
                 self.app,
                 exc,
             )
             return
-        if machine_id in self.leases:
+        # A lease that lapsed meanwhile comes back new, with its own nonce.
+        if resumed or machine_id in self.leases:
             self.leases[machine_id] = lease.nonce
+        elif lease.nonce != nonce:
+            # Released (or destroyed) while this refresh was on its way, which took a new
+            # lease: give it back too.
+            await self._release(machine_id, lease.nonce)
 
     async def release_all(self) -> None:
-        leases, self.leases = self.leases, {}
-        await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
+        async with self._lease_lock:
+            leases, self.leases = self.leases, {}
+            await asyncio.gather(*(self._release(m, n) for m, n in leases.items()))
 
     async def release(self, machine_id: str) -> None:
         """Hand back one machine the rollout is done with (as flyctl does), so the leases
         still to refresh are only those of machines still being worked on."""
-        nonce = self.leases.pop(machine_id, None)
-        if nonce is not None:
-            await asyncio.shield(self._release(machine_id, nonce))
+
+        async def release() -> None:
+            async with self._lease_lock:
+                nonce = self.leases.pop(machine_id, None)
+                if nonce is not None:
+                    await self._release(machine_id, nonce)
+
+        await asyncio.shield(release())
 
     async def _release(self, machine_id: str, nonce: str) -> None:
         try:
@@ -398,22 +527,23 @@ class MachineSession:
     def set_progress(self, current: str, step: str) -> None:
         self.progress.current = current
         self.progress.step = step
-        activity.heartbeat(self.progress.model_dump())
+        self._heartbeat()
 
     def mark_done(self, machine_id: str) -> None:
         self.progress.done.append(machine_id)
         self.progress.current = None
         self.progress.step = f"{len(self.progress.done)} machine(s) ready"
-        activity.heartbeat(self.progress.model_dump())
+        self._heartbeat()
 
-    async def _heartbeat_forever(self) -> None:
-        # Server-side waits last up to a minute; keep the heartbeat alive across them.
-        timeout = activity.info().heartbeat_timeout
-        interval = timeout.total_seconds() / 3 if timeout else _MAX_HEARTBEAT_SECONDS
-        interval = min(max(interval, _MIN_HEARTBEAT_SECONDS), _MAX_HEARTBEAT_SECONDS)
-        while True:
-            await asyncio.sleep(interval)
-            activity.heartbeat(self.progress.model_dump())
+    def _details(self, waiting: str | None = None) -> dict[str, Any]:
+        self.progress.leases = dict(self.leases)
+        details = self.progress.model_dump()
+        if waiting:
+            details["waiting"] = waiting
+        return details
+
+    def _heartbeat(self) -> None:
+        activity.heartbeat(self._details())
 
     @staticmethod
     async def call(action: str, awaitable: Awaitable[_T]) -> _T:
@@ -500,6 +630,20 @@ class CheckPace:
             # send time is a little later; kept, it would creep up deploy after deploy.
             return min(sent, self._hint.passing_at)
         return sent
+
+
+def _lease_held(result: object) -> bool:
+    return isinstance(result, FlyAPIError) and result.status_code == 409
+
+
+def _carried_leases(details: Sequence[Any]) -> dict[str, str]:
+    """The leases (machine id -> nonce) in an earlier attempt's last heartbeat."""
+    if not details or not isinstance(details[0], dict):
+        return {}
+    try:
+        return RolloutProgress.model_validate(details[0]).leases
+    except ValidationError:
+        return {}
 
 
 def in_group(m: Machine) -> bool:

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-_PHASES = ("single", "concurrent", "realistic", "in_flight", "two_workers")
+_PHASES = ("single", "concurrent", "realistic", "in_flight", "two_workers", "crash")
+# Phases that need nothing the single-deploy phase measures: `--only` runs them alone.
+_STANDALONE = frozenset({"crash"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-latency", type=float, default=d.api_latency, help="seconds")
     p.add_argument("--start-delay", type=float, default=d.start_delay, help="seconds")
     p.add_argument("--healthy-after", type=float, default=d.healthy_after, help="seconds")
+    p.add_argument(
+        "--crash-machines", type=int, default=d.crash_machines, help="machines, crash phase"
+    )
     p.add_argument(
         "--only", action="append", choices=_PHASES, help="run only these phases (repeatable)"
     )
@@ -98,6 +103,7 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         api_latency=args.api_latency,
         start_delay=args.start_delay,
         healthy_after=args.healthy_after,
+        crash_machines=args.crash_machines,
     )
     phases = args.only or list(_PHASES)
     report = Report(machine=_machine())
@@ -111,7 +117,8 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         bench = Benchmark(stack, options, report)
         await bench.start()
         # The single-deploy phase also counts a deploy's activities for the baselines.
-        for phase in ("single", *(p for p in _PHASES if p in phases and p != "single")):
+        first = () if set(phases) <= _STANDALONE else ("single",)
+        for phase in (*first, *(p for p in _PHASES if p in phases and p != "single")):
             _say(f"bench: {phase} …")
             with profiled(bench.deploy_worker.pid, args.profile, phase):
                 await getattr(bench, phase)()

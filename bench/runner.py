@@ -24,7 +24,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
 from bench.stack import Stack, machine_cpu, sampled_peak
-from core.models import DeployRequest, Strategy
+from core.models import DeployRequest, DeployTimings, Strategy, app_name_for
 from turbodeploy.client import start_deploy
 
 IMAGE = "registry.fly.io/turbobackend-bench:deployment-1"
@@ -46,6 +46,7 @@ class Options:
     start_delay: float = 2.0
     healthy_after: float = 3.0
     max_unavailable: float = 0.33
+    crash_machines: int = 3
 
 
 @dataclass
@@ -472,6 +473,90 @@ class Benchmark:
             higher_is_better=True,
             unit="",
         )
+
+    async def crash(self) -> None:
+        """SIGKILL of the deploy worker in the middle of a rolling redeploy, a new worker
+        started at once: how long until the rollout makes progress again (the next machine
+        updated), with the production `DeployTimings`.
+
+        The kill lands just after a machine's update, while it starts; that machine is
+        healthy again after start_delay + healthy_after, sooner than the retry can come,
+        so what is measured is the crash, not the provider's waits.
+        """
+        o, sim, n = self.o, self.stack.emulator, max(2, self.o.crash_machines)
+        sim.set_timing(0, 0, 0)
+        repo = self.stack.new_repos(1)[0]
+        # One machine at a time: there is always a next machine to make progress on.
+        first = self._request(repo, machine_count=n, strategy=Strategy.ROLLING, max_unavailable=1)
+        _require(await self._deploy(first), "the deploy before the crash")
+        app = app_name_for(first.project_id)
+        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
+        again = DeployRequest.model_validate(
+            {**first.model_dump(exclude={"deployment_id"}), "image": REDEPLOY_IMAGE}
+        )
+        redeploy = asyncio.create_task(self._deploy(again))
+
+        async def updated() -> tuple[int, dict[str, Any]]:
+            state = await sim.app_state(app)
+            images = [m["config"].get("image") for m in state["machines"]]
+            return images.count(REDEPLOY_IMAGE), state
+
+        while (await updated())[0] < 1:
+            if redeploy.done():
+                break
+            await asyncio.sleep(0.02)
+        at_kill, state = await updated()
+        held = {x["machine_id"]: x["nonce"] for x in state["leases"]}
+        leases_sent = _lease_requests(state)
+        victim = self.deploy_worker
+        self.stack.kill_worker(victim)
+        killed = time.perf_counter()
+        self.deploy_worker = self.stack.start_worker(self.queue, name="worker-1-after-kill")
+        leased_at: float | None = None
+        progress_at: float | None = None
+        taken_over = 0
+        while not redeploy.done():
+            count, state = await updated()
+            now = time.perf_counter()
+            if leased_at is None and _lease_requests(state) > leases_sent:
+                leased_at = now
+            if leased_at is not None and not taken_over:
+                taken_over = sum(held.get(x["machine_id"]) == x["nonce"] for x in state["leases"])
+            if count > at_kill:
+                progress_at = now
+                break
+            await asyncio.sleep(0.02)
+        timed = await redeploy
+        sim.set_timing(0, 0, 0)
+        if progress_at is None or not timed.ok:
+            self.report.ratio(
+                "crash recovery: worker SIGKILLed mid-rollout → progress again (s)",
+                None,
+                "≤ 15 s",
+                15.0,
+                timed.error or "the rollout made no progress after the kill",
+            )
+            return
+        defaults = DeployTimings()
+        self.report.ratio(
+            "crash recovery: worker SIGKILLed mid-rollout → progress again (s)",
+            progress_at - killed,
+            "≤ 15 s",
+            15.0,
+            f"kill after {at_kill}/{n} machines updated, next one updated "
+            f"{progress_at - killed:.1f} s later"
+            + (f"; leases held again after {leased_at - killed:.1f} s" if leased_at else "")
+            + f" ({taken_over} of {len(held)} taken over by nonce)"
+            + f"; heartbeat timeout {defaults.heartbeat_timeout.total_seconds():g} s, "
+            f"lease TTL {defaults.lease_ttl.total_seconds():g} s; the redeploy "
+            f"{'deployed' if timed.ok else 'failed'} in {timed.seconds:.1f} s",
+            unit=" s",
+        )
+
+
+def _lease_requests(state: dict[str, Any]) -> int:
+    by_route: dict[str, int] = state["counters"]["by_route"]
+    return by_route.get("POST /v1/apps/{app_name}/machines/{machine_id}/lease", 0)
 
 
 # -------------------------------------------------------------------------- histories

@@ -76,6 +76,12 @@ class Emulator:
         state: dict[str, Any] = self._control.get("/state").json()
         return dict(state["counters"])
 
+    async def app_state(self, app: str) -> dict[str, Any]:
+        """One app's machines and leases, and the counters (read without blocking the loop)."""
+        response = await asyncio.to_thread(self._control.get, "/state", params={"app": app})
+        state: dict[str, Any] = response.raise_for_status().json()
+        return state
+
     def stop(self) -> None:
         self._control.close()
         _stop_group(self.process)
@@ -98,6 +104,13 @@ class WorkerProcess:
 
     def usage(self) -> Usage:
         return Usage.of(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and what it runs (git), as a lost machine would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -179,6 +192,10 @@ class Stack:
         worker = WorkerProcess(process, log)
         self.workers.append(worker)
         return worker
+
+    def kill_worker(self, worker: WorkerProcess) -> None:
+        worker.kill()
+        self.workers.remove(worker)
 
     async def wait_for_pollers(self, task_queue: str, count: int = 1, within: float = 60) -> None:
         deadline = time.monotonic() + within

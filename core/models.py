@@ -229,7 +229,13 @@ class DeployTimings(Model):
     # How long a newly created app may take to become visible (flyctl polls up to a minute).
     app_visible_timeout: timedelta = timedelta(minutes=1)
     app_visible_poll: timedelta = timedelta(milliseconds=500)
-    lease_ttl: timedelta = timedelta(seconds=60)
+    # The lease a rollout holds on each machine lapses this long after its last refresh
+    # (flyctl: 13 s, refreshed every 4 s), so a dead worker blocks its machines for
+    # seconds. A retried attempt takes its leases over with their nonces instead.
+    lease_ttl: timedelta = timedelta(seconds=13)
+    # How long a lease held by someone else (an operator's `fly deploy`, a worker whose
+    # lease nonces were lost) is waited for, within one attempt, before the attempt fails.
+    lease_wait_timeout: timedelta = timedelta(minutes=1)
     # How soon a long step on a dead worker is noticed and retried on another one; also
     # bounds how long a cancellation takes to reach a running step (about 80% of it).
     heartbeat_timeout: timedelta = timedelta(seconds=10)

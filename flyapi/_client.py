@@ -503,6 +503,20 @@ class FlyClient:
         response = await self._request(
             "POST", self._machine_path(app, machine_id, "lease"), json=body, nonce=nonce
         )
+        lease = self._lease(response)
+        if not lease.nonce:
+            raise self._unexpected(response, "expected a lease with a nonce")
+        return lease
+
+    async def get_lease(self, app: str, machine_id: str) -> Lease | None:
+        """The machine's current lease (who holds it, until when); None when it has none."""
+        try:
+            response = await self._request("GET", self._machine_path(app, machine_id, "lease"))
+        except FlyNotFound:
+            return None
+        return self._lease(response)
+
+    def _lease(self, response: httpx.Response) -> Lease:
         data = self._json(response)
         # The spec documents a bare Lease; the live API wraps it as {"status", "data"}.
         if isinstance(data, dict) and isinstance(data.get("data"), dict):

@@ -94,7 +94,8 @@ class AppSecret(_Liberal):
 
 
 class Lease(_Liberal):
-    nonce: str
+    # Only its holder needs it; a lease read by anyone else may come without it.
+    nonce: str = ""
     expires_at: int | None = None
     owner: str | None = None
     description: str | None = None

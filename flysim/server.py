@@ -329,11 +329,14 @@ class FlySim:
 
     # ------------------------------------------------------------ control API
 
-    def snapshot(self) -> dict[str, Any]:
-        """Apps, machines, leases, counters and configuration (without tokens) as JSON."""
+    def snapshot(self, app_name: str | None = None) -> dict[str, Any]:
+        """Apps, machines, leases, counters and configuration (without tokens) as JSON;
+        with `app_name`, the apps, machines and leases of that app only."""
         now = time.time()
         apps, machines, leases = [], [], []
         for app in list(self.world.apps.values()):
+            if app_name is not None and app.name != app_name:
+                continue
             self.world.advance(app, now)
             apps.append(
                 {**app.to_json(), "ips": [ip.to_json() for ip in app.ips], "org": app.org,
@@ -362,7 +365,7 @@ class FlySim:
         return machine_runtime_env(self, app_name, machine_id)
 
     async def _control_state(self, request: Request) -> Response:
-        return JSONResponse(self.snapshot())
+        return JSONResponse(self.snapshot(request.query_params.get("app")))
 
     async def _control_config(self, request: Request) -> Response:
         try:

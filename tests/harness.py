@@ -50,6 +50,7 @@ def fast_timings(**overrides: timedelta) -> DeployTimings:
         "app_visible_timeout": timedelta(seconds=3),
         "app_visible_poll": timedelta(milliseconds=20),
         "lease_ttl": timedelta(seconds=3),
+        "lease_wait_timeout": timedelta(seconds=5),
         "heartbeat_timeout": timedelta(seconds=2),
     }
     values.update(overrides)
@@ -105,6 +106,8 @@ ACTIVITY_TIMINGS = DeployTimings(
     app_visible_timeout=timedelta(seconds=2),
     app_visible_poll=timedelta(milliseconds=20),
     lease_ttl=timedelta(seconds=3),
+    # A lease held elsewhere fails the attempt quickly (the tests that wait say so).
+    lease_wait_timeout=timedelta(milliseconds=500),
 )
 
 

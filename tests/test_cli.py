@@ -837,3 +837,10 @@ def test_bench_runs_the_benchmark_with_its_options_and_exit_code(tmp_path: Path)
     refused = bench("--worker-env", "NOEQUALS")
     assert refused.returncode == 2
     assert "--worker-env takes NAME=VALUE" in refused.stderr
+
+
+def test_a_heartbeat_reads_as_fields_on_one_line() -> None:
+    from turbodeploy.cli import _heartbeat_text
+
+    details = {"done": ["m1"], "current": None, "step": "updating machine", "leases": {"m2": "ab"}}
+    assert _heartbeat_text(details) == "done: m1; step: updating machine; leases: m2=ab"

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from harness import (
     worker_env,
     workflow_of,
 )
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
 from core.models import DeployRequest, DeployResult, DeployStatus
@@ -448,3 +450,148 @@ async def test_sigterm_stops_the_worker_cleanly(
                 first.stop()
                 if second is not None:
                     second.stop()
+
+
+# ------------------------------------------------------------ three kills, one rollout
+
+KILLS = 3
+ROLLING_MACHINES = 5
+# Longer than the heartbeat timeout (2 s): a retry that could not take over the dead
+# attempt's leases would meet them still held, and fail or wait on them.
+KILL_LEASE_TTL = timedelta(seconds=8)
+
+
+@dataclass
+class _RolloutAttempt:
+    attempt: int
+    leases: dict[str, str]
+
+
+async def _running_rollout(client: Client, handle: Any) -> _RolloutAttempt | None:
+    """The rollout attempt a worker runs now, with the leases its last heartbeat that
+    reached the server names."""
+    description = await workflow_of(handle).describe()
+    for pending in description.raw_description.pending_activities:
+        if pending.activity_type.name != "roll_out_release":
+            continue
+        if pending.state != PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
+            return None
+        leases: dict[str, str] = {}
+        if pending.heartbeat_details.payloads:
+            details = await client.data_converter.decode(list(pending.heartbeat_details.payloads))
+            if details and isinstance(details[0], dict):
+                leases = dict(details[0].get("leases") or {})
+        return _RolloutAttempt(pending.attempt, leases)
+    return None
+
+
+async def test_three_kills_in_one_rollout_finish_well_inside_its_attempts(
+    temporal_client: Client,
+    postgres_url: str,
+    ssm_endpoint: str,
+    fly_token: str,
+    tmp_path: Path,
+) -> None:
+    """The worker is SIGKILLed three times while one rolling redeploy runs, each time
+    with leases held and a new worker started at once (the third time only once the dead
+    worker's leases lapsed). Every retry takes over the leases its predecessor held (by
+    the nonces in its heartbeat), so the rollout needs one attempt per kill and no more,
+    and no request ever meets a lease conflict. The leases a killed worker held lapse
+    within the lease TTL of the kill."""
+    project_id = new_project_id("k")
+    app = f"turbobackend-{project_id}"
+    task_queue = f"kills-{uuid.uuid4().hex[:6]}"
+    repo = publish_example("nitro-hello", tmp_path / "repos")
+    timings = fast_timings(lease_ttl=KILL_LEASE_TTL, machine_wait_timeout=timedelta(seconds=30))
+    ttl = KILL_LEASE_TTL.total_seconds()
+
+    def request(image: str) -> DeployRequest:
+        return deploy_request(
+            project_id,
+            repo,
+            image=image,
+            machine_count=ROLLING_MACHINES,
+            max_unavailable=1,
+            timings=timings,
+        )
+
+    def updated() -> int:
+        return sum(m["config"].get("image") == IMAGE_2 for m in app_machines(sim, app))
+
+    with own_flysim(fly_token) as sim:
+        env = worker_env(
+            temporal_address=temporal_client.service_client.config.target_host,
+            task_queue=task_queue,
+            database_url=postgres_url,
+            db_schema=f"kills_{uuid.uuid4().hex[:8]}",
+            ssm_endpoint=ssm_endpoint,
+            fly_api_base_url=sim.base_url,
+            app_url_template=sim.app_url_template,
+            work_dir=tmp_path / "work",
+        )
+        workers = [WorkerProcess(env, tmp_path / "worker-1.log")]
+        try:
+            await wait_for_pollers(temporal_client, task_queue)
+            first = await start_deploy(temporal_client, request(IMAGE), task_queue=task_queue)
+            before = sorted((await first.result()).machine_ids)
+            sim.config.timing.start_delay = 2.0  # each machine: an update, then 2 s to start
+            conflicts = sim.stats.lease_conflicts
+            handle = await start_deploy(temporal_client, request(IMAGE_2), task_queue=task_queue)
+            for kill in range(1, KILLS + 1):
+                seen: list[_RolloutAttempt] = []
+
+                async def holding(kill: int = kill, seen: list[_RolloutAttempt] = seen) -> bool:
+                    # This attempt got on (another machine updated) and the server has
+                    # the nonces of what it holds now.
+                    running = await _running_rollout(temporal_client, handle)
+                    held = {x["machine_id"]: x["nonce"] for x in held_leases(sim, app)}
+                    if running is None or running.attempt != kill or updated() < kill:
+                        return False
+                    seen[:] = [running]
+                    return bool(running.leases) and running.leases.items() <= held.items()
+
+                await wait_until(holding, f"rollout attempt {kill} holding leases", timeout=90)
+                workers[-1].kill()
+                killed_at = time.time()
+                left = held_leases(sim, app)
+                assert {x["machine_id"] for x in left} == set(seen[0].leases)
+                late = [x for x in left if x["expires_at"] > killed_at + ttl + 1]
+                assert late == [], f"leases outliving the lease TTL of the kill: {late}"
+                if kill == KILLS:
+                    await wait_until(
+                        lambda: not held_leases(sim, app), "dead leases lapsed", timeout=4 * ttl
+                    )
+                workers.append(WorkerProcess(env, tmp_path / f"worker-{kill + 1}.log"))
+            result = await asyncio.wait_for(handle.result(), SCENARIO_TIMEOUT)
+
+            assert result.status is DeployStatus.DEPLOYED
+            assert sorted(result.machine_ids) == before, "updated in place, none doubled"
+            assert updated() == ROLLING_MACHINES
+            assert held_leases(sim, app) == []
+            assert sim.stats.lease_conflicts == conflicts, "a request met a lease conflict"
+            history = await workflow_of(handle).fetch_history()
+            # The redeploy's rollout: the last one scheduled in the project's history.
+            scheduled = max(
+                e.event_id
+                for e in history.events
+                if e.HasField("activity_task_scheduled_event_attributes")
+                and e.activity_task_scheduled_event_attributes.activity_type.name
+                == "roll_out_release"
+            )
+            started = [
+                e.activity_task_started_event_attributes
+                for e in history.events
+                if e.HasField("activity_task_started_event_attributes")
+                and e.activity_task_started_event_attributes.scheduled_event_id == scheduled
+            ]
+            assert [s.attempt for s in started] == [KILLS + 1], "one attempt per kill, no more"
+            last = started[-1].last_failure
+            assert last.HasField("timeout_failure_info"), last
+            assert "lease" not in last.message.lower()
+        except BaseException:
+            logs = "\n".join(w.output()[-3000:] for w in workers)
+            print(f"worker logs (tail):\n{logs}")
+            raise
+        finally:
+            for w in workers:
+                w.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -19,6 +20,8 @@ from harness import (
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities._heartbeat import heartbeat_if_in_activity
+from activities._machines import MachineSession
 from activities.fly_apps import EnsureAppInput, FlyAppActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
@@ -334,11 +337,88 @@ async def test_lease_held_elsewhere_touches_nothing(
             )
         assert not caught.value.non_retryable
         assert machines[1].id in caught.value.message
+        assert "still held after waiting" in caught.value.message
         assert {m.image for m in await fly.list_machines(app)} == {f"{image}:v1"}
         # Only the foreign lease is left: ours on the first machine was given back.
         assert [lease["machine_id"] for lease in held_leases(flysim, app)] == [machines[1].id]
     finally:
         await fly.release_lease(app, machines[1].id, foreign.nonce)
+
+
+async def test_lease_held_elsewhere_is_waited_for_within_the_deadline(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    """Someone's lease that lapses within `lease_wait_timeout` costs a wait, not a failed
+    attempt; the wait reads the lease instead of asking for it again and again."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-base", machine_count=2))
+    machines = sorted(await fly.list_machines(app), key=lambda m: m.metadata["turbodeploy_slot"])
+    await fly.acquire_lease(app, machines[1].id, 1)  # e.g. a killed `fly deploy`: lapses
+    patient = ACTIVITY_TIMINGS.model_copy(update={"lease_wait_timeout": timedelta(seconds=20)})
+    conflicts = flysim.stats.lease_conflicts
+    result = await env.run(
+        rollout.roll_out,
+        rollout_input(app, f"{image}:v2", "d-waits", machine_count=2, timings=patient),
+    )
+    assert sorted(result.machine_ids) == sorted(m.id for m in machines)
+    assert {m.image for m in await fly.list_machines(app)} == {f"{image}:v2"}
+    assert flysim.stats.lease_conflicts == conflicts + 1, "asked again instead of reading"
+    assert held_leases(flysim, app) == []
+
+
+async def test_retried_attempt_takes_over_the_leases_of_the_one_before(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    heartbeats: list[tuple[Any, ...]],
+    app: str,
+    image: str,
+) -> None:
+    """A crashed attempt's leases (long-lived here, longer than any wait) are the next
+    attempt's by the nonces its last heartbeat carried: no conflict, no wait."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-base", machine_count=2))
+    machines = await fly.list_machines(app)
+    dead = {m.id: (await fly.acquire_lease(app, m.id, 600)).nonce for m in machines}
+    heartbeats.clear()
+    env.info = dataclasses.replace(
+        env.info,
+        attempt=2,
+        heartbeat_details=[{"done": [], "step": "updating machine", "leases": dead}],
+    )
+    conflicts = flysim.stats.lease_conflicts
+    result = await env.run(
+        rollout.roll_out, rollout_input(app, f"{image}:v2", "d-resumed", machine_count=2)
+    )
+    assert sorted(result.machine_ids) == sorted(dead)
+    assert {m.image for m in await fly.list_machines(app)} == {f"{image}:v2"}
+    assert flysim.stats.lease_conflicts == conflicts
+    assert held_leases(flysim, app) == [], "the leases taken over were released at the end"
+    # The heartbeats name what is held, so the attempt after this one could do the same.
+    assert any(h[0].get("leases") == dead for h in heartbeats if isinstance(h[0], dict))
+    assert heartbeats[-1][0]["leases"] == {}
+
+
+async def test_a_wait_inside_the_fly_client_keeps_the_leases_in_the_heartbeat(
+    env: ActivityEnvironment, fly: FlyClient, heartbeats: list[tuple[Any, ...]], app: str
+) -> None:
+    """The client's wait hook heartbeats its reason beside the progress and the nonces,
+    not instead of them."""
+
+    async def attempt() -> None:
+        session = MachineSession(fly, app, ACTIVITY_TIMINGS)
+        async with session.running():
+            session.leases["m-gone"] = "0123456789ab"
+            heartbeat_if_in_activity("429 from the Fly API, again in 2.0s")
+
+    await env.run(attempt)
+    waited = [h[0] for h in heartbeats if isinstance(h[0], dict) and "waiting" in h[0]]
+    assert waited and waited[0]["leases"] == {"m-gone": "0123456789ab"}
+    assert waited[0]["waiting"].startswith("429")
 
 
 async def test_server_errors_are_retryable(

@@ -299,7 +299,12 @@ async def test_lease_held_by_another_is_retryable(fly: FlyClient, app: str) -> N
         await fly.acquire_lease(app, machine.id, 30)
     assert caught.value.status_code == 409
     assert "lease currently held" in caught.value.message  # read from `message`
+    seen = await fly.get_lease(app, machine.id)  # what a waiter reads: who, until when
+    assert seen is not None and seen.owner and seen.expires_at == lease.expires_at
+    refreshed = await fly.acquire_lease(app, machine.id, 30, nonce=lease.nonce)
+    assert refreshed.nonce == lease.nonce
     await fly.release_lease(app, machine.id, lease.nonce)
+    assert await fly.get_lease(app, machine.id) is None
 
 
 async def test_wait_returns_false_on_timeout(fly: FlyClient, app: str) -> None:

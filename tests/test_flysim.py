@@ -27,6 +27,9 @@ OTHER_TOKEN = embedded.generate_fly_token()
 IMAGE = "registry.fly.io/demo:deployment-01"
 
 
+LEASE = "fly-machine-lease-nonce"
+
+
 def service(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "protocol": "tcp",
@@ -323,6 +326,44 @@ async def test_lease_conflict_and_nonce_flow(sim: FlySim, api: httpx.AsyncClient
     assert by_query.json()["data"]["expires_at"] <= time.time() + 6
 
 
+async def test_a_lease_lapses_after_its_ttl_and_its_nonce_with_it(
+    sim: FlySim, api: httpx.AsyncClient
+) -> None:
+    """What fly-go and flyctl rely on: a refresh with the holder's nonce keeps the nonce;
+    a lapsed lease frees the machine; its old nonce then takes a new lease (the header is
+    "existing lease nonce to refresh by ttl, empty or non-existent to create a new lease"),
+    and is refused once someone else holds the machine."""
+    await create_app(api)
+    mid = (await create_machine(api))["id"]
+    url = f"/apps/demo/machines/{mid}"
+    nonce = (await api.post(f"{url}/lease", json={"ttl": 13})).json()["data"]["nonce"]
+    held = {"fly-machine-lease-nonce": nonce}
+    again = (await api.post(f"{url}/lease", json={"ttl": 13}, headers=held)).json()["data"]
+    assert again["nonce"] == nonce
+
+    def lapse() -> None:
+        lease = sim.world.apps["demo"].machines[mid].lease
+        assert lease is not None
+        lease.expires_at = time.time() - 0.01
+
+    lapse()
+    assert (await api.get(f"{url}/lease")).status_code == 404
+    assert (await api.post(f"{url}/cordon")).status_code == 200, "a lapsed lease still held"
+    assert sim.snapshot()["leases"] == []
+
+    renewed = await api.post(f"{url}/lease", json={"ttl": 13}, headers=held)
+    assert renewed.status_code == 200
+    fresh = renewed.json()["data"]["nonce"]
+    assert fresh != nonce
+    assert (await api.post(f"{url}/uncordon", headers=held)).status_code == 409
+    lapse()
+    theirs = (await api.post(f"{url}/lease", json={"ttl": 13})).json()["data"]["nonce"]
+    refused = await api.post(f"{url}/lease", json={"ttl": 13}, headers={LEASE: fresh})
+    assert refused.status_code == 409
+    assert (await api.delete(f"{url}/lease", headers={LEASE: fresh})).status_code == 409
+    assert (await api.delete(f"{url}/lease", headers={LEASE: theirs})).status_code == 200
+
+
 async def test_create_with_lease_ttl_returns_a_nonce(sim: FlySim, api: httpx.AsyncClient) -> None:
     await create_app(api)
     machine = await create_machine(api, lease_ttl=30)
@@ -489,6 +530,10 @@ async def test_control_api(sim: FlySim, api: httpx.AsyncClient) -> None:
         assert len(state["machines"]) == 1 and len(state["leases"]) == 1
         assert state["counters"]["total_requests"] == 2
         assert TOKEN not in json.dumps(state)
+        other = (await control.get("/_sim/state", params={"app": "other"})).json()
+        assert other["apps"] == other["machines"] == other["leases"] == []
+        assert other["counters"]["total_requests"] == 2
+        assert len((await control.get("/_sim/state", params={"app": "demo"})).json()["leases"]) == 1
 
         r = await control.post("/_sim/config", json={"timing": {"start_delay": 0.5}})
         assert r.status_code == 200 and r.json()["timing"]["start_delay"] == 0.5

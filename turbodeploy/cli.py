@@ -752,6 +752,8 @@ def _detail_text(value: Any) -> str:
         return value
     if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
         return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, dict) and all(isinstance(v, str | int | float) for v in value.values()):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
     return json.dumps(value, separators=(",", ":"), default=str)
 
 

@@ -115,11 +115,31 @@ def snapshot(t: DeployTimings) -> StepPolicy:
     )
 
 
+def machines_heartbeat(t: DeployTimings) -> timedelta:
+    """The heartbeat timeout of a step that holds machine leases (rollout, restore).
+
+    Chosen with the lease TTL: a dead worker is noticed no later than its leases lapse
+    (10 s against flyctl's 13 s by default), so the next attempt starts about when they
+    would, and takes them over with the nonces the last heartbeat carried instead of
+    waiting them out. Kill to progress again: at most the heartbeat timeout, the first
+    retry interval and a lease refresh (BENCHMARKS.md, "crash recovery").
+    """
+    return min(t.heartbeat_timeout, t.lease_ttl)
+
+
+def _machines_work(t: DeployTimings, machine_count: int) -> timedelta:
+    # Each machine may take the whole wait timeout in the worst case (rolling one by one),
+    # after a wait for leases held by someone else.
+    return (
+        t.machine_wait_timeout * (machine_count + 2) + t.lease_wait_timeout + timedelta(minutes=2)
+    )
+
+
 def rollout(t: DeployTimings, machine_count: int) -> StepPolicy:
-    # Each machine may take the whole wait timeout in the worst case (rolling one by one).
+    # A first retry at once: after a crash, the retry resumes the dead attempt's leases.
     return StepPolicy(
-        start_to_close=t.machine_wait_timeout * (machine_count + 2) + timedelta(minutes=2),
-        heartbeat=t.heartbeat_timeout,
+        start_to_close=_machines_work(t, machine_count),
+        heartbeat=machines_heartbeat(t),
         retry=_retry(initial=0.5, maximum=30, attempts=8),
     )
 
@@ -128,8 +148,8 @@ def restore(t: DeployTimings, machine_count: int) -> StepPolicy:
     # Putting the last good release back matters more than any other step: it keeps
     # retrying for as long as an operator would reasonably wait.
     return StepPolicy(
-        start_to_close=t.machine_wait_timeout * (machine_count + 2) + timedelta(minutes=2),
-        heartbeat=t.heartbeat_timeout,
+        start_to_close=_machines_work(t, machine_count),
+        heartbeat=machines_heartbeat(t),
         retry=_retry(initial=1, maximum=60),
         schedule_to_close=timedelta(hours=1),
     )

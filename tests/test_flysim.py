@@ -705,10 +705,9 @@ def _records_what_does_not_conform() -> None:
     no_org = httpx.Request("GET", "http://x/v1/apps", headers=auth)
     assert checker.check(no_org, httpx.Response(200, json={"apps": []})) != []
     assert checker.check(no_org, httpx.Response(400, json={"error": "org_slug"})) == []
-    repeated = httpx.Request(
-        "GET", "http://x/v1/apps/demo/machines/m1/wait", params=[("state", "started"), ("state", "nope")],
-        headers=auth,
-    )  # fmt: skip
+    states = [("state", "started"), ("state", "nope")]
+    wait = "http://x/v1/apps/demo/machines/m1/wait"
+    repeated = httpx.Request("GET", wait, params=states, headers=auth)
     assert checker.check(repeated, httpx.Response(200, json={"ok": True})) != []
     values = {"values": {"A": ["s3cr3t-value"]}}  # not a string: the request does not conform
     secret = httpx.Request("POST", "http://x/v1/apps/demo/secrets", headers=auth, json=values)
@@ -739,7 +738,7 @@ def test_spec_validation_catches_nonconforming_exchanges() -> None:
 
     show = httpx.Request("GET", f"{base}/m1", headers=auth)
     wrong_type = httpx.Response(200, json={"id": "m1", "state": 3}, request=show)
-    with pytest.raises(SpecViolation, match="Machines_show.*at state"):
+    with pytest.raises(SpecViolation, match=r"Machines_show.*at state"):
         validate_exchange(spec, show, wrong_type)
     undeclared = httpx.Response(201, json={"id": "m1"}, request=show)
     with pytest.raises(SpecViolation, match="not declared"):

@@ -42,15 +42,19 @@ from activities._machines import (
     ASLEEP_STATES,
     CANARY_KEY,
     CREATED_IN_KEY,
+    DEPLOYER_VERSION_KEY,
     DEPLOYMENT_KEY,
     GREEN_KEY,
     PROCESS_GROUP,
+    RELEASE_VERSION_KEY,
     RESTORED_BY_KEY,
     RESTORES_KEY,
     SLOT_KEY,
     MachineSession,
     all_or_first_error,
+    deployer_version,
     has_checks,
+    release_version,
 )
 from core.flytoml import machine_config, overlay_managed
 from core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
@@ -81,6 +85,9 @@ class RolloutInput(Model):
     # When the machines of the app's last release passed their checks: the first read of
     # a new machine's checks waits until then.
     checks_hint: CheckWindow | None = None
+    # The app's secrets version the secrets step left (None: this deploy set none): every
+    # machine created or updated boots with those secrets or newer.
+    min_secrets_version: int | None = None
 
 
 class RolloutResult(Model):
@@ -121,7 +128,14 @@ class _Rollout:
         self._input = input
         self._app = input.app_name
         self._deployment = input.deployment_id
-        self._s = MachineSession(fly, input.app_name, input.timings, input.checks_hint)
+        self._s = MachineSession(
+            fly,
+            input.app_name,
+            input.timings,
+            input.checks_hint,
+            min_secrets_version=input.min_secrets_version,
+        )
+        self._release_version = 1
         self._digests: dict[str, str | None] = {}
 
     async def run(self) -> RolloutResult:
@@ -140,6 +154,7 @@ class _Rollout:
             )
         async with self._s.running():
             listed = await self._s.list_group() or []
+            self._release_version = release_version(listed, dep)
             canaries = [m for m in listed if m.metadata.get(CANARY_KEY)]
             regular = [m for m in listed if not m.metadata.get(CANARY_KEY)]
             if strategy is Strategy.BLUEGREEN:
@@ -241,6 +256,8 @@ class _Rollout:
             "fly_platform_version": "v2",
             "fly_process_group": PROCESS_GROUP,
             "fly_release_id": self._deployment,
+            RELEASE_VERSION_KEY: str(self._release_version),
+            DEPLOYER_VERSION_KEY: deployer_version(),
             DEPLOYMENT_KEY: self._deployment,
             **extra,
         }

@@ -14,6 +14,7 @@ Rules beyond plain openapi-core:
   it) has every value checked against the parameter's schema, not just the first.
 - `Authorization: FlyV1 <macaroon>`, as flyctl sends it, counts as the bearer token the
   spec asks for (Fly accepts both).
+- `autostop` may be a boolean, as fly-go sends it and the API accepts (`_amend`).
 - A lease request without a body (fly-go sends `?ttl=` only) counts as an empty one.
 - A response declared with `content: {}` has no schema, so any body is accepted.
 - Error statuses the spec does not list for an operation (401, 404, 409, 422, 429, 5xx...)
@@ -51,9 +52,32 @@ class SpecViolation(AssertionError):
 
 @functools.cache
 def _load(spec_path: str) -> Any:
+    import yaml
     from openapi_core import OpenAPI
 
-    return OpenAPI.from_file_path(spec_path)
+    with open(spec_path, encoding="utf-8") as f:
+        document = yaml.safe_load(f)
+    _amend(document)
+    return OpenAPI.from_dict(document, base_uri=Path(spec_path).absolute().as_uri())
+
+
+def _amend(document: dict[str, Any]) -> None:
+    """Where the generated spec says less than the server accepts, say what it accepts.
+
+    `fly.MachineService.autostop` is typed a string with `false` among its values, while
+    its own description, fly-go (which sends `true`/`false` for stop/off) and the API
+    take a boolean as well.
+    """
+    schemas = document.get("components", {}).get("schemas", {})
+    service = schemas.get("fly.MachineService", {}).get("properties", {})
+    autostop = service.get("autostop")
+    if (
+        isinstance(autostop, dict)
+        and autostop.get("type") == "string"
+        and False in (autostop.get("enum") or [])
+    ):
+        autostop["type"] = ["boolean", "string"]
+        autostop["enum"] = [True, False, "off", "stop", "suspend"]
 
 
 class _Request:

@@ -91,6 +91,7 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
             SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
         ],
         added=["API_KEY", "DATABASE_URL"],
+        secrets_version=flysim.snapshot()["secrets"][app]["version"],
     )
     listed = {s.name: s.digest for s in await fly.list_secrets(app)}
     assert set(listed) == {"API_KEY", "DATABASE_URL"}

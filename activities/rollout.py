@@ -539,8 +539,7 @@ def _image_digest(machine: Machine) -> str | None:
 
 
 def _version(machine: Machine) -> str | None:
-    version = (machine.model_extra or {}).get("version")
-    return version if isinstance(version, str) and version else None
+    return machine.version or None
 
 
 def _digest(outcomes: list[MachineOutcome], digests: Mapping[str, str | None]) -> str | None:

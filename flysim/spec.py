@@ -14,7 +14,8 @@ Rules beyond plain openapi-core:
   it) has every value checked against the parameter's schema, not just the first.
 - `Authorization: FlyV1 <macaroon>`, as flyctl sends it, counts as the bearer token the
   spec asks for (Fly accepts both).
-- `autostop` may be a boolean, as fly-go sends it and the API accepts (`_amend`).
+- `autostop` may be a boolean, as fly-go sends it and the API accepts, and a secrets
+  update may give `null` to unset one, as its description says (`_amend`).
 - A lease request without a body (fly-go sends `?ttl=` only) counts as an empty one.
 - A response declared with `content: {}` has no schema, so any body is accepted.
 - Error statuses the spec does not list for an operation (401, 404, 409, 422, 429, 5xx...)
@@ -66,7 +67,7 @@ def _amend(document: dict[str, Any]) -> None:
 
     `fly.MachineService.autostop` is typed a string with `false` among its values, while
     its own description, fly-go (which sends `true`/`false` for stop/off) and the API
-    take a boolean as well.
+    take a boolean as well. A secrets update unsets a secret given `null`.
     """
     schemas = document.get("components", {}).get("schemas", {})
     service = schemas.get("fly.MachineService", {}).get("properties", {})
@@ -78,6 +79,11 @@ def _amend(document: dict[str, Any]) -> None:
     ):
         autostop["type"] = ["boolean", "string"]
         autostop["enum"] = [True, False, "off", "stop", "suspend"]
+    # "Update app secret request, with values to set, or nil to unset" (its description;
+    # fly-go sends a map of string pointers), while the schema allows strings only.
+    values = schemas.get("AppSecretsUpdateRequest", {}).get("properties", {}).get("values")
+    if isinstance(values, dict) and values.get("additionalProperties") == {"type": "string"}:
+        values["additionalProperties"] = {"type": ["string", "null"]}
 
 
 class _Request:

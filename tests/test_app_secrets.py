@@ -175,7 +175,12 @@ async def test_restore_sets_recorded_versions_and_removes_only_present_names(
 
     result = await ActivityEnvironment().run(activities.restore_app_secrets, request)
 
-    assert result == RestoreSecretsResult(restored=wanted, removed=["ADDED"])
+    assert result == RestoreSecretsResult(
+        restored=wanted,
+        removed=["ADDED"],
+        # What machines restored after it must boot with: the version after the restore.
+        secrets_version=flysim.snapshot()["secrets"][app]["version"],
+    )
     machine = await _machine(fly, app)
     runtime = flysim.machine_runtime_env(app, machine)
     assert (runtime["DATABASE_URL"], runtime["READ_URL"]) == (first, first)

@@ -35,7 +35,7 @@ that forgot to say so still does not retry a hopeless request for minutes.
         ├── configuration            FlyTomlError, UnsupportedStrategy, BlueGreenNeedsChecks,
         │                            BlueGreenWithVolumes
         ├── build                    FlyctlMissing, InvalidBuildInput
-        ├── health                   MachineUnhealthy, HealthCheckFailed
+        ├── health                   MachineFailed, MachineUnhealthy, HealthCheckFailed
         └── notification             CallbackRejected, CallbackKeyMissing
 """
 
@@ -117,6 +117,8 @@ BLUE_GREEN_NEEDS_CHECKS = Failure("BlueGreenNeedsChecks", retryable=False)
 BLUE_GREEN_WITH_VOLUMES = Failure("BlueGreenWithVolumes", retryable=False)
 FLYCTL_MISSING = Failure("FlyctlMissing", retryable=False)
 INVALID_BUILD_INPUT = Failure("InvalidBuildInput", retryable=False)
+# The machine failed to launch, crashed, or its version was replaced while we waited.
+MACHINE_FAILED = Failure("MachineFailed", retryable=False)
 MACHINE_UNHEALTHY = Failure("MachineUnhealthy", retryable=False)
 HEALTH_CHECK_FAILED = Failure("HealthCheckFailed", retryable=False)
 CALLBACK_REJECTED = Failure("CallbackRejected", retryable=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import itertools
 import math
 import time
@@ -28,6 +29,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._errors import (
+    MACHINE_FAILED,
     MACHINE_UNHEALTHY,
     to_application_error,
 )
@@ -35,6 +37,7 @@ from activities._heartbeat import heartbeat_details_from
 from core.models import CheckWindow, DeployTimings
 from flyapi import (
     FlyAPIError,
+    FlyBadRequest,
     FlyClient,
     FlyError,
     FlyForbidden,
@@ -54,10 +57,12 @@ GREEN_KEY = "turbodeploy_green_of"
 RESTORED_BY_KEY = "turbodeploy_restored_by"
 RESTORES_KEY = "turbodeploy_restores"
 LEASE_DESCRIPTION = "turbodeploy rollout"
+# flyctl's release metadata: `fly status` shows a machine's release version from it.
+RELEASE_VERSION_KEY = "fly_release_version"
+DEPLOYER_VERSION_KEY = "fly_flyctl_version"
 # A stopped (scaled-to-zero) machine is updated without being woken: the proxy starts it
 # on the next request, and the public health check makes that request.
 ASLEEP_STATES = frozenset({"stopped", "suspended"})
-_DEAD_STATES = frozenset({"failed", "destroyed", "destroying"})
 _MIN_HEARTBEAT_SECONDS = 0.05
 _MAX_HEARTBEAT_SECONDS = 10.0
 # A lease held elsewhere is read again at most this often, and at least this often (a
@@ -87,8 +92,12 @@ class MachineSession:
         app: str,
         timings: DeployTimings,
         checks_hint: CheckWindow | None = None,
+        *,
+        min_secrets_version: int | None = None,
     ) -> None:
         self.fly = fly
+        # Sent with every create and update: the machines boot with these secrets or newer.
+        self.min_secrets_version = min_secrets_version
         self.app = app
         self.timings = timings
         # When checks are expected to pass after a start: the last release's, then what
@@ -364,6 +373,7 @@ class MachineSession:
                     lease_ttl=self.ttl,
                     skip_launch=skip_launch,
                     skip_service_registration=skip_service_registration,
+                    min_secrets_version=self.min_secrets_version,
                 )
                 break
             except (FlyRetryableError, FlyTransportError) as exc:
@@ -411,6 +421,7 @@ class MachineSession:
                 machine.region,
                 nonce=self.leases.get(machine.id),
                 skip_launch=skip_launch,
+                min_secrets_version=self.min_secrets_version,
             ),
         )
         if skip_launch and updated.state not in ASLEEP_STATES:
@@ -461,20 +472,30 @@ class MachineSession:
         deadline = time.monotonic() + timeout.total_seconds()
         where = f"machine {machine.id} of Fly app {self.app}"
         self.set_progress(machine.id, "waiting for machine to start")
-        while not await self.read(
-            f"Wait for {where} to start",
-            lambda: self.fly.wait_machine(
-                self.app,
-                machine.id,
-                "started",
-                instance_id=machine.instance_id,
-                timeout=max(deadline - time.monotonic(), 0),
-            ),
-        ):
-            current = await self.read(
-                f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
-            )
-            if current.state in _DEAD_STATES or time.monotonic() >= deadline:
+        while True:
+            try:
+                reached = await self.fly.wait_machine(
+                    self.app,
+                    machine.id,
+                    ("started", "failed"),
+                    version=machine.version,
+                    timeout=max(deadline - time.monotonic(), 0),
+                )
+            except FlyBadRequest as exc:
+                # The answer to a machine that failed or a version that was replaced;
+                # anything else is the request's fault.
+                current = await self._read_machine(machine, where)
+                self._fail_if_failed(machine, current, f"{exc.message}")
+                raise to_application_error(exc, action=f"Wait for {where} to start") from None
+            except FlyError as exc:
+                raise to_application_error(exc, action=f"Wait for {where} to start") from None
+            if reached == "started":
+                break
+            current = await self._read_machine(machine, where)
+            self._fail_if_failed(machine, current, f"it is {reached or current.state}")
+            if current.state == "started" and current.version == machine.version:
+                break
+            if time.monotonic() >= deadline:
                 raise _unhealthy(
                     f"Machine {machine.id} of Fly app {self.app} did not start within "
                     f"{_human(timeout)} (state {current.state})",
@@ -497,6 +518,8 @@ class MachineSession:
             current = await self.read(
                 f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id)
             )
+            # A machine that crashed after its start passes no check any more.
+            self._fail_if_failed(machine, current, "it stopped running")
             if current.checks and all(c.passing for c in current.checks):
                 window = CheckWindow(failing_until=failing_until, passing_at=pace.observed(sent))
                 activity.logger.info(
@@ -521,6 +544,30 @@ class MachineSession:
                     f"checks within {_human(timeout)}: {summary or 'no check has reported yet'}",
                     current,
                 )
+
+    async def _read_machine(self, machine: Machine, where: str) -> Machine:
+        return await self.read(f"Read {where}", lambda: self.fly.get_machine(self.app, machine.id))
+
+    def _fail_if_failed(self, waited: Machine, current: Machine, why: str) -> None:
+        """End the wait at once, non-retryably, when the machine cannot come up: it failed
+        (to launch, or after a crash), or the version we wait for was replaced."""
+        replaced = (
+            waited.version is not None
+            and current.version is not None
+            and current.version != waited.version
+        )
+        if not (current.failed or replaced):
+            return
+        state = "replaced" if replaced and not current.failed else current.state
+        detail = (
+            f"version {waited.version} was replaced by {current.version}"
+            if state == "replaced"
+            else f"it is {current.state}"
+        )
+        raise MACHINE_FAILED(
+            f"Machine {waited.id} of Fly app {self.app} will not start: {detail} ({why})",
+            {"machine_id": waited.id, "state": state, "version": current.version},
+        )
 
     # ---------------------------------------------------------------------------- misc
 
@@ -644,6 +691,29 @@ def _carried_leases(details: Sequence[Any]) -> dict[str, str]:
         return RolloutProgress.model_validate(details[0]).leases
     except ValidationError:
         return {}
+
+
+def deployer_version() -> str:
+    """What goes in `fly_flyctl_version`: a semantic version, as flyctl writes its own,
+    marked as ours."""
+    try:
+        return f"{importlib.metadata.version('turbodeploy')}+turbodeploy"
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+turbodeploy"
+
+
+def release_version(machines: Iterable[Machine], deployment_id: str) -> int:
+    """The release number of `deployment_id`: the one its machines already carry (a retry
+    keeps it), else one more than the highest among the group's machines."""
+    numbers: list[int] = []
+    for m in machines:
+        value = m.metadata.get(RELEASE_VERSION_KEY, "")
+        if not value.isdigit():
+            continue
+        if m.metadata.get(DEPLOYMENT_KEY) == deployment_id:
+            return int(value)
+        numbers.append(int(value))
+    return max(numbers, default=0) + 1
 
 
 def in_group(m: Machine) -> bool:

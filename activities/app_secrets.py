@@ -60,6 +60,9 @@ class AppSecretsResult(Model):
 
     secrets: list[SecretVersion] = Field(default_factory=list)
     added: list[str] = Field(default_factory=list)  # names the app did not have before
+    # The app's secrets version on Fly after the change: machines created or updated from
+    # now on send it as `min_secrets_version`.
+    secrets_version: int | None = None
 
 
 class RestoreSecretsInput(Model):
@@ -74,6 +77,7 @@ class RestoreSecretsInput(Model):
 class RestoreSecretsResult(Model):
     restored: list[SecretVersion] = Field(default_factory=list)
     removed: list[str] = Field(default_factory=list)  # only names the app still had
+    secrets_version: int | None = None  # as in AppSecretsResult; None when nothing changed
 
 
 class AppSecretActivities:
@@ -122,6 +126,7 @@ class AppSecretActivities:
                 for n, p in sorted(input.secrets.items())
             ],
             added=sorted(set(input.secrets) - existing),
+            secrets_version=fly_version or None,
         )
         activity.logger.info(
             "Fly app %s has secrets %s (secrets version %d)",
@@ -154,14 +159,19 @@ class AppSecretActivities:
                 )
             values[wanted.name] = parameter.get("Value", "")
         removed: list[str] = []
+        version: int | None = None
         with self._fly_errors(action):
             if values:
-                await self._fly.set_secrets(app, values)
+                version = await self._fly.set_secrets(app, values) or None
             for name in sorted(set(input.remove) - set(values)):
-                if await self._fly.unset_secret(app, name) is not None:
+                unset = await self._fly.unset_secret(app, name)
+                if unset is not None:
                     removed.append(name)
+                    version = unset or version
         result = RestoreSecretsResult(
-            restored=sorted(input.secrets, key=lambda s: s.name), removed=removed
+            restored=sorted(input.secrets, key=lambda s: s.name),
+            removed=removed,
+            secrets_version=version,
         )
         activity.logger.info(
             "Fly app %s has its secrets back: %s%s",

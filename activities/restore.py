@@ -52,6 +52,8 @@ class RestoreInput(Model):
     snapshot: ReleaseSnapshot
     reason: str = ""
     timings: DeployTimings = Field(default_factory=DeployTimings)
+    # As in RolloutInput: the secrets version the machines must boot with, or newer.
+    min_secrets_version: int | None = None
 
 
 class RestoreResult(Model):
@@ -111,7 +113,9 @@ class _Restore:
         self._input = input
         self._app = input.app_name
         self._deployment = input.deployment_id
-        self._s = MachineSession(fly, input.app_name, input.timings)
+        self._s = MachineSession(
+            fly, input.app_name, input.timings, min_secrets_version=input.min_secrets_version
+        )
 
     async def run(self) -> RestoreResult:
         snapshot = self._input.snapshot

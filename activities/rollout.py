@@ -42,15 +42,19 @@ from activities._machines import (
     ASLEEP_STATES,
     CANARY_KEY,
     CREATED_IN_KEY,
+    DEPLOYER_VERSION_KEY,
     DEPLOYMENT_KEY,
     GREEN_KEY,
     PROCESS_GROUP,
+    RELEASE_VERSION_KEY,
     RESTORED_BY_KEY,
     RESTORES_KEY,
     SLOT_KEY,
     MachineSession,
     all_or_first_error,
+    deployer_version,
     has_checks,
+    release_version,
 )
 from activities._volumes import VolumeAttacher
 from core.flytoml import machine_config, overlay_managed
@@ -82,6 +86,9 @@ class RolloutInput(Model):
     # When the machines of the app's last release passed their checks: the first read of
     # a new machine's checks waits until then.
     checks_hint: CheckWindow | None = None
+    # The app's secrets version the secrets step left (None: this deploy set none): every
+    # machine created or updated boots with those secrets or newer.
+    min_secrets_version: int | None = None
 
 
 class RolloutResult(Model):
@@ -122,7 +129,14 @@ class _Rollout:
         self._input = input
         self._app = input.app_name
         self._deployment = input.deployment_id
-        self._s = MachineSession(fly, input.app_name, input.timings, input.checks_hint)
+        self._s = MachineSession(
+            fly,
+            input.app_name,
+            input.timings,
+            input.checks_hint,
+            min_secrets_version=input.min_secrets_version,
+        )
+        self._release_version = 1
         self._volumes = VolumeAttacher(self._s, input.fly_toml, PROCESS_GROUP)
         self._digests: dict[str, str | None] = {}
 
@@ -142,6 +156,7 @@ class _Rollout:
             )
         async with self._s.running():
             listed = await self._s.list_group() or []
+            self._release_version = release_version(listed, dep)
             canaries = [m for m in listed if m.metadata.get(CANARY_KEY)]
             regular = [m for m in listed if not m.metadata.get(CANARY_KEY)]
             if strategy is Strategy.BLUEGREEN:
@@ -243,6 +258,8 @@ class _Rollout:
             "fly_platform_version": "v2",
             "fly_process_group": PROCESS_GROUP,
             "fly_release_id": self._deployment,
+            RELEASE_VERSION_KEY: str(self._release_version),
+            DEPLOYER_VERSION_KEY: deployer_version(),
             DEPLOYMENT_KEY: self._deployment,
             **extra,
         }
@@ -524,8 +541,7 @@ def _image_digest(machine: Machine) -> str | None:
 
 
 def _version(machine: Machine) -> str | None:
-    version = (machine.model_extra or {}).get("version")
-    return version if isinstance(version, str) and version else None
+    return machine.version or None
 
 
 def _digest(outcomes: list[MachineOutcome], digests: Mapping[str, str | None]) -> str | None:

@@ -45,6 +45,7 @@ from flyapi._errors import (
     FlyUnprocessable,
 )
 from flyapi._models import (
+    FAILED_STATES,
     App,
     AppSecret,
     CheckStatus,
@@ -61,6 +62,7 @@ from flyapi._ratelimit import RateLimiter
 from flyapi._retry import RequestRetry
 
 __all__ = [
+    "FAILED_STATES",
     "App",
     "AppSecret",
     "CheckStatus",

@@ -45,7 +45,9 @@ ResponseHook = Callable[[str, int], None]
 WaitHook = Callable[[str], None]
 WAIT_TICK = 1.0
 IPType = Literal["v4", "v6", "shared_v4", "private_v6"]
-WaitState = Literal["started", "stopped", "destroyed", "suspended"]
+# `settled`: any state the machine stays in until told otherwise (started, stopped,
+# suspended, failed, destroyed).
+WaitState = Literal["started", "stopped", "destroyed", "suspended", "failed", "settled"]
 
 DEFAULT_USER_AGENT = "turbodeploy-flyapi/0.1"
 # The Machines API's public base, and the web API that serves an app's logs beside it.
@@ -194,11 +196,13 @@ class FlyClient:
         return self._model(App, response)
 
     async def create_app(self, name: str, org_slug: str, *, network: str | None = None) -> App:
-        body: dict[str, Any] = {"app_name": name, "org_slug": org_slug}
+        # `name`, as the current API and fly-go send it (the 2023 spec called it `app_name`).
+        body: dict[str, Any] = {"name": name, "org_slug": org_slug}
         if network:
             body["network"] = network
         response = await self._request("POST", "/apps", json=body)
-        # The spec documents an empty 201; newer servers return the app.
+        # The 2023 spec documents an empty 201, the current one {id, created_at}; servers
+        # also return the whole app.
         data = self._json_or_none(response)
         if isinstance(data, dict) and data.get("name"):
             return self._validate(App, data, response)
@@ -350,15 +354,19 @@ class FlyClient:
         skip_launch: bool = False,
         name: str | None = None,
         skip_service_registration: bool = False,
+        min_secrets_version: int | None = None,
     ) -> Machine:
         """Create (and, unless `skip_launch`, start) a machine.
 
         Not idempotent: after a 408, a 5xx or a transport error the machine may exist.
         With `lease_ttl` the machine comes back leased and `Machine.nonce` holds the nonce.
         With `skip_service_registration` the proxy routes nothing to it until it is
-        uncordoned.
+        uncordoned. With `min_secrets_version` (what `set_secrets` returned) it boots with
+        the app's secrets of that version or later, never older ones.
         """
         body: dict[str, Any] = {"config": dict(config), "region": region}
+        if min_secrets_version is not None:
+            body["min_secrets_version"] = int(min_secrets_version)
         if lease_ttl is not None:
             body["lease_ttl"] = int(lease_ttl)
         if skip_launch:
@@ -381,9 +389,15 @@ class FlyClient:
         *,
         nonce: str | None,
         skip_launch: bool = False,
+        min_secrets_version: int | None = None,
     ) -> Machine:
-        """Replace the machine's config whole; the result carries the new `instance_id`."""
+        """Replace the machine's config whole; the result carries the new `version`.
+
+        With `min_secrets_version` the machine boots with the app's secrets of that
+        version or later."""
         body: dict[str, Any] = {"config": dict(config)}
+        if min_secrets_version is not None:
+            body["min_secrets_version"] = int(min_secrets_version)
         if region:
             body["region"] = region
         if skip_launch:
@@ -424,31 +438,44 @@ class FlyClient:
         self,
         app: str,
         machine_id: str,
-        state: WaitState,
+        state: WaitState | Collection[WaitState] = "started",
         *,
+        version: str | None = None,
         instance_id: str | None = None,
         timeout: float = 60,  # noqa: ASYNC109 - the server-side wait, sent to the API
-    ) -> bool:
-        """Block server-side until the machine is in `state`: True, or False on timeout.
+    ) -> str | None:
+        """Block server-side until the machine (at `version`) is in `state`, or in one of
+        several states: the state it reached, or None on timeout.
 
         `timeout` is clamped to the 1..60 s the server allows; loop for longer waits.
+        `instance_id` is the deprecated name of `version`; both go out as `version`. A
+        machine that failed or a version that was replaced answers 400 (`FlyBadRequest`)
+        unless `failed` or `settled` was asked for.
         """
         seconds = min(max(math.ceil(timeout), _WAIT_MIN_SECONDS), _WAIT_MAX_SECONDS)
-        params = {"state": state, "timeout": str(seconds)}
-        if instance_id:
-            params["instance_id"] = instance_id
+        states = [state] if isinstance(state, str) else list(dict.fromkeys(state))
+        # Repeated, as fly-go sends several states.
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("state", s) for s in states or ["started"]
+        ]
+        params.append(("timeout", str(seconds)))
+        if version or instance_id:
+            params.append(("version", str(version or instance_id)))
         try:
-            await self._request(
+            response = await self._request(
                 "GET",
                 self._machine_path(app, machine_id, "wait"),
-                params=params,
+                params=httpx.QueryParams(params),
                 read_timeout=self._timeout + seconds,
             )
         except FlyAPIError as exc:
             if exc.status_code == 408:
-                return False
+                return None
             raise
-        return True
+        data = self._json_or_none(response)
+        reached = data.get("state") if isinstance(data, dict) else None
+        # Older servers answer {"ok": true} alone: then it is the one state asked for.
+        return reached if isinstance(reached, str) and reached else (states or ["started"])[0]
 
     async def list_machine_events(
         self, app: str, machine_id: str, *, limit: int | None = None

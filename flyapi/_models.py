@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # States after which a machine is gone (or about to be) and must not be touched.
 GONE_STATES = frozenset({"destroyed", "destroying", "replaced", "migrated"})
+# States in which a machine will not start without being told to again: it failed to
+# launch or crashed past its restarts, or this version of it was replaced or destroyed.
+FAILED_STATES = frozenset({"failed", "launch_failed", *GONE_STATES})
 
 
 class _Liberal(BaseModel):
@@ -47,7 +50,9 @@ class Machine(_Liberal):
     name: str | None = None
     state: str | None = None
     region: str | None = None
+    # The same value under two names: `version` now, `instance_id` (deprecated) before.
     instance_id: str | None = None
+    version: str | None = None
     private_ip: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
@@ -55,6 +60,20 @@ class Machine(_Liberal):
     checks: list[CheckStatus] = Field(default_factory=list)
     # Only present on a create that asked for a lease.
     nonce: str | None = None
+
+    @model_validator(mode="after")
+    def _versions(self) -> Machine:
+        if self.version is None:
+            self.version = self.instance_id
+        elif self.instance_id is None:
+            self.instance_id = self.version
+        return self
+
+    @property
+    def failed(self) -> bool:
+        """The machine could not run, or this version of it is gone: waiting for it to
+        start is pointless."""
+        return self.state in FAILED_STATES
 
     @field_validator("checks", mode="before")
     @classmethod

@@ -1,4 +1,8 @@
-"""The `/v1` Machines API routes: apps, IP assignments, machines, leases, wait."""
+"""The `/v1` Machines API routes: apps, IP assignments, machines, leases, wait.
+
+Shapes follow the current Machines API spec (`fly-machines-openapi-2026.yml`); where it is
+silent, what fly-go and flyctl expect of the server.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flysim._http import ApiError, Handler, SimContext, flag, json_body, path_app, request_org
-from flysim.state import GONE_STATES, App, IPAssignment, Lease, Machine, iso, ulid
+from flysim.state import GONE_STATES, App, Event, IPAssignment, Lease, Machine, iso, ulid
 from flysim.validation import REGION_RE, ConfigError, app_name_error, check_machine_config
 from flysim.volumes import check_mounts, volume_routes
 
 LEASE_HEADER = "fly-machine-lease-nonce"
-WAIT_STATES = frozenset({"started", "stopped", "destroyed", "suspended"})
+WAIT_STATES = frozenset({"started", "stopped", "destroyed", "suspended", "failed", "settled"})
+# What `state=settled` waits for: any state the machine stays in until told otherwise.
+SETTLED_STATES = frozenset({"started", "stopped", "suspended", "failed", "destroyed"})
+# States a machine that could not run ends in: a wait for anything else gives up on them.
+FAILED_STATES = frozenset({"failed", "launch_failed"})
+SIGNALS = frozenset(
+    {"SIGABRT", "SIGALRM", "SIGFPE", "SIGHUP", "SIGILL", "SIGINT", "SIGKILL", "SIGPIPE",
+     "SIGQUIT", "SIGSEGV", "SIGTERM", "SIGTRAP", "SIGUSR1", "SIGUSR2"}
+)  # fmt: skip
 # States in which a machine runs (or is about to): destroying it needs `force`.
 ACTIVE_STATES = frozenset({"started", "starting", "replacing", "updating", "restarting"})
 _DEFAULT_REGION = "iad"
@@ -62,6 +74,34 @@ class _Api:
     def _json(self, machine: Machine) -> dict[str, Any]:
         return machine.to_json(self.sim.config, time.time())
 
+    def _check_capacity(self, region: str) -> None:
+        if region in self.sim.config.full_regions:
+            raise ApiError(
+                503,
+                f"insufficient resources to create new machine in region {region}: "
+                "no host has capacity",
+                {"error": "out of capacity", "status": "insufficient_capacity"},
+            )
+
+    def _min_secrets_version(self, app: App, body: dict[str, Any], machine: Machine) -> None:
+        """Take `min_secrets_version` from a create or update: a version the app's secrets
+        have not reached is refused; without one, the `stale_secrets` fault makes the
+        machine boot with the secrets of before their last change."""
+        wanted = body.get("min_secrets_version")
+        vault = getattr(self.sim, "secrets", None)
+        current = vault.version(app) if vault is not None else 0
+        if wanted is not None:
+            if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 0:
+                raise ApiError(400, "min_secrets_version must be a non-negative integer")
+            if wanted > current:
+                raise ApiError(
+                    400,
+                    f"min_secrets_version {wanted} is newer than the secrets of app "
+                    f"{app.name} (version {current})",
+                )
+        machine.min_secrets_version = wanted
+        machine.secrets_lag = 1 if wanted is None and self.sim.config.faults.stale_secrets else 0
+
     def _new_lease(self, machine: Machine, org: str, ttl: float, description: str) -> Lease:
         lease = Lease(
             nonce=secrets.token_hex(6),
@@ -76,7 +116,9 @@ class _Api:
 
     async def apps_list(self, request: Request) -> Response:
         org = request_org(request)
-        slug = request.query_params.get("org_slug") or org
+        slug = request.query_params.get("org_slug")
+        if not slug:
+            raise ApiError(400, "org_slug is required")
         if slug != org:
             raise ApiError(403, f"not authorized to list apps of organization {slug}")
         apps = [a for a in self.sim.world.apps.values() if a.org == org]
@@ -90,7 +132,10 @@ class _Api:
     async def apps_create(self, request: Request) -> Response:
         org = request_org(request)
         body = await json_body(request)
-        name = body.get("app_name") or body.get("name")
+        # The current API takes `name`; the 2023 spec's `app_name` is no longer read.
+        name = body.get("name")
+        if name is None:
+            raise ApiError(400, "name is required")
         problem = app_name_error(name)
         if problem:
             raise ApiError(400, problem)
@@ -99,7 +144,11 @@ class _Api:
         if slug != org:
             raise ApiError(403, f"not authorized to create apps in organization {slug}")
         if name in self.sim.world.apps:
-            raise ApiError(422, "Validation failed: Name has already been taken")
+            raise ApiError(
+                422,
+                "Validation failed: Name has already been taken",
+                {"error": "Validation failed: Name has already been taken", "status": "name_taken"},
+            )
         app = App(
             id=secrets.token_hex(10),
             name=name,
@@ -108,7 +157,9 @@ class _Api:
             created_at=time.time(),
         )
         self.sim.world.apps[name] = app
-        return JSONResponse(app.to_json(), status_code=201)
+        return JSONResponse(
+            {**app.to_json(), "created_at": int(app.created_at * 1000)}, status_code=201
+        )
 
     async def apps_show(self, request: Request) -> Response:
         return JSONResponse(self._app(request).to_json())
@@ -147,7 +198,7 @@ class _Api:
             created_at=time.time(),
         )
         app.ips.append(ip)
-        return JSONResponse(ip.to_json(), status_code=201)
+        return JSONResponse(ip.to_json())
 
     async def ips_delete(self, request: Request) -> Response:
         app = self._app(request)
@@ -192,6 +243,7 @@ class _Api:
         lease_ttl = body.get("lease_ttl")
         if lease_ttl is not None and (not isinstance(lease_ttl, int) or lease_ttl <= 0):
             raise ApiError(400, "lease_ttl must be a positive number of seconds")
+        self._check_capacity(region)
         now = time.time()
         instance = ulid()
         machine = Machine(
@@ -206,16 +258,12 @@ class _Api:
             cordoned=bool(body.get("skip_service_registration")),
             versions=[(instance, config)],
         )
+        self._min_secrets_version(app, body, machine)
         machine.set_state("created", now, "launch")
         app.machines[machine.id] = machine
         if not body.get("skip_launch"):
-            delay = self.sim.config.timing.create_delay
             machine.schedule(
-                now,
-                [
-                    (delay, "starting", "start"),
-                    (delay + self.sim.config.timing.start_delay, "started", "start"),
-                ],
+                now, machine.boot_steps(self.sim.config, self.sim.config.timing.create_delay)
             )
         result = self._json(machine)
         if lease_ttl:
@@ -240,6 +288,10 @@ class _Api:
         current = body.get("current_version")
         if current and current != machine.instance_id:
             raise ApiError(409, f"machine version mismatch: current is {machine.instance_id}")
+        skip_launch = bool(body.get("skip_launch"))
+        if not skip_launch:
+            self._check_capacity(machine.region)
+        self._min_secrets_version(app, body, machine)
         timing = self.sim.config.timing
         now = time.time()
         was = machine.state
@@ -248,26 +300,17 @@ class _Api:
         machine.versions.append((machine.instance_id, config))
         if body.get("skip_service_registration"):
             machine.cordoned = True
-        skip_launch = bool(body.get("skip_launch"))
         if was in ACTIVE_STATES:
             machine.set_state("replacing", now, "update")
             if skip_launch:
                 machine.schedule(now, [(timing.stop_delay, "stopped", "exit")])
             else:
-                machine.schedule(
-                    now,
-                    [
-                        (timing.stop_delay, "starting", "start"),
-                        (timing.stop_delay + timing.start_delay, "started", "start"),
-                    ],
-                )
+                machine.schedule(now, machine.boot_steps(self.sim.config, timing.stop_delay))
         elif skip_launch:
             machine.set_state("created" if was == "created" else "stopped", now, "update")
         else:
             machine.set_state("updating", now, "update")
-            machine.schedule(
-                now, [(0.0, "starting", "start"), (timing.start_delay, "started", "start")]
-            )
+            machine.schedule(now, machine.boot_steps(self.sim.config, 0.0))
         result = self._json(machine)
         lease_ttl = body.get("lease_ttl")
         if isinstance(lease_ttl, int) and lease_ttl > 0 and machine.active_lease(now) is None:
@@ -301,9 +344,10 @@ class _Api:
         if previous in GONE_STATES:
             raise ApiError(412, f"unable to start machine {machine.id}: it is {previous}")
         if previous not in ACTIVE_STATES:
+            self._check_capacity(machine.region)
             now = time.time()
             machine.set_state("starting", now, "start")
-            machine.schedule(now, [(self.sim.config.timing.start_delay, "started", "start")])
+            machine.schedule(now, machine.boot_steps(self.sim.config, 0.0)[1:])
         return JSONResponse({"previous_state": previous, "migrated": False, "new_host": ""})
 
     async def machines_stop(self, request: Request) -> Response:
@@ -336,13 +380,7 @@ class _Api:
         timing = self.sim.config.timing
         now = time.time()
         machine.set_state("restarting", now, "restart")
-        machine.schedule(
-            now,
-            [
-                (timing.stop_delay, "starting", "start"),
-                (timing.stop_delay + timing.start_delay, "started", "start"),
-            ],
-        )
+        machine.schedule(now, machine.boot_steps(self.sim.config, timing.stop_delay))
         return _ok()
 
     async def machines_cordon(self, request: Request) -> Response:
@@ -352,34 +390,110 @@ class _Api:
         return _ok()
 
     async def machines_wait(self, request: Request) -> Response:
+        """Block until the machine (at `version`, when given) is in one of the `state`s.
+
+        `state` may repeat or list several comma-separated (`settled`: any state the
+        machine stays in); `version` supersedes the deprecated `instance_id`. A machine
+        that failed, or a version that was replaced, ends the wait with a 400 unless that
+        is what was asked for, as flyd answers "machine failed to reach desired state".
+        """
         app, machine = self._machine(request)
         query = request.query_params
-        target = query.get("state") or "started"
-        if target not in WAIT_STATES:
-            raise ApiError(400, f"invalid state {target!r}: use one of {sorted(WAIT_STATES)}")
+        targets = {
+            part.strip()
+            for value in query.getlist("state")
+            for part in value.split(",")
+            if part.strip()
+        } or {"started"}
+        unknown = sorted(targets - WAIT_STATES)
+        if unknown:
+            raise ApiError(400, f"invalid state {unknown[0]!r}: use one of {sorted(WAIT_STATES)}")
         timeout = _wait_timeout(query.get("timeout"))
-        instance_id = query.get("instance_id") or None
-        known_versions = {v for v, _ in machine.versions}
-        if instance_id and instance_id not in known_versions:
-            raise ApiError(400, f"unknown instance_id {instance_id!r} for machine {machine.id}")
+        version = query.get("version") or query.get("instance_id") or None
+        if version and machine.version_of(version) is None:
+            raise ApiError(400, f"unknown version {version!r} for machine {machine.id}")
         deadline = time.time() + timeout
         while True:
             now = time.time()
             self.sim.world.advance(app, now)
-            if _reached(machine, target, instance_id):
-                return JSONResponse({"ok": True, "state": machine.state})
-            if machine.state == "destroyed":
-                raise ApiError(400, f"machine {machine.id} was destroyed")
+            reached = _reached(machine, targets, version)
+            if reached is not None:
+                return JSONResponse(
+                    {
+                        "ok": True,
+                        "state": reached,
+                        "version": version or machine.instance_id,
+                        "event_id": machine.events[-1].id if machine.events else "",
+                    }
+                )
+            wanted = ", ".join(sorted(targets))
+            if version and version != machine.instance_id and targets & {"started", "suspended"}:
+                raise ApiError(
+                    400,
+                    f"machine failed to reach desired state, {wanted}: version {version} of "
+                    f"machine {machine.id} was replaced by {machine.instance_id}",
+                )
+            if machine.state in FAILED_STATES or machine.state == "destroyed":
+                raise ApiError(
+                    400,
+                    f"machine failed to reach desired state, {wanted}: machine {machine.id} "
+                    f"is {machine.state}",
+                )
             if now >= deadline:
                 raise ApiError(
                     408,
-                    f"deadline_exceeded: machine {machine.id} did not reach {target} "
+                    f"deadline_exceeded: machine {machine.id} did not reach {wanted} "
                     f"within {timeout}s (state: {machine.state})",
                 )
             wake = min(deadline, now + _WAIT_POLL_CAP, machine.next_due() or deadline)
             changed = machine.changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=max(0.0, wake - now))
+
+    async def machines_ps(self, request: Request) -> Response:
+        """The machine's processes: the image's command while it runs, nothing otherwise."""
+        _, machine = self._machine(request)
+        if machine.state != "started":
+            return JSONResponse([])
+        init = machine.config.get("init") or {}
+        argv = init.get("exec") or [*(init.get("entrypoint") or []), *(init.get("cmd") or [])]
+        command = " ".join(argv) or "node .output/server/index.mjs"
+        ports = [
+            {"address": f"0.0.0.0:{s.get('internal_port')}", "proto": "tcp"}
+            for s in machine.services()
+            if s.get("internal_port")
+        ]
+        uptime = max(0, int(time.time() - (machine.started_at or time.time())))
+        processes = [
+            {"pid": 1, "command": "/.fly/init", "directory": "/", "cpu": 0, "rss": 1_900_000,
+             "rtime": uptime, "stime": 0, "listen_sockets": []},
+            {"pid": 312, "command": command, "directory": "/app", "cpu": 1, "rss": 48_000_000,
+             "rtime": uptime, "stime": 0, "listen_sockets": ports},
+        ]  # fmt: skip
+        sort_by = request.query_params.get("sort_by")
+        if sort_by in {"pid", "cpu", "rss", "rtime", "stime"}:
+            reverse = request.query_params.get("order", "asc").lower() == "desc"
+            processes.sort(key=lambda p: int(str(p[sort_by])), reverse=reverse)
+        return JSONResponse(processes)
+
+    async def machines_signal(self, request: Request) -> Response:
+        """Send a signal to the machine's process: SIGKILL and SIGTERM end it (the machine
+        stops), any other is only delivered."""
+        _, machine = self._machine(request)
+        self._check_lease(request, machine)
+        body = await json_body(request)
+        signal = body.get("signal")
+        if signal not in SIGNALS:
+            raise ApiError(400, f"invalid signal {signal!r}: use one of {sorted(SIGNALS)}")
+        if machine.state != "started":
+            raise ApiError(412, f"unable to signal machine {machine.id}: it is {machine.state}")
+        machine.last_signal = str(signal)
+        now = time.time()
+        machine.events.append(Event("signal", machine.state, "user", now))
+        if signal in {"SIGKILL", "SIGTERM"}:
+            machine.set_state("stopping", now, "stop")
+            machine.schedule(now, [(self.sim.config.timing.stop_delay, "stopped", "exit")])
+        return Response(status_code=200)
 
     # -------------------------------------------------------------------- leases
 
@@ -410,7 +524,8 @@ class _Api:
             lease = self._new_lease(
                 machine, request_org(request), ttl, str(body.get("description") or "")
             )
-        return JSONResponse({"status": "success", "data": lease.to_json()})
+        # The spec documents a bare Lease with 201; the live API wraps it, as fly-go reads it.
+        return JSONResponse({"status": "success", "data": lease.to_json()}, status_code=201)
 
     async def lease_show(self, request: Request) -> Response:
         _, machine = self._machine(request)
@@ -435,6 +550,28 @@ class _Api:
     async def metadata_show(self, request: Request) -> Response:
         _, machine = self._machine(request)
         return JSONResponse(dict(machine.config.get("metadata") or {}))
+
+    async def metadata_get_key(self, request: Request) -> Response:
+        _, machine = self._machine(request)
+        key = request.path_params["key"]
+        metadata = machine.config.get("metadata") or {}
+        if key not in metadata:
+            raise ApiError(404, f"metadata key {key!r} not found on machine {machine.id}")
+        return JSONResponse({"value": metadata[key]})
+
+    async def metadata_update(self, request: Request) -> Response:
+        """Replace the machine's metadata whole (PATCH; PUT is its deprecated form)."""
+        _, machine = self._machine(request)
+        self._check_lease(request, machine)
+        body = await json_body(request)
+        metadata = body.get("metadata")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ApiError(400, 'body must be {"metadata": {"<key>": "<string>", ...}}')
+        expected = body.get("machine_version")
+        if expected and expected != machine.instance_id:
+            raise ApiError(412, f"machine version mismatch: current is {machine.instance_id}")
+        machine.config = {**machine.config, "metadata": dict(metadata)}
+        return Response(status_code=204)
 
     async def metadata_set(self, request: Request) -> Response:
         _, machine = self._machine(request)
@@ -464,7 +601,13 @@ class _Api:
 
     async def events(self, request: Request) -> Response:
         _, machine = self._machine(request)
-        return JSONResponse([e.to_json() for e in reversed(machine.events)])
+        events = [e.to_json() for e in reversed(machine.events)]
+        raw = request.query_params.get("limit")
+        if raw:
+            if not raw.isdigit() or int(raw) < 1:
+                raise ApiError(400, f"invalid limit {raw[:16]!r}: a positive number")
+            events = events[: int(raw)]
+        return JSONResponse(events)
 
 
 def _wait_timeout(raw: str | None) -> int:
@@ -480,11 +623,20 @@ def _wait_timeout(raw: str | None) -> int:
     return value
 
 
-def _reached(machine: Machine, target: str, instance_id: str | None) -> bool:
-    if instance_id is None or instance_id == machine.instance_id:
-        return machine.state == target
+def _reached(machine: Machine, targets: set[str], version: str | None) -> str | None:
+    """The state of `targets` the machine (at `version`) is in, or None."""
+    if version is None or version == machine.instance_id:
+        state = machine.state
+        if state in targets:
+            return state
+        if "settled" in targets and state in SETTLED_STATES:
+            return state
+        return None
     # An older version is gone once replaced: it is stopped and destroyed for good.
-    return target in {"stopped", "destroyed"}
+    for state in ("stopped", "destroyed", "settled"):
+        if state in targets:
+            return "replaced" if state == "settled" else state
+    return None
 
 
 def api_routes(sim: SimContext) -> list[Route]:
@@ -510,10 +662,14 @@ def api_routes(sim: SimContext) -> list[Route]:
         (f"{m}/cordon", api.machines_cordon, ["POST"]),
         (f"{m}/uncordon", api.machines_cordon, ["POST"]),
         (f"{m}/wait", api.machines_wait, ["GET"]),
+        (f"{m}/ps", api.machines_ps, ["GET"]),
+        (f"{m}/signal", api.machines_signal, ["POST"]),
         (f"{m}/lease", api.lease_create, ["POST"]),
         (f"{m}/lease", api.lease_show, ["GET"]),
         (f"{m}/lease", api.lease_release, ["DELETE"]),
         (f"{m}/metadata", api.metadata_show, ["GET"]),
+        (f"{m}/metadata", api.metadata_update, ["PATCH", "PUT"]),
+        (f"{m}/metadata/{{key}}", api.metadata_get_key, ["GET"]),
         (f"{m}/metadata/{{key}}", api.metadata_set, ["POST"]),
         (f"{m}/metadata/{{key}}", api.metadata_delete, ["DELETE"]),
         (f"{m}/versions", api.versions, ["GET"]),

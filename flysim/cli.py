@@ -109,6 +109,15 @@ def seed(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
 
 
+def boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
 def error_codes(value: str) -> tuple[int, ...]:
     """Comma-separated HTTP error statuses (400 to 599)."""
     codes: list[int] = []
@@ -148,6 +157,8 @@ _KNOBS = (
           "lease lifetime, in seconds, when a lease request gives no ttl"),
     _Knob("--proxy-wait-limit", "timing", "proxy_wait_limit", seconds, "SECONDS",
           "seconds an app URL request waits for a machine to wake before answering 503"),
+    _Knob("--crash-after", "timing", "crash_after", seconds, "SECONDS",
+          "seconds a machine of a --crashing-image runs before it crashes"),
     _Knob("--error-rate", "faults", "error_rate", probability, "FRACTION",
           "fraction (0-1) of /v1 requests answered with an injected server error"),
     _Knob("--error-codes", "faults", "error_codes", error_codes, "CODES",
@@ -162,11 +173,28 @@ _KNOBS = (
           "extra delay of a latency spike, in seconds"),
     _Knob("--drop-rate", "faults", "drop_rate", probability, "FRACTION",
           "fraction (0-1) of /v1 requests whose connection is closed without an answer"),
+    _Knob("--stale-secrets", "faults", "stale_secrets", boolean, "yes|no",
+          "machines created or updated without min_secrets_version boot with the "
+          "secrets of before their last change"),
     _Knob("--fault-seed", "faults", "seed", seed, "N",
           "random seed of the fault draws, for a repeatable sequence (default: unseeded)"),
     _Knob("--rate-limit-rps", None, "rate_limit_rps", positive_rate, "RPS",
           "most /v1 requests per second (token bucket); more are answered 429 "
           "(default: no limit)"),
+)  # fmt: skip
+
+# Repeatable options that add to a set of the configuration:
+# (flag, field, option group, metavar, help).
+_SETS = (
+    ("--unhealthy-image", "unhealthy_images", "health", "IMAGE",
+     "image whose machines start but never pass their checks (repeatable)"),
+    ("--failing-image", "failing_images", "faults", "IMAGE",
+     "image whose machines fail to launch: launch_failed, then failed (repeatable)"),
+    ("--crashing-image", "crashing_images", "faults", "IMAGE",
+     "image whose machines start, then crash after --crash-after seconds (repeatable)"),
+    ("--full-region", "full_regions", "faults", "REGION",
+     "region without capacity: creates and starts there answer 503 insufficient_capacity "
+     "(repeatable)"),
 )  # fmt: skip
 
 _MODELS: dict[str | None, type[SimTiming] | type[Faults] | type[SimConfig]] = {
@@ -218,13 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=knob.metavar,
             help=_default_text(knob),
         )
-    health.add_argument(
-        "--unhealthy-image",
-        dest="unhealthy_images",
-        action="append",
+    for flag, dest, section, metavar, text in _SETS:
+        (health if section == "health" else faults).add_argument(
+            flag, dest=dest, action="append", default=None, metavar=metavar, help=text
+        )
+    parser.add_argument(
+        "--validate-spec",
+        metavar="OPENAPI",
         default=None,
-        metavar="IMAGE",
-        help="image whose machines start but never pass their checks (repeatable)",
+        help="check every /v1 exchange against this OpenAPI document and log what does not "
+        "conform (also $FLYSIM_VALIDATE_SPEC; needs openapi-core)",
     )
     return parser
 
@@ -242,8 +273,10 @@ def config_patch(args: argparse.Namespace) -> dict[str, Any]:
             patch[knob.field] = value
         else:
             patch.setdefault(knob.section, {})[knob.field] = value
-    if args.unhealthy_images:
-        patch["unhealthy_images"] = sorted(set(args.unhealthy_images))
+    for _, dest, *_ in _SETS:
+        values = getattr(args, dest)
+        if values:
+            patch[dest] = sorted(set(values))
     return patch
 
 
@@ -268,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args, tokens)
     except ValueError as exc:
         parser.error(str(exc))
-    sim = FlySim(config)
+    try:
+        sim = FlySim(config, spec_check=args.validate_spec)
+    except (OSError, ImportError) as exc:
+        parser.error(f"--validate-spec: {exc}")
     state = None
     if args.state_file:
         from flysim.persist import StateFile

@@ -28,6 +28,8 @@ class SimTiming(BaseModel):
     autostop_after: float | None = Field(default=None, ge=0)
     # How long the proxy holds a request while it wakes a machine before giving up.
     proxy_wait_limit: float = Field(default=60.0, ge=0)
+    # Seconds a machine of a `crashing_images` image runs before it crashes.
+    crash_after: float = Field(default=0.0, ge=0)
 
 
 class Faults(BaseModel):
@@ -43,6 +45,9 @@ class Faults(BaseModel):
     latency_spike: float = Field(default=0.0, ge=0)
     drop_rate: float = Field(default=0.0, ge=0, le=1)
     seed: int | None = None
+    # Machines created or updated without `min_secrets_version` boot with the app's
+    # secrets of before their last change, as when the secrets a host reads lag behind.
+    stale_secrets: bool = False
 
 
 class SimConfig(BaseModel):
@@ -53,6 +58,13 @@ class SimConfig(BaseModel):
     timing: SimTiming = Field(default_factory=SimTiming)
     faults: Faults = Field(default_factory=Faults)
     unhealthy_images: set[str] = Field(default_factory=set)
+    # Machines of these images fail to launch: starting, then launch_failed and failed.
+    failing_images: set[str] = Field(default_factory=set)
+    # Machines of these images start, then crash (failed) `timing.crash_after` seconds later.
+    crashing_images: set[str] = Field(default_factory=set)
+    # Regions whose hosts have no capacity: a machine create or start there is refused
+    # with 503 `insufficient_capacity`, as the API refuses it.
+    full_regions: set[str] = Field(default_factory=set)
     rate_limit_rps: float | None = Field(default=None, gt=0)
 
     def public_dict(self) -> dict[str, Any]:
@@ -76,6 +88,9 @@ class SimConfig(BaseModel):
             "timing": SimTiming.model_validate({**timing.model_dump(), **patch.get("timing", {})}),
             "faults": Faults.model_validate({**faults.model_dump(), **patch.get("faults", {})}),
             "unhealthy_images": set(patch.get("unhealthy_images", self.unhealthy_images)),
+            "failing_images": set(patch.get("failing_images", self.failing_images)),
+            "crashing_images": set(patch.get("crashing_images", self.crashing_images)),
+            "full_regions": set(patch.get("full_regions", self.full_regions)),
             "tokens": dict(patch.get("tokens", self.tokens)),
             "rate_limit_rps": patch.get("rate_limit_rps", self.rate_limit_rps),
         }

@@ -1,6 +1,8 @@
 """App secrets: `/v1/apps/{app}/secrets`, as Fly's newer Machines API serves them.
 
     GET    /v1/apps/{app}/secrets              {"secrets": [{"name", "digest", ...}]}
+           ?min_version=n                      404 until the secrets reach version n
+           ?version=n                          the secrets as of version n (fly-go)
     POST   /v1/apps/{app}/secrets              {"values": {"NAME": "value" | null, ...}}
                                                -> {"secrets": [...], "version": n}
     GET    /v1/apps/{app}/secrets/{name}       {"name", "digest", ...}
@@ -154,9 +156,16 @@ class SecretVault:
             state.versions.append(_Version(state.current.number + 1, now, current))
         return state.current.number
 
-    def values_at(self, app: App, when: float) -> dict[str, str]:
-        version = self._of(app).as_of(when)
-        return {name: s.value.reveal() for name, s in version.secrets.items()}
+    def values_at(
+        self, app: App, when: float, *, lag: int = 0, floor: int | None = None
+    ) -> dict[str, str]:
+        """The values as of `when`: `lag` versions older, but never older than `floor`."""
+        state = self._of(app)
+        number = state.as_of(when).number - lag
+        if floor is not None:
+            number = max(number, floor)
+        chosen = next((v for v in state.versions if v.number >= number), state.current)
+        return {name: s.value.reveal() for name, s in chosen.secrets.items()}
 
     def to_json(self, apps: list[App]) -> dict[str, Any]:
         """Per app name: the current version and each secret's name and digest."""
@@ -193,7 +202,10 @@ def machine_runtime_env(sim: VaultHost, app_name: str, machine_id: str) -> dict[
     boots = [e.timestamp for e in machine.events if e.status == "starting"]
     booted_at = max(boots) if boots else time.time()
     env = machine.config.get("env") or {}
-    return {**{str(k): str(v) for k, v in env.items()}, **sim.secrets.values_at(app, booted_at)}
+    secrets = sim.secrets.values_at(
+        app, booted_at, lag=machine.secrets_lag, floor=machine.min_secrets_version
+    )
+    return {**{str(k): str(v) for k, v in env.items()}, **secrets}
 
 
 def _name(request: Request) -> str:
@@ -201,6 +213,15 @@ def _name(request: Request) -> str:
     if not _NAME_RE.fullmatch(name):
         raise ApiError(400, f"invalid secret name {name[:64]!r}")
     return name
+
+
+def _version_param(raw: str | None) -> int | None:
+    """A secrets version from the query: `version` (fly-go) or `min_version` (the spec)."""
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ApiError(400, f"invalid version {raw[:32]!r}")
+    return int(raw)
 
 
 def _value(name: str, value: Any) -> str:
@@ -230,12 +251,10 @@ class _SecretsApi:
         query = request.query_params
         if flag(query.get("show_secrets")):
             raise ApiError(403, "secret values can only be read from a machine of the app")
-        raw = query.get("version")
-        version = None
-        if raw:
-            if not raw.isdigit():
-                raise ApiError(400, f"invalid version {raw[:32]!r}")
-            version = int(raw)
+        version = _version_param(query.get("version"))
+        minimum = _version_param(query.get("min_version"))
+        if minimum is not None and minimum > self.vault.version(app):
+            raise ApiError(404, f"secrets version {minimum} not found for app {app.name}")
         return JSONResponse({"secrets": self.vault.listing(app, version)})
 
     async def update(self, request: Request) -> Response:
@@ -257,6 +276,9 @@ class _SecretsApi:
         name = _name(request)
         if flag(request.query_params.get("show_secrets")):
             raise ApiError(403, "secret values can only be read from a machine of the app")
+        minimum = _version_param(request.query_params.get("min_version"))
+        if minimum is not None and minimum > self.vault.version(app):
+            raise ApiError(404, f"secrets version {minimum} not found for app {app.name}")
         found = self.vault.get(app, name)
         if found is None:
             raise ApiError(404, f"secret {name} not found for app {app.name}")

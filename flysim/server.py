@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -27,7 +29,12 @@ from flysim.secrets import SecretVault, machine_runtime_env, secret_routes
 from flysim.state import World, ulid
 from flysim.stats import LogEntry, SimStats
 
+if TYPE_CHECKING:
+    from flysim.spec import SpecChecker
+
 _LOG_LIMIT = 100_000
+# The OpenAPI document every /v1 exchange is checked against, when set (`SpecChecker`).
+SPEC_ENV = "FLYSIM_VALIDATE_SPEC"
 
 
 class ConnectionDropped(ConnectionError):
@@ -68,9 +75,18 @@ class _SimApp(Starlette):
             await send(message)
 
         path: str = scope["path"]
-        # The Machines API, and the web API's log endpoint beside it.
+        # The Machines API, and the web API's log endpoint beside it (not in the spec).
         if path == "/v1" or path.startswith(("/v1/", "/api/v1/")):
-            await self._sim._gate(scope, receive, send, send_with_id, super().__call__)
+            routed = super().__call__
+            checker = self._sim.spec_checker
+
+            async def gated(scope: Scope, receive: Receive, checked_send: Send) -> None:
+                await self._sim._gate(scope, receive, send, checked_send, routed)
+
+            if checker is None or path.startswith("/api/"):
+                await gated(scope, receive, send_with_id)
+            else:
+                await checker.serve(scope, receive, send_with_id, gated)
         else:
             await super().__call__(scope, receive, send_with_id)
 
@@ -89,8 +105,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 class FlySim:
     """A local Fly Machines API: `/v1` (the API), `/_apps/{app}` (public URLs), `/_sim`."""
 
-    def __init__(self, config: SimConfig | None = None) -> None:
+    def __init__(
+        self, config: SimConfig | None = None, *, spec_check: str | Path | None = None
+    ) -> None:
+        """`spec_check`: an OpenAPI document to check every /v1 exchange against
+        (default: `$FLYSIM_VALIDATE_SPEC`, if set); see `spec_checker`."""
         self._config = config or SimConfig()
+        spec = spec_check if spec_check is not None else os.environ.get(SPEC_ENV) or None
+        self.spec_checker: SpecChecker | None = None
+        if spec:
+            from flysim.spec import SpecChecker
+
+            self.spec_checker = SpecChecker(spec)
         self.world = World(self._config)
         self.secrets = SecretVault()
         self.stats = SimStats()
@@ -357,6 +383,7 @@ class FlySim:
             "secrets": self.secrets.to_json(list(self.world.apps.values())),
             "counters": self.stats.to_json(),
             "config": self._config.public_dict(),
+            "spec_check": self.spec_checker.summary() if self.spec_checker else None,
         }
 
     def machine_runtime_env(self, app_name: str, machine_id: str) -> dict[str, str]:

@@ -117,6 +117,12 @@ class Machine:
     events: list[Event] = field(default_factory=list)
     versions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The `min_secrets_version` of the last create or update, and how many secrets
+    # versions behind the boot reads without one (the `stale_secrets` fault).
+    min_secrets_version: int | None = None
+    secrets_lag: int = 0
+    # The last signal sent to the machine's process (`/signal`).
+    last_signal: str | None = None
 
     def set_state(self, state: str, at: float, event: str, source: str = "user") -> None:
         self.state = state
@@ -146,6 +152,27 @@ class Machine:
         while self.pending and self.pending[0][0] <= now:
             due, state, event, source = self.pending.pop(0)
             self.set_state(state, due, event, source)
+
+    def boot_steps(self, config: SimConfig, delay: float) -> list[tuple[float, str, str]]:
+        """What follows a start, `delay` seconds from now, given the injected faults."""
+        timing, image = config.timing, str(self.config.get("image", ""))
+        started_at = delay + timing.start_delay
+        if image in config.failing_images:
+            return [
+                (delay, "starting", "start"),
+                (started_at, "launch_failed", "launch"),
+                (started_at, "failed", "exit"),
+            ]
+        steps = [(delay, "starting", "start"), (started_at, "started", "start")]
+        if image in config.crashing_images:
+            steps.append((started_at + timing.crash_after, "failed", "exit"))
+        return steps
+
+    def version_of(self, version: str) -> dict[str, Any] | None:
+        for known, config in self.versions:
+            if known == version:
+                return config
+        return None
 
     def next_due(self) -> float | None:
         return self.pending[0][0] if self.pending else None
@@ -222,7 +249,6 @@ class Machine:
             "version": self.instance_id,
             "private_ip": self.private_ip,
             "config": copy.deepcopy(self.config),
-            "incomplete_config": None,
             "image_ref": image_ref(str(self.config.get("image", ""))),
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at or self.created_at),

@@ -48,6 +48,33 @@ REFERENCE_DIR = Path(
 )
 
 
+# Every Fly emulator the suite starts, in this process or as a subprocess that inherits the
+# environment, checks each /v1 exchange against the current Machines API spec; a test
+# during which one recorded a violation fails (`_exchanges_conform_to_the_spec`).
+MACHINES_SPEC = Path(__file__).resolve().parent / "data" / "fly-machines-openapi-2026.yml"
+os.environ.setdefault("FLYSIM_VALIDATE_SPEC", str(MACHINES_SPEC))
+
+
+@pytest.fixture(autouse=True)
+def _exchanges_conform_to_the_spec() -> Iterator[None]:
+    """Fail the test if an emulator served an exchange the Machines API spec forbids
+    during it (a request it accepted, or a response it gave). `flysim.spec.tolerated()`
+    marks the requests a test breaks the spec with on purpose."""
+    from flysim import spec
+
+    before = len(spec.RECORDED)
+    yield
+    new = spec.RECORDED[before:]
+    if new:
+        lines = "\n".join(f"  {v}" for v in new[:20])
+        more = f"\n  ... and {len(new) - 20} more" if len(new) > 20 else ""
+        pytest.fail(
+            f"{len(new)} exchange(s) with the Fly emulator do not conform to "
+            f"{MACHINES_SPEC.name}:\n{lines}{more}",
+            pytrace=False,
+        )
+
+
 def reference_file(*parts: str) -> Path:
     """A file from the shared reference material, or skip the test saying why."""
     path = REFERENCE_DIR.joinpath(*parts)

@@ -470,6 +470,9 @@ def reset_faults(sim: Any) -> None:
     sim.config.faults = type(sim.config.faults)()
     sim.config.timing = type(sim.config.timing)()
     sim.config.unhealthy_images.clear()
+    sim.config.failing_images.clear()
+    sim.config.crashing_images.clear()
+    sim.config.full_regions.clear()
 
 
 def take_app_name(sim: Any, app: str) -> None:
@@ -478,7 +481,7 @@ def take_app_name(sim: Any, app: str) -> None:
     sim.config.tokens[token] = "someone-else"
     created = httpx.post(
         f"{sim.base_url}/apps",
-        json={"app_name": app, "org_slug": "someone-else"},
+        json={"name": app, "org_slug": "someone-else"},
         headers={"Authorization": f"Bearer {token}"},
     )
     assert created.status_code == 201, created.text

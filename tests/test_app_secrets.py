@@ -91,6 +91,7 @@ async def test_secrets_reach_new_machines_and_no_value_shows_anywhere(
             SecretVersion(name="DATABASE_URL", parameter=f"{prefix}/db", version=1),
         ],
         added=["API_KEY", "DATABASE_URL"],
+        secrets_version=flysim.snapshot()["secrets"][app]["version"],
     )
     listed = {s.name: s.digest for s in await fly.list_secrets(app)}
     assert set(listed) == {"API_KEY", "DATABASE_URL"}
@@ -174,7 +175,12 @@ async def test_restore_sets_recorded_versions_and_removes_only_present_names(
 
     result = await ActivityEnvironment().run(activities.restore_app_secrets, request)
 
-    assert result == RestoreSecretsResult(restored=wanted, removed=["ADDED"])
+    assert result == RestoreSecretsResult(
+        restored=wanted,
+        removed=["ADDED"],
+        # What machines restored after it must boot with: the version after the restore.
+        secrets_version=flysim.snapshot()["secrets"][app]["version"],
+    )
     machine = await _machine(fly, app)
     runtime = flysim.machine_runtime_env(app, machine)
     assert (runtime["DATABASE_URL"], runtime["READ_URL"]) == (first, first)

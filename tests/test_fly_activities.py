@@ -535,3 +535,106 @@ async def test_undeployable_fly_toml_is_final_before_any_change(
     assert "enormous" in caught.value.message
     assert _creates(flysim) == creates
     assert await fly.list_machines(app) == []
+
+
+# ------------------------------------------------------------- failed machines, secrets
+
+
+LONG_WAIT = ACTIVITY_TIMINGS.model_copy(update={"machine_wait_timeout": timedelta(minutes=2)})
+
+
+async def test_machine_that_fails_to_launch_ends_the_rollout_at_once(
+    env: ActivityEnvironment, rollout: RolloutActivities, fly: FlyClient, flysim: Any, app: str,
+    image: str,
+) -> None:  # fmt: skip
+    """A machine that cannot launch is not waited on for the whole machine wait timeout:
+    the rollout fails non-retryably, naming the machine and its state."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-good", machine_count=2))
+    bad = f"{image}:no-launch"
+    flysim.config.failing_images.add(bad)
+    try:
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(
+                rollout.roll_out,
+                rollout_input(app, bad, "d-bad", machine_count=2, timings=LONG_WAIT),
+            )
+    finally:
+        flysim.config.failing_images.discard(bad)
+    err = caught.value
+    assert err.type == "MachineFailed" and err.non_retryable
+    failed = next(m for m in await fly.list_machines(app) if m.image == bad)
+    assert failed.state == "failed" and failed.id in err.message and "failed" in err.message
+    images = sorted(m.image or "" for m in await fly.list_machines(app))
+    assert images == sorted([bad, f"{image}:v1"])  # the second machine was not touched
+    assert held_leases(flysim, app) == []
+
+
+async def test_machine_that_crashes_after_its_start_ends_the_rollout_at_once(
+    env: ActivityEnvironment, rollout: RolloutActivities, flysim: Any, app: str, image: str
+) -> None:
+    bad = f"{image}:crashes"
+    flysim.config.crashing_images.add(bad)
+    flysim.config.timing.crash_after = 0.2
+    flysim.config.timing.healthy_after = 30  # it would pass its checks only long after
+    try:
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(rollout.roll_out, rollout_input(app, bad, "d-crash", timings=LONG_WAIT))
+    finally:
+        flysim.config.crashing_images.discard(bad)
+        flysim.config.timing.crash_after = 0.0
+        flysim.config.timing.healthy_after = 0.0
+    assert caught.value.type == "MachineFailed" and caught.value.non_retryable
+    assert "failed" in caught.value.message
+    assert held_leases(flysim, app) == []
+
+
+async def test_region_without_capacity_is_a_retryable_provider_error(
+    env: ActivityEnvironment, rollout: RolloutActivities, flysim: Any, app: str, image: str
+) -> None:
+    flysim.config.full_regions.add("iad")
+    try:
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-full"))
+    finally:
+        flysim.config.full_regions.discard("iad")
+    assert caught.value.type == "FlyRetryableError" and not caught.value.non_retryable
+    assert "503" in caught.value.message and "capacity" in caught.value.message
+
+
+async def test_machines_boot_with_the_secrets_the_deploy_set(
+    env: ActivityEnvironment, rollout: RolloutActivities, fly: FlyClient, flysim: Any, app: str,
+    image: str,
+) -> None:  # fmt: skip
+    """With secrets lagging on the hosts (the stale_secrets fault), a machine created or
+    updated with the secrets version the secrets step returned still boots with them."""
+    await fly.set_secrets(app, {"API_KEY": "old"})
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one", machine_count=2))
+    version = await fly.set_secrets(app, {"API_KEY": "new"})
+    flysim.config.faults.stale_secrets = True
+    try:
+        result = await env.run(
+            rollout.roll_out,
+            rollout_input(
+                app, f"{image}:v2", "d-two", machine_count=3, min_secrets_version=version
+            ),
+        )
+    finally:
+        flysim.config.faults.stale_secrets = False
+    assert [m.action for m in result.machines].count("created") == 1
+    for outcome in result.machines:
+        assert flysim.machine_runtime_env(app, outcome.machine_id)["API_KEY"] == "new"
+
+
+async def test_machines_carry_flyctls_release_metadata(
+    env: ActivityEnvironment, rollout: RolloutActivities, fly: FlyClient, app: str, image: str
+) -> None:
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one", machine_count=2))
+    first = {m.metadata["fly_release_version"] for m in await fly.list_machines(app)}
+    # A repeated attempt of the same deployment keeps its number; the next one counts on.
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one", machine_count=2))
+    again = {m.metadata["fly_release_version"] for m in await fly.list_machines(app)}
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v2", "d-two", machine_count=2))
+    machines = await fly.list_machines(app)
+    assert first == again == {"1"}
+    assert {m.metadata["fly_release_version"] for m in machines} == {"2"}
+    assert all(m.metadata["fly_flyctl_version"].endswith("+turbodeploy") for m in machines)

@@ -4,6 +4,7 @@ against the published OpenAPI spec."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import reference_file
+from conftest import MACHINES_SPEC
 
 from flyapi import (
     FlyAPIError,
+    FlyBadRequest,
     FlyClient,
     FlyClientError,
     FlyError,
@@ -31,6 +33,7 @@ from flyapi import (
     RequestRetry,
 )
 from flyapi._errors import parse_retry_after
+from flyapi._models import Machine
 from flysim.spec import SpecViolation, validate_exchange
 
 CONFIG: dict[str, Any] = {
@@ -71,7 +74,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
 @pytest.fixture(scope="module")
 def spec_path() -> Path:
-    return reference_file("fly-machines-openapi.yaml")
+    return MACHINES_SPEC
 
 
 def assert_match_spec(spec_path: Path, requests: list[httpx.Request]) -> int:
@@ -121,7 +124,8 @@ async def test_create_then_get_app(
     assert (app.name, app.org_slug) == (app_name, "personal")
     create = next(r for r in recorder.requests if r.method == "POST")
     # The documented field, not fly-go's `name`.
-    assert b'"app_name"' in create.content and b'"org_slug"' in create.content
+    body = json.loads(create.content)
+    assert body["name"] == app_name and body["org_slug"] == "personal" and "app_name" not in body
 
 
 async def test_delete_app(fly: FlyClient, app: str) -> None:
@@ -406,8 +410,11 @@ async def test_clients_sharing_a_limiter_stay_within_budget(
 
 def test_spec_check_rejects_what_the_spec_forbids(spec_path: Path) -> None:
     """The validation the fixtures apply is not vacuous."""
-    good = httpx.Request("POST", "http://x/v1/apps", json={"app_name": "a", "org_slug": "o"})
-    bad = httpx.Request("POST", "http://x/v1/apps", json={"app_name": 3})
+    auth = {"Authorization": "Bearer t"}
+    good = httpx.Request(
+        "POST", "http://x/v1/apps", json={"name": "a", "org_slug": "o"}, headers=auth
+    )
+    bad = httpx.Request("POST", "http://x/v1/apps", json={"name": 3}, headers=auth)
     assert assert_match_spec(spec_path, [good]) == 1
     with pytest.raises(SpecViolation):
         assert_match_spec(spec_path, [bad])
@@ -423,6 +430,62 @@ async def test_requests_were_checked_against_the_spec(
     await fly.list_ip_assignments(app)
     assert assert_match_spec(spec_path, recorder.requests) >= 4
     assert any(r.url.path.endswith("/ip_assignments") for r in recorder.requests)
+
+
+async def test_machines_are_created_and_updated_with_min_secrets_version(
+    fly: FlyClient, app: str, recorder: RecordingTransport
+) -> None:
+    version = await fly.set_secrets(app, {"API_KEY": "k1"})
+    machine = await fly.create_machine(app, CONFIG, "iad", min_secrets_version=version)
+    await fly.update_machine(
+        app, machine.id, CONFIG, "iad", nonce=None, min_secrets_version=version
+    )
+    sent = [json.loads(r.content) for r in recorder.requests if r.url.path.endswith(
+        (f"/apps/{app}/machines", f"/machines/{machine.id}")) and r.method == "POST"]  # fmt: skip
+    assert [b.get("min_secrets_version") for b in sent] == [version, version]
+    # Newer than the app's secrets: the platform refuses it.
+    with pytest.raises(FlyBadRequest, match="min_secrets_version"):
+        await fly.create_machine(app, CONFIG, "iad", min_secrets_version=version + 1)
+
+
+async def test_wait_sends_version_and_every_state(
+    fly: FlyClient, app: str, recorder: RecordingTransport, flysim: Any
+) -> None:
+    machine = await fly.create_machine(app, CONFIG, "iad")
+    assert machine.version and machine.version == machine.instance_id
+    reached = await fly.wait_machine(
+        app, machine.id, ("started", "failed"), version=machine.version, timeout=5
+    )
+    assert reached == "started"
+    wait = [r for r in recorder.requests if r.url.path.endswith("/wait")][-1]
+    assert wait.url.params.get_list("state") == ["started", "failed"]
+    assert wait.url.params["version"] == machine.version and "instance_id" not in wait.url.params
+    # The deprecated name goes out as `version` too.
+    await fly.wait_machine(app, machine.id, "started", instance_id=machine.version, timeout=5)
+    assert recorder.requests[-1].url.params["version"] == machine.version
+
+    broken = {**CONFIG, "image": f"registry.fly.io/fails-{uuid.uuid4().hex[:8]}:v1"}
+    flysim.config.failing_images.add(broken["image"])
+    try:
+        failing = await fly.create_machine(app, broken, "iad")
+        assert (
+            await fly.wait_machine(
+                app, failing.id, ("started", "failed"), version=failing.version, timeout=5
+            )
+            == "failed"
+        )
+        with pytest.raises(FlyBadRequest, match="failed to reach desired state"):
+            await fly.wait_machine(app, failing.id, "started", version=failing.version, timeout=5)
+    finally:
+        flysim.config.failing_images.discard(broken["image"])
+
+
+def test_machine_reads_either_version_field() -> None:
+    old = Machine.model_validate({"id": "m", "instance_id": "01A"})
+    new = Machine.model_validate({"id": "m", "version": "01A"})
+    assert old.version == old.instance_id == new.version == new.instance_id == "01A"
+    assert Machine.model_validate({"id": "m", "state": "launch_failed"}).failed
+    assert not Machine.model_validate({"id": "m", "state": "started"}).failed
 
 
 def test_api_errors_survive_pickling() -> None:

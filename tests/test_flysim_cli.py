@@ -126,7 +126,7 @@ def test_served_emulator_keeps_an_unhealthy_image_unhealthy() -> None:
             assert control.get("/_sim/state").json()["config"]["unhealthy_images"] == [BROKEN]
         headers = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=f"{root}/v1", headers=headers, timeout=10) as api:
-            r = api.post("/apps", json={"app_name": "demo", "org_slug": "personal"})
+            r = api.post("/apps", json={"name": "demo", "org_slug": "personal"})
             assert r.status_code == 201, r.text
             machine = api.post(
                 "/apps/demo/machines", json={"region": "ams", "config": _config(BROKEN)}

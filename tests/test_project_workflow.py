@@ -164,6 +164,33 @@ async def test_each_strategy_rolls_out_and_rolls_back_an_unhealthy_release(
     assert description.status == WorkflowExecutionStatus.FAILED
 
 
+async def test_a_machine_that_fails_to_launch_is_rolled_back_at_once(
+    worker: None,
+    make_request: Callable[..., DeployRequest],
+    flysim: Any,
+    deploy: Deploy,
+) -> None:
+    """A release whose machine fails to launch is not waited on for the machine wait
+    timeout (here far longer than the test): the deploy fails on it, non-retryably, and
+    the previous release serves again."""
+    await deploy(make_request(machine_count=2))
+    crashing = f"{V2}-no-launch"
+    flysim.config.failing_images.add(crashing)
+    timings = FAST.model_copy(update={"machine_wait_timeout": timedelta(minutes=10)})
+    try:
+        with pytest.raises(DeployFailed) as info:
+            await deploy(make_request(image=crashing, machine_count=2, timings=timings))
+    finally:
+        flysim.config.failing_images.discard(crashing)
+    result = info.value.result
+    assert result.status is DeployStatus.ROLLED_BACK
+    assert result.error and "will not start" in result.error and "failed" in result.error
+    app = result.app_name
+    assert {m["config"]["image"] for m in app_machines(flysim, app)} == {V1}
+    assert all(m["state"] == "started" for m in app_machines(flysim, app))
+    assert held_leases(flysim, app) == []
+
+
 async def test_a_failed_first_deploy_records_that_nothing_serves(
     settings: Settings,
     worker: None,

@@ -117,7 +117,7 @@ async def _run(
         flysim.config.tokens[other] = "someone-else"
         httpx.post(
             f"{flysim.base_url}/apps",
-            json={"app_name": request.app_name, "org_slug": "someone-else"},
+            json={"name": request.app_name, "org_slug": "someone-else"},
             headers={"Authorization": f"Bearer {other}"},
         ).raise_for_status()
     handle = await start_deploy(client, request, task_queue=settings.task_queue)

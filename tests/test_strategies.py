@@ -163,7 +163,7 @@ async def test_healthy_release_replaces_every_machine(
         for outcome in v2.machines:
             old = before[outcome.machine_id]
             assert outcome.previous_instance_id == old.instance_id != outcome.instance_id
-            assert outcome.previous_version == (old.model_extra or {})["version"]
+            assert outcome.previous_version == old.version
     assert v2.image_digest and v2.image_digest.startswith("sha256:")
     assert v2.image_digest != v1.image_digest
     assert held_leases(flysim, app) == []

@@ -99,6 +99,8 @@ class _Deploy:
     image_digest: str | None = None
     secrets: list[SecretVersion] = field(default_factory=list)
     secrets_added: list[str] = field(default_factory=list)  # names the app did not have
+    # The app's secrets version on Fly after this deploy last changed them.
+    secrets_version: int | None = None
     # The secrets of the release this deploy replaces; None when there is none.
     previous_secrets: list[SecretVersion] | None = None
     error: str | None = None
@@ -373,6 +375,7 @@ class DeploySaga:
                 + ", ".join(sorted(request.secrets)),
             )
             d.secrets, d.secrets_added = secrets.secrets, secrets.added
+            d.secrets_version = secrets.secrets_version
         if d.image is None and request.strategy is not Strategy.FLYCTL:
             built = await self._run.run(
                 DeployStep.BUILD,
@@ -422,6 +425,7 @@ class DeploySaga:
                     max_unavailable=request.max_unavailable,
                     timings=timings,
                     checks_hint=d.checks_hint,
+                    min_secrets_version=d.secrets_version,
                 ),
                 policies.rollout(timings, request.machine_count),
                 f"Roll out {d.image} to {request.app_name} ({request.strategy}, "
@@ -455,7 +459,7 @@ class DeploySaga:
         current = {s.name: s for s in d.previous_secrets or []}
         changed = [s for s in release.secrets if current.get(s.name) != s]
         if changed and workflow.patched("restore-secrets"):
-            await self._run.run(
+            put_back = await self._run.run(
                 DeployStep.SECRETS,
                 AppSecretActivities.restore_app_secrets,
                 RestoreSecretsInput(app_name=request.app_name, secrets=changed),
@@ -463,6 +467,7 @@ class DeploySaga:
                 f"Put back {len(changed)} secret(s) of release {release.deployment_id} on "
                 f"{request.app_name}: " + ", ".join(s.name for s in changed),
             )
+            d.secrets_version = put_back.secrets_version or d.secrets_version
         # Set only now: until here the app's secrets are the current release's.
         d.secrets = release.secrets
         d.snapshot = await self._snapshot(d, before_rollout=True)
@@ -475,6 +480,7 @@ class DeploySaga:
                 snapshot=release.snapshot,
                 reason=f"rollback to {release.deployment_id}",
                 timings=timings,
+                min_secrets_version=d.secrets_version,
             ),
             policies.restore(timings, d.machine_count),
             f"Roll {request.app_name} back to release {release.deployment_id} ({release.image})",
@@ -531,7 +537,7 @@ class DeploySaga:
             return
         app = d.request.app_name
         try:
-            await self._run.run(
+            put_back = await self._run.run(
                 DeployStep.ROLLBACK,
                 AppSecretActivities.restore_app_secrets,
                 RestoreSecretsInput(app_name=app, secrets=restore, remove=remove),
@@ -540,6 +546,7 @@ class DeploySaga:
                 + ", ".join(sorted([s.name for s in restore] + remove)),
                 shielded=True,
             )
+            d.secrets_version = put_back.secrets_version or d.secrets_version
         except BaseException as err:
             if not is_failure(err):
                 raise
@@ -566,6 +573,7 @@ class DeploySaga:
                     snapshot=snapshot,
                     reason=d.error or "",
                     timings=timings,
+                    min_secrets_version=d.secrets_version,
                 ),
                 policies.restore(timings, max(len(snapshot.machines), d.machine_count)),
                 (

@@ -20,7 +20,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
+from activities._git_credentials import GitCredentials
 from activities._heartbeat import heartbeat_if_in_activity
+from activities._ssm import build_ssm_client
 from activities.app_secrets import AppSecretActivities
 from activities.build import BuildActivities
 from activities.deployments import DeploymentActivities
@@ -58,7 +60,9 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
     store = DeploymentStore(pool, settings.db_schema)
     await store.migrate()
-    credentials = CredentialStore(settings)
+    ssm = build_ssm_client(settings)
+    credentials = CredentialStore(settings, ssm_client=ssm)
+    git = GitCredentials(settings, ssm_client=ssm)
     fly = FlyClient(
         settings.fly_api_base_url,
         credentials.fly_token,
@@ -80,7 +84,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     apps = FlyAppActivities(fly, credentials, settings)
     rollout = RolloutActivities(fly)
     releases = ReleaseActivities(fly)
-    builds = BuildActivities(credentials, settings, fly=fly)
+    builds = BuildActivities(credentials, settings, fly=fly, git=git)
     app_secrets = AppSecretActivities(fly, credentials, settings)
     try:
         yield Worker(
@@ -93,7 +97,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 records.record_result,
                 records.load_release,
                 CredentialActivities(credentials).resolve_credentials,
-                FlyConfigActivities(settings).prepare_fly_config,
+                FlyConfigActivities(settings, git=git).prepare_fly_config,
                 apps.ensure_app,
                 app_secrets.set_app_secrets,
                 app_secrets.restore_app_secrets,

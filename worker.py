@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
@@ -33,7 +32,7 @@ from activities.notify import NotifyActivities
 from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
-from core import metrics
+from core import metrics, temporal, tracing
 from core.db import DeploymentStore, create_pool
 from core.logs import configure_logging
 from core.settings import Settings
@@ -44,12 +43,9 @@ log = logging.getLogger("turbodeploy.worker")
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
-        runtime=runtime,
-    )
+    """The worker's client: the connection of `core/temporal.py` (profile, TEMPORAL_*
+    variables, settings), with tracing when OpenTelemetry is on."""
+    return await temporal.connect(settings, runtime=runtime)
 
 
 @contextlib.asynccontextmanager
@@ -124,17 +120,19 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
 async def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, json_format=settings.log_json)
-    client = await connect(settings, metrics.make_runtime(settings.metrics_bind_address))
+    tracing.configure()
+    connection = temporal.temporal_connection(settings)
+    client = await connection.connect(runtime=metrics.make_runtime(settings.metrics_bind_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with create_worker(client, settings) as worker:
         log.info(
-            "worker polling task queue %r on %s (namespace %s)",
+            "worker polling task queue %r on %s%s",
             settings.task_queue,
-            settings.temporal_address,
-            settings.temporal_namespace,
+            connection.describe(),
+            ", tracing on" if tracing.active() else "",
         )
         run = asyncio.create_task(worker.run())
         await asyncio.wait([run, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
@@ -142,6 +140,7 @@ async def main() -> None:
             log.info("shutting down: finishing running activities")
             await worker.shutdown()
         await run
+    tracing.shutdown()
     log.info("worker stopped")
 
 

@@ -56,9 +56,12 @@ class Settings(BaseSettings):
         env_prefix="TURBODEPLOY_", extra="ignore", populate_by_name=True
     )
 
-    # Temporal
+    # Temporal. The connection is read as the `temporal` CLI reads it (core/temporal.py):
+    # a temporal.toml profile, then TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY,
+    # TEMPORAL_TLS*, then these two when set.
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
+    temporal_profile: str | None = None  # a profile of temporal.toml (or TEMPORAL_PROFILE)
     task_queue: str = TASK_QUEUE
     temporal_ui_url: str = "http://localhost:8233"
 

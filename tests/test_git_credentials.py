@@ -364,9 +364,7 @@ async def test_a_private_repository_deploys_through_the_workflow(
 ) -> None:
     flyctl = embedded.flyctl_standin(tmp_path / "flyctl-bin")
     # The stand-in runs `python -m flysim.flyctl` in the checkout: this code's flysim.
-    flyctl.write_text(
-        flyctl.read_text().replace("exec ", f'PYTHONPATH="{PROJECT_ROOT}" exec ', 1)
-    )
+    flyctl.write_text(flyctl.read_text().replace("exec ", f'PYTHONPATH="{PROJECT_ROOT}" exec ', 1))
 
     settings = make_settings(
         temporal_address=temporal_client.service_client.config.target_host,

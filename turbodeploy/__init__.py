@@ -9,7 +9,7 @@ from typing import Any
 
 from core.models import DeployRequest, DeployResult, DeployStatus
 
-__all__ = ["DeployRequest", "DeployResult", "DeployStatus", "start_deploy"]
+__all__ = ["DeployRequest", "DeployResult", "DeployStatus", "connect", "start_deploy"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from turbodeploy.client import start_deploy
 
         return start_deploy
+    if name == "connect":
+        from turbodeploy.client import connect
+
+        return connect
     raise AttributeError(name)

@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
+from activities._git_credentials import GitCredentials
 from activities._heartbeat import heartbeat_if_in_activity
+from activities._ssm import build_ssm_client
 from activities.app_secrets import AppSecretActivities
 from activities.build import BuildActivities
 from activities.deployments import DeploymentActivities
@@ -33,7 +34,7 @@ from activities.notify import NotifyActivities
 from activities.restore import ReleaseActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialActivities, CredentialStore
-from core import metrics
+from core import metrics, temporal, tracing
 from core.db import DeploymentStore, create_pool
 from core.logs import configure_logging
 from core.settings import Settings
@@ -44,12 +45,9 @@ log = logging.getLogger("turbodeploy.worker")
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
-        runtime=runtime,
-    )
+    """The worker's client: the connection of `core/temporal.py` (profile, TEMPORAL_*
+    variables, settings), with tracing when OpenTelemetry is on."""
+    return await temporal.connect(settings, runtime=runtime)
 
 
 @contextlib.asynccontextmanager
@@ -60,7 +58,9 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     pool = await create_pool(settings.database_url, settings.db_pool_min, settings.db_pool_max)
     store = DeploymentStore(pool, settings.db_schema)
     await store.migrate()
-    credentials = CredentialStore(settings)
+    ssm = build_ssm_client(settings)
+    credentials = CredentialStore(settings, ssm_client=ssm)
+    git = GitCredentials(settings, ssm_client=ssm)
     fly = FlyClient(
         settings.fly_api_base_url,
         credentials.fly_token,
@@ -82,7 +82,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
     apps = FlyAppActivities(fly, credentials, settings)
     rollout = RolloutActivities(fly)
     releases = ReleaseActivities(fly)
-    builds = BuildActivities(credentials, settings, fly=fly)
+    builds = BuildActivities(credentials, settings, fly=fly, git=git)
     app_secrets = AppSecretActivities(fly, credentials, settings)
     lifecycle = LifecycleActivities(fly, credentials)
     destroy = DestroyActivities(fly, credentials, store)
@@ -97,7 +97,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 records.record_result,
                 records.load_release,
                 CredentialActivities(credentials).resolve_credentials,
-                FlyConfigActivities(settings).prepare_fly_config,
+                FlyConfigActivities(settings, git=git).prepare_fly_config,
                 apps.ensure_app,
                 app_secrets.set_app_secrets,
                 app_secrets.restore_app_secrets,
@@ -132,17 +132,19 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
 async def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, json_format=settings.log_json)
-    client = await connect(settings, metrics.make_runtime(settings.metrics_bind_address))
+    tracing.configure()
+    connection = temporal.temporal_connection(settings)
+    client = await connection.connect(runtime=metrics.make_runtime(settings.metrics_bind_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with create_worker(client, settings) as worker:
         log.info(
-            "worker polling task queue %r on %s (namespace %s)",
+            "worker polling task queue %r on %s%s",
             settings.task_queue,
-            settings.temporal_address,
-            settings.temporal_namespace,
+            connection.describe(),
+            ", tracing on" if tracing.active() else "",
         )
         run = asyncio.create_task(worker.run())
         await asyncio.wait([run, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
@@ -150,6 +152,7 @@ async def main() -> None:
             log.info("shutting down: finishing running activities")
             await worker.shutdown()
         await run
+    tracing.shutdown()
     log.info("worker stopped")
 
 

@@ -26,7 +26,8 @@ that forgot to say so still does not retry a hopeless request for minutes.
     │                                FlyNotFound, FlyUnprocessable) do not
     └── non-retryable: a retry sends the same thing again
         ├── credentials              CredentialsMissing, CredentialsInvalid,
-        │                            CredentialsAccessDenied
+        │                            CredentialsAccessDenied, GitAccessDenied (the git
+        │                            remote refused the worker's git credentials, or none)
         ├── app secrets              SecretMissing, SecretAccessDenied, SecretInvalid
         ├── records                  DeploymentNotFound, DeploymentConflict,
         │                            DeploymentRecordInvalid, ReleaseNotFound,
@@ -100,6 +101,7 @@ FLYCTL_FAILED = Failure("FlyctlFailed", retryable=None)
 CREDENTIALS_MISSING = Failure("CredentialsMissing", retryable=False)
 CREDENTIALS_INVALID = Failure("CredentialsInvalid", retryable=False)
 CREDENTIALS_ACCESS_DENIED = Failure("CredentialsAccessDenied", retryable=False)
+GIT_ACCESS_DENIED = Failure("GitAccessDenied", retryable=False)
 SECRET_MISSING = Failure("SecretMissing", retryable=False)
 SECRET_ACCESS_DENIED = Failure("SecretAccessDenied", retryable=False)
 SECRET_INVALID = Failure("SecretInvalid", retryable=False)

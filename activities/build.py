@@ -52,9 +52,9 @@ from activities._errors import (
     FLYCTL_FAILED,
     FLYCTL_INTERRUPTED,
     FLYCTL_MISSING,
-    GIT_ERROR,
     INVALID_BUILD_INPUT,
 )
+from activities._git_credentials import GitCredentials
 from activities.secrets import CredentialStore
 from core import gitrepo
 from core.models import DeployTimings, Model, validate_image
@@ -173,12 +173,15 @@ class BuildActivities:
         flyctl: str | None = None,
         fly: FlyClient | None = None,
         kill_grace_seconds: float = DEFAULT_KILL_GRACE_SECONDS,
+        git: GitCredentials | None = None,
     ) -> None:
         """`flyctl`: the executable (a name looked up on PATH, or a path); defaults to the
         `flyctl_path` setting. `fly`: when given, `flyctl_deploy` reports the machines from
-        the Machines API rather than from flyctl's output."""
+        the Machines API rather than from flyctl's output. `git`: credentials for private
+        remotes (from the settings when not given)."""
         self._credentials = credentials
         self._settings = settings
+        self._git = git if git is not None else GitCredentials(settings)
         self._flyctl: str = flyctl or getattr(settings, "flyctl_path", None) or DEFAULT_FLYCTL
         self._fly = fly
         # Interrupted like Ctrl-C, flyctl releases its leases; then its whole group goes.
@@ -251,13 +254,14 @@ class BuildActivities:
         async def in_checkout(output: _Output) -> int:
             output.step = "fetching the commit"
             activity.heartbeat(output.progress())
+            auth = await self._git.auth_for(repo_url)
             try:
                 async with gitrepo.cloned_commit(
-                    repo_url, sha, work_dir=self._settings.work_dir or None
+                    repo_url, sha, work_dir=self._settings.work_dir or None, auth=auth
                 ) as checkout:
                     return await self._flyctl_with_token(args, checkout.path, output)
             except gitrepo.GitError as exc:
-                raise GIT_ERROR(f"{what}: {exc}", non_retryable=not exc.retryable) from None
+                raise self._git.failure(exc, repo_url, what=what) from None
 
         return await self._run(in_checkout, what=what)
 

@@ -14,7 +14,8 @@ from datetime import timedelta
 from pydantic import Field
 from temporalio import activity
 
-from activities._errors import FLY_TOML_ERROR, GIT_ERROR
+from activities._errors import FLY_TOML_ERROR
+from activities._git_credentials import GitCredentials
 from core import dockerfile, flytoml, gitrepo
 from core.models import Model
 from core.settings import Settings
@@ -43,8 +44,10 @@ class PrepareConfigResult(Model):
 
 
 class FlyConfigActivities:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, git: GitCredentials | None = None) -> None:
+        """`git`: credentials for private remotes (from the settings when not given)."""
         self._settings = settings
+        self._git = git if git is not None else GitCredentials(settings)
         self._author = gitrepo.GitIdentity(settings.git_author_name, settings.git_author_email)
 
     @activity.defn(name="prepare_fly_config")
@@ -58,14 +61,15 @@ class FlyConfigActivities:
             try:
                 return await self._prepare(input, beat)
             except gitrepo.GitError as exc:
-                raise GIT_ERROR(str(exc), non_retryable=not exc.retryable) from None
+                raise self._git.failure(exc, input.repo_url) from None
             except flytoml.FlyTomlError as exc:
                 raise FLY_TOML_ERROR(f"branch {input.branch!r}: {exc}") from None
 
     async def _prepare(self, input: PrepareConfigInput, beat: _Heartbeat) -> PrepareConfigResult:
+        auth = await self._git.auth_for(input.repo_url)
         beat.step("cloning")
         async with gitrepo.cloned(
-            input.repo_url, input.branch, work_dir=self._settings.work_dir or None
+            input.repo_url, input.branch, work_dir=self._settings.work_dir or None, auth=auth
         ) as clone:
             existing = gitrepo.read_file(clone, FLY_TOML)
             rendered = flytoml.render_fly_toml(

@@ -14,14 +14,22 @@ Two ways in:
 Every command runs as `git` directly (never through a shell) with user-supplied refs and
 paths after `--` or in `--opt=value` form, without terminal prompts, in the C locale so
 errors can be classified, and is killed when the calling task is cancelled.
+
+Credentials for a private remote (`GitAuth`) reach git through its environment only,
+never its argv or the remote URL: a token as an `http.<origin>/.extraHeader` set with
+`GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n` (so only that origin is sent
+it), an SSH deploy key as a file of mode 0600 named by `GIT_SSH_COMMAND`, written for one
+git command and removed when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -31,6 +39,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final, cast
+from urllib.parse import urlsplit
 
 from dulwich.errors import (
     ChecksumMismatch,
@@ -53,12 +62,123 @@ _STDERR_LIMIT: Final = 1500
 _STOP: Final = StopPolicy(signal.SIGTERM, grace=2.0)
 
 
-class GitError(Exception):
-    """A git operation failed. `retryable` tells whether trying again later may succeed."""
+ACCESS_DENIED: Final = "access denied"
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+
+class GitError(Exception):
+    """A git operation failed. `retryable` tells whether trying again later may succeed;
+    `reason` names a known permanent cause (`ACCESS_DENIED`, "branch not found", ...)."""
+
+    def __init__(self, message: str, *, retryable: bool, reason: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.reason = reason
+
+
+class GitAuth:
+    """Credentials for the remotes of one host, given to git through its environment only.
+
+    `token`: an HTTPS token (a GitHub token, say) sent as HTTP basic auth with `username`
+    in an `Authorization` header, to the repository URL's origin only. `ssh_key`: a
+    private key for SSH remotes (a deploy key), with an optional known_hosts file. The
+    values never show in a repr and cannot be pickled.
+    """
+
+    __slots__ = ("_header", "_known_hosts", "_ssh_command", "_ssh_key", "_token")
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        username: str = "x-access-token",
+        ssh_key: str | None = None,
+        known_hosts: str | None = None,
+        ssh_command: str = "ssh",
+    ) -> None:
+        if (token is None) == (ssh_key is None):
+            raise ValueError("GitAuth takes a token or an SSH key")
+        if token is not None and any(ord(c) < 32 or ord(c) == 127 for c in token + username):
+            raise ValueError("a git token must not contain control characters")
+        self._token = token
+        self._header = (
+            None
+            if token is None
+            else "Basic " + base64.b64encode(f"{username}:{token}".encode()).decode("ascii")
+        )
+        key = None if ssh_key is None else ssh_key.strip().replace("\r\n", "\n") + "\n"
+        self._ssh_key = key
+        self._known_hosts = known_hosts
+        self._ssh_command = ssh_command
+
+    def secret_forms(self) -> list[str]:
+        """What must never be shown: the token, the header value and its base64 body, or
+        the key's lines."""
+        if self._token is not None and self._header is not None:
+            return [self._header, self._header.removeprefix("Basic "), self._token]
+        assert self._ssh_key is not None
+        lines = [ln for ln in self._ssh_key.splitlines() if ln and not ln.startswith("-----")]
+        return lines
+
+    @contextlib.contextmanager
+    def environment(self, repo_url: str) -> Iterator[dict[str, str]]:
+        """The variables that give git these credentials for `repo_url`, valid inside the
+        block (an SSH key file exists only while it runs)."""
+        if self._header is not None:
+            origin = _origin(repo_url)
+            if origin is None:
+                yield {}
+                return
+            yield _config_env([(f"http.{origin}.extraHeader", f"Authorization: {self._header}")])
+            return
+        assert self._ssh_key is not None
+        holder = Path(tempfile.mkdtemp(prefix="turbodeploy-key-"))  # mode 0700
+        try:
+            key_file = holder / "id"
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self._ssh_key)
+            command = [
+                *shlex.split(self._ssh_command),
+                "-i", str(key_file),
+                "-o", "IdentitiesOnly=yes",
+                "-o", "IdentityAgent=none",
+                "-o", "BatchMode=yes",
+            ]  # fmt: skip
+            if self._known_hosts:
+                command += ["-o", f"UserKnownHostsFile={self._known_hosts}"]
+            yield {"GIT_SSH_COMMAND": shlex.join(command), "GIT_SSH_VARIANT": "ssh"}
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        kind = "token" if self._header is not None else "ssh_key"
+        return f"GitAuth({kind}=<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("git credentials cannot be pickled")
+
+
+def _origin(repo_url: str) -> str | None:
+    """`https://host[:port]/` of an HTTP(S) URL, the scope of git's `http.<url>.*`."""
+    parts = urlsplit(repo_url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return None
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+
+
+def _config_env(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """`git -c` settings as environment variables, after any the worker already has."""
+    try:
+        start = int(os.environ.get("GIT_CONFIG_COUNT", "0"))
+    except ValueError:
+        start = 0
+    env = {"GIT_CONFIG_COUNT": str(start + len(pairs))}
+    for i, (key, value) in enumerate(pairs, start):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    return env
 
 
 @dataclass(frozen=True)
@@ -100,7 +220,7 @@ _PERMANENT: Final = (
             r"Host key verification failed|returned error: 40[13]|access denied",
             re.I,
         ),
-        "access denied",
+        ACCESS_DENIED,
     ),
     (
         re.compile(r"hook declined|protected branch|\[remote rejected\](?!.*failed to)", re.I),
@@ -114,22 +234,24 @@ def _redact(text: str) -> str:
     return _URL_CREDENTIALS_RE.sub("***@", text)
 
 
-def _trim(stderr: str) -> str:
+def _trim(stderr: str, auth: GitAuth | None = None) -> str:
     text = _redact(stderr.strip())
+    for form in auth.secret_forms() if auth is not None else ():
+        text = text.replace(form, "***")
     if len(text) > _STDERR_LIMIT:
         text = "…" + text[-_STDERR_LIMIT:]
     return text
 
 
-def _classify(action: str, stderr: str) -> GitError:
-    detail = _trim(stderr) or "(no output)"
+def _classify(action: str, stderr: str, auth: GitAuth | None = None) -> GitError:
+    detail = _trim(stderr, auth) or "(no output)"
     for pattern, reason in _PERMANENT:
         if pattern.search(stderr):
-            return GitError(f"{action} failed, {reason}: {detail}", retryable=False)
+            return GitError(f"{action} failed, {reason}: {detail}", retryable=False, reason=reason)
     return GitError(f"{action} failed: {detail}", retryable=True)
 
 
-def _git_env() -> dict[str, str]:
+def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         GIT_TERMINAL_PROMPT="0",
@@ -138,8 +260,11 @@ def _git_env() -> dict[str, str]:
         LC_ALL="C",
         LANGUAGE="C",
         GIT_CONFIG_NOSYSTEM="1",
+        # git's traces (GIT_TRACE_CURL, ...) keep Authorization headers out.
+        GIT_TRACE_REDACT="1",
     )
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    env.update(extra or {})
     return env
 
 
@@ -169,21 +294,29 @@ async def _run(
     cwd: Path | None = None,
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
+    remote: tuple[str, GitAuth | None] | None = None,
 ) -> _Result:
-    try:
-        proc = await start_in_group(
-            ["git", *_SAFE_CONFIG, *args], stop=_STOP, cwd=cwd, env=_git_env()
-        )
-    except FileNotFoundError:
-        raise GitError("git is not installed on this worker", retryable=False) from None
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), limit_seconds)
-    except TimeoutError:
-        await stop_group(proc, _STOP)
-        raise GitError(f"{action} timed out after {limit_seconds:.0f}s", retryable=True) from None
-    except BaseException:
-        await stop_group(proc, _STOP)
-        raise
+    """Run git; `remote` (the URL and its credentials) for a command that talks to it."""
+    with contextlib.ExitStack() as stack:
+        extra: dict[str, str] = {}
+        if remote is not None and remote[1] is not None:
+            extra = stack.enter_context(remote[1].environment(remote[0]))
+        try:
+            proc = await start_in_group(
+                ["git", *_SAFE_CONFIG, *args], stop=_STOP, cwd=cwd, env=_git_env(extra)
+            )
+        except FileNotFoundError:
+            raise GitError("git is not installed on this worker", retryable=False) from None
+        try:
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), limit_seconds)
+        except TimeoutError:
+            await stop_group(proc, _STOP)
+            raise GitError(
+                f"{action} timed out after {limit_seconds:.0f}s", retryable=True
+            ) from None
+        except BaseException:
+            await stop_group(proc, _STOP)
+            raise
     assert proc.returncode is not None
     return _Result(
         proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
@@ -196,10 +329,11 @@ async def _git(
     cwd: Path | None = None,
     limit_seconds: float = DEFAULT_TIMEOUT,
     action: str,
+    remote: tuple[str, GitAuth | None] | None = None,
 ) -> str:
-    result = await _run(args, cwd=cwd, limit_seconds=limit_seconds, action=action)
+    result = await _run(args, cwd=cwd, limit_seconds=limit_seconds, action=action, remote=remote)
     if result.returncode != 0:
-        raise _classify(action, result.stderr or result.stdout)
+        raise _classify(action, result.stderr or result.stdout, remote and remote[1])
     return result.stdout
 
 
@@ -215,10 +349,11 @@ class BranchClone:
     so they are read and written in process, on the event loop.
     """
 
-    def __init__(self, path: Path, repo_url: str, branch: str) -> None:
+    def __init__(self, path: Path, repo_url: str, branch: str, auth: GitAuth | None = None) -> None:
         self.path = path
         self.repo_url = repo_url
         self.branch = branch
+        self._auth = auth
         self._repo = _open(path)
         self._trees: dict[ObjectID, Tree] = {}
         self._staged: dict[str, bytes] = {}
@@ -324,10 +459,14 @@ class BranchClone:
 
 @contextlib.asynccontextmanager
 async def cloned(
-    repo_url: str, branch: str, *, work_dir: str | Path | None = None
+    repo_url: str,
+    branch: str,
+    *,
+    work_dir: str | Path | None = None,
+    auth: GitAuth | None = None,
 ) -> AsyncIterator[BranchClone]:
     """A fresh bare clone of the tip of `branch`, removed when the block exits (even on
-    cancel): one git process."""
+    cancel): one git process. `auth`: credentials for the remote (also used by `push`)."""
     _check_ref(branch)
     parent = Path(work_dir) if work_dir else None
     if parent is not None:
@@ -342,8 +481,9 @@ async def cloned(
                 "--no-tags", f"--branch={branch}", "--", repo_url, str(dest),
             ],
             action=f"cloning branch {branch!r} of {_redact(repo_url)}",
+            remote=(repo_url, auth),
         )  # fmt: skip
-        clone = BranchClone(dest, repo_url, branch)
+        clone = BranchClone(dest, repo_url, branch, auth)
         yield clone
     finally:
         if clone is not None:
@@ -436,6 +576,7 @@ async def push(
         return PushOutcome(sha=clone.base_sha, pushed=False, rebased=False)
     ref = f"refs/heads/{clone.branch}"
     tracking = f"refs/remotes/origin/{clone.branch}"
+    remote = (clone.repo_url, clone._auth)
     rebased = False
     for attempt in range(1, attempts + 1):
         sha = pending.sha.decode()
@@ -443,22 +584,26 @@ async def push(
             ["push", "--porcelain", "--no-verify", "--", "origin", f"{sha}:{ref}"],
             cwd=clone.path,
             action="pushing",
+            remote=remote,
         )
         if result.returncode == 0:
             return PushOutcome(sha=sha, pushed=True, rebased=rebased)
         output = result.stdout + result.stderr
         if not _is_non_fast_forward(output):
-            raise _classify(f"pushing to branch {clone.branch!r}", result.stderr or output)
+            raise _classify(
+                f"pushing to branch {clone.branch!r}", result.stderr or output, clone._auth
+            )
         if attempt == attempts:
             raise GitError(
                 f"pushing to branch {clone.branch!r} failed: the branch kept moving "
-                f"during {attempts} attempts; {_trim(output)}",
+                f"during {attempts} attempts; {_trim(output, clone._auth)}",
                 retryable=True,
             )
         await _git(
             ["fetch", "--quiet", "--depth=1", "--no-tags", "--", "origin", f"+{ref}:{tracking}"],
             cwd=clone.path,
             action=f"fetching branch {clone.branch!r}",
+            remote=remote,
         )
         tip = clone._ref(Ref(tracking.encode()))
         rebased = True
@@ -608,7 +753,11 @@ def _relpath(relpath: str) -> str:
 
 @contextlib.asynccontextmanager
 async def cloned_commit(
-    repo_url: str, sha: str, *, work_dir: str | Path | None = None
+    repo_url: str,
+    sha: str,
+    *,
+    work_dir: str | Path | None = None,
+    auth: GitAuth | None = None,
 ) -> AsyncIterator[Checkout]:
     """A fresh checkout of exactly commit `sha`, removed when the block exits."""
     parent = Path(work_dir) if work_dir else None
@@ -616,12 +765,14 @@ async def cloned_commit(
         parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="turbodeploy-", dir=parent))
     try:
-        yield await fetch_commit(repo_url, sha, scratch / "repo")
+        yield await fetch_commit(repo_url, sha, scratch / "repo", auth=auth)
     finally:
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
 
 
-async def fetch_commit(repo_url: str, sha: str, dest: Path) -> Checkout:
+async def fetch_commit(
+    repo_url: str, sha: str, dest: Path, *, auth: GitAuth | None = None
+) -> Checkout:
     """Check out commit `sha` of `repo_url` into `dest` (which must not exist yet).
 
     Only that commit is fetched (depth 1), which git's protocol v2 allows for any commit
@@ -630,6 +781,7 @@ async def fetch_commit(repo_url: str, sha: str, dest: Path) -> Checkout:
     """
     _check_sha(sha)
     where = _redact(repo_url)
+    remote = (repo_url, auth)
     await _git(["init", "--quiet", "--", str(dest)], action="preparing a checkout")
     await _git(["remote", "add", "--", "origin", repo_url], cwd=dest, action="preparing a checkout")
     shallow = await _run(
@@ -637,15 +789,17 @@ async def fetch_commit(repo_url: str, sha: str, dest: Path) -> Checkout:
          "origin", sha],
         cwd=dest,
         action="fetching",
+        remote=remote,
     )  # fmt: skip
     if shallow.returncode != 0:
         if not _UNADVERTISED_RE.search(shallow.stderr):
-            raise _classify(f"fetching commit {sha} of {where}", shallow.stderr)
+            raise _classify(f"fetching commit {sha} of {where}", shallow.stderr, auth)
         await _git(
             ["fetch", "--quiet", "--no-tags", "--", "origin",
              "+refs/heads/*:refs/remotes/origin/*"],
             cwd=dest,
             action=f"fetching the branches of {where}",
+            remote=remote,
         )  # fmt: skip
         present = await _run(
             ["cat-file", "-e", f"{sha}^{{commit}}"], cwd=dest, action="looking up the commit"

@@ -147,11 +147,32 @@ def validate_repo_url(value: str) -> str:
         raise ValueError(f"unsupported repository URL scheme {scheme!r}")
     if not _SAFE_URL_CHARS_RE.fullmatch(rest):
         raise ValueError("repository URL contains characters that are not allowed in a URL")
-    if scheme != "file" and not rest.split("/", 1)[0]:
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        _reject_user_info(scheme, authority.rpartition("@")[0])
+    if scheme != "file" and not authority:
         raise ValueError("repository URL has no host")
     if scheme == "file" and not rest.startswith("/"):
         raise ValueError("file:// repository URL must hold an absolute path")
     return value
+
+
+def _reject_user_info(scheme: str, user_info: str) -> None:
+    """Credentials never travel in a URL: it is recorded in the workflow's history, the
+    database and logs. An SSH user name alone (`ssh://git@host/...`) is not a secret."""
+    if scheme == "ssh" and ":" not in user_info:
+        return
+    if scheme == "ssh":
+        raise ValueError(
+            "repository URL must not hold a password: SSH remotes authenticate with a deploy "
+            "key the worker reads from SSM (TURBODEPLOY_GIT_SSH_KEY_PARAMETER)"
+        )
+    raise ValueError(
+        "repository URL must not hold credentials (the part before '@'): the worker reads "
+        "the git token from an SSM parameter named by TURBODEPLOY_GIT_TOKEN_PARAMETER (or "
+        "per host, TURBODEPLOY_GIT_TOKEN_PARAMETERS); use the plain URL, "
+        "https://github.com/owner/repo.git"
+    )
 
 
 def validate_image(value: str) -> str:

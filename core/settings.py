@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 from functools import cached_property
+from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +16,29 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TASK_QUEUE = "turbodeploy"
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCP_REMOTE_RE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?!//)")
+
+GitCredentialKind = Literal["token", "ssh_key"]
+
+
+def git_remote(repo_url: str) -> tuple[GitCredentialKind, str] | None:
+    """Which kind of credential a remote takes and its host (lower case): a token for
+    http(s) URLs, an SSH key for ssh:// and `git@host:path`; None for local paths,
+    file:// and git://."""
+    if repo_url.startswith("/"):
+        return None
+    if "://" not in repo_url:
+        match = _SCP_REMOTE_RE.match(repo_url)
+        return ("ssh_key", match["host"].lower()) if match else None
+    parts = urlsplit(repo_url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        return None
+    if parts.scheme in {"http", "https"}:
+        return "token", host
+    if parts.scheme == "ssh":
+        return "ssh_key", host
+    return None
 
 
 def validate_schema_name(value: str) -> str:
@@ -31,9 +56,12 @@ class Settings(BaseSettings):
         env_prefix="TURBODEPLOY_", extra="ignore", populate_by_name=True
     )
 
-    # Temporal
+    # Temporal. The connection is read as the `temporal` CLI reads it (core/temporal.py):
+    # a temporal.toml profile, then TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY,
+    # TEMPORAL_TLS*, then these two when set.
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
+    temporal_profile: str | None = None  # a profile of temporal.toml (or TEMPORAL_PROFILE)
     task_queue: str = TASK_QUEUE
     temporal_ui_url: str = "http://localhost:8233"
 
@@ -91,6 +119,19 @@ class Settings(BaseSettings):
     git_author_name: str = "turbodeploy"
     git_author_email: str = "turbodeploy@users.noreply.local"
     work_dir: str = Field(default="", description="Scratch space for checkouts; temp dir if empty")
+    # Credentials for private remotes, by reference like every secret here: names of SSM
+    # parameters (SecureString) read inside the worker and handed to git through its
+    # environment only. HTTPS remotes take a token (a GitHub token: sent as HTTP basic auth
+    # with `git_token_username`); SSH remotes a private deploy key. The per-host maps, as
+    # JSON ({"github.com": "/turbobackend/github/token"}), win over the platform-wide one.
+    git_token_parameter: str | None = None
+    git_token_parameters: dict[str, str] = Field(default_factory=dict)
+    git_token_username: str = "x-access-token"  # noqa: S105 - GitHub's user name for tokens
+    git_ssh_key_parameter: str | None = None
+    git_ssh_key_parameters: dict[str, str] = Field(default_factory=dict)
+    # known_hosts for SSH remotes (the worker user's own when unset), and the ssh to run.
+    git_ssh_known_hosts_file: str | None = None
+    git_ssh_command: str = "ssh"
 
     # Worker
     max_concurrent_activities: int = 200
@@ -121,6 +162,40 @@ class Settings(BaseSettings):
     @classmethod
     def _base_url(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @field_validator("git_token_parameter", "git_ssh_key_parameter", "git_ssh_known_hosts_file")
+    @classmethod
+    def _empty_is_unset(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
+
+    @field_validator("git_token_parameters", "git_ssh_key_parameters")
+    @classmethod
+    def _hosts(cls, v: dict[str, str]) -> dict[str, str]:
+        hosts: dict[str, str] = {}
+        for host, parameter in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9.-]+", host) or not parameter.strip():
+                raise ValueError(f"{host!r}: map a host name (github.com) to an SSM parameter name")
+            hosts[host.lower()] = parameter.strip()
+        return hosts
+
+    def git_credential_parameter(self, repo_url: str) -> tuple[GitCredentialKind, str, str] | None:
+        """The credential `repo_url` is cloned with: its kind, the SSM parameter holding
+        it and the setting that named it (for messages); None when it takes none."""
+        remote = git_remote(repo_url)
+        if remote is None:
+            return None
+        kind, host = remote
+        if kind == "token":
+            if host in self.git_token_parameters:
+                return kind, self.git_token_parameters[host], "TURBODEPLOY_GIT_TOKEN_PARAMETERS"
+            if self.git_token_parameter:
+                return kind, self.git_token_parameter, "TURBODEPLOY_GIT_TOKEN_PARAMETER"
+            return None
+        if host in self.git_ssh_key_parameters:
+            return kind, self.git_ssh_key_parameters[host], "TURBODEPLOY_GIT_SSH_KEY_PARAMETERS"
+        if self.git_ssh_key_parameter:
+            return kind, self.git_ssh_key_parameter, "TURBODEPLOY_GIT_SSH_KEY_PARAMETER"
+        return None
 
     def app_url(self, app_name: str) -> str:
         return self.app_url_template.replace("{app}", app_name)

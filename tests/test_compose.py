@@ -41,7 +41,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 # Ports each image's server listens on inside the compose network.
 IMAGE_PORTS: dict[str, set[int]] = {
     "postgres": {5432},
-    "temporalio/auto-setup": {7233, 7234, 7235, 7239, 6933, 6934, 6935, 6939},
+    "temporalio/server": {7233, 7234, 7235, 7239, 6933, 6934, 6935, 6939},
     "temporalio/ui": {8080},
     "motoserver/moto": {5000},
     "temporalio/admin-tools": set(),
@@ -453,7 +453,12 @@ def test_temporal_reads_the_mounted_dynamic_config(services: dict[str, Any]) -> 
 def test_registered_search_attributes_are_the_workflows(services: dict[str, Any]) -> None:
     job = services["temporal-search-attributes"]
     assert job["environment"]["SEARCH_ATTRIBUTES"].split() == list(embedded.SEARCH_ATTRIBUTES)
-    assert job["depends_on"]["temporal"]["condition"] == "service_healthy"
+    # On the namespace the namespace job made.
+    assert job["depends_on"]["temporal-namespace"]["condition"] == "service_completed_successfully"
+    assert (
+        job["environment"]["TEMPORAL_NAMESPACE"]
+        == (services["temporal-namespace"]["environment"]["DEFAULT_NAMESPACE"])
+    )
     worker_deps = services["worker"]["depends_on"]
     assert worker_deps["temporal-search-attributes"]["condition"] == (
         "service_completed_successfully"
@@ -495,6 +500,119 @@ async def test_registration_script_creates_keyword_attributes(
     )
     custom = json.loads(listed.stdout)["customAttributes"]
     assert custom == dict.fromkeys(embedded.SEARCH_ATTRIBUTES, "INDEXED_VALUE_TYPE_KEYWORD")
+
+
+# ------------------------------------------------------- Temporal on supported images
+
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
+
+
+def _image(service: Mapping[str, Any]) -> tuple[str, str]:
+    """A service's image name and its tag as compose resolves it with nothing set."""
+    resolved = _interpolate(service["image"], {})
+    name = _image_name(resolved)
+    return name, resolved.removeprefix(name).lstrip(":")
+
+
+def _script(service: Mapping[str, Any]) -> Path:
+    """The mounted script a one-shot service runs."""
+    target = service["entrypoint"][-1]
+    return next(ROOT / v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == target)
+
+
+def test_temporal_runs_on_the_supported_images_pinned(services: dict[str, Any]) -> None:
+    images = {name: _image(service) for name, service in services.items() if "image" in service}
+    assert not [n for n, (image, _) in images.items() if image == "temporalio/auto-setup"], (
+        "temporalio/auto-setup is deprecated and no longer updated"
+    )
+    assert images["temporal"][0] == "temporalio/server"
+    server_version = images["temporal"][1]
+    assert _VERSION.fullmatch(server_version), f"temporalio/server is not pinned: {server_version}"
+    admin = [n for n, (image, _) in images.items() if image == "temporalio/admin-tools"]
+    assert {"temporal-schema", "temporal-namespace", "temporal-search-attributes"} <= set(admin)
+    for name in admin:
+        # The schema tool of another release would set up another schema version.
+        assert images[name][1].split("-")[0] == server_version, f"{name}: {images[name][1]}"
+
+
+def test_the_schema_is_set_up_before_the_server_starts(services: dict[str, Any]) -> None:
+    schema, temporal = services["temporal-schema"], services["temporal"]
+    assert schema["depends_on"]["postgresql"]["condition"] == "service_healthy"
+    assert temporal["depends_on"]["temporal-schema"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert schema.get("restart") == "no"
+    # The job and the server use the same database server, user and password.
+    job_env, server_env = _environment(schema, {}), _environment(temporal, {})
+    assert job_env["POSTGRES_SEEDS"] == server_env["POSTGRES_SEEDS"] == "postgresql"
+    assert job_env["POSTGRES_USER"] == server_env["POSTGRES_USER"]
+    assert job_env["SQL_PASSWORD"] == server_env["POSTGRES_PWD"]
+    assert job_env["DB_PORT"] == server_env["DB_PORT"] == "5432"
+    assert server_env["DB"] == "postgres12"
+    script = _script(schema).read_text()
+    # Both of the server's databases, with the schema of its plugin (postgres12 -> v12).
+    assert "--plugin postgres12" in script
+    for db, folder in (("temporal", "temporal"), ("temporal_visibility", "visibility")):
+        assert f"{db}:{folder}" in script
+    for step in ("create", "setup-schema -v 0.0", "update-schema -d"):
+        assert step in script
+    assert "/etc/temporal/schema/postgresql/v12" in script
+
+
+def test_the_namespace_exists_before_the_search_attributes(services: dict[str, Any]) -> None:
+    job = services["temporal-namespace"]
+    assert job["depends_on"]["temporal"]["condition"] == "service_healthy"
+    env = _environment(job, {})
+    assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
+    worker_env = _environment(services["worker"], {})
+    assert env["DEFAULT_NAMESPACE"] == worker_env["TURBODEPLOY_TEMPORAL_NAMESPACE"]
+    assert _duration_seconds(env["DEFAULT_NAMESPACE_RETENTION"]) >= 24 * 3600
+
+
+async def test_namespace_script_creates_the_namespace_once(
+    services: dict[str, Any], temporal_client: Client
+) -> None:
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    job = services["temporal-namespace"]
+    cli = embedded.temporal_cli()
+    namespace = f"ns-{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(cli).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TEMPORAL_ADDRESS": temporal_client.service_client.config.target_host,
+        "DEFAULT_NAMESPACE": namespace,
+        "DEFAULT_NAMESPACE_RETENTION": "48h",
+        "NAMESPACE_TIMEOUT_SECONDS": "30",
+    }
+    outputs = []
+    for _ in range(2):  # runs on every `compose up`: a second run must succeed too
+        result = subprocess.run(
+            [sh, str(_script(job))], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert "created" in outputs[0] and "exists" in outputs[1]
+    described = subprocess.run(
+        [cli, "operator", "namespace", "describe", "-n", namespace, "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config = json.loads(described.stdout)["config"]
+    assert _duration_seconds(config["workflowExecutionRetentionTtl"]) == 48 * 3600
+
+
+def test_schema_script_is_valid_shell() -> None:
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    for script in ("setup-schema.sh", "create-namespace.sh"):
+        path = ROOT / "deploy" / "temporal" / script
+        result = subprocess.run([sh, "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------------- deploy/ scripts

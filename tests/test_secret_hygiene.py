@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from gitserver import AuthGitServer
 from harness import (
     DEPLOY_FAILURES,
     GitShim,
@@ -26,6 +28,13 @@ from temporalio.client import Client
 from core.models import DeployRequest
 from turbodeploy.client import start_deploy
 from turbodeploy.stack import publish_example
+
+
+@pytest.fixture
+def git_host(tmp_path: Path) -> Iterator[AuthGitServer]:
+    token = "ghp_" + uuid.uuid4().hex + uuid.uuid4().hex[:4]
+    with AuthGitServer(tmp_path / "git-host", "x-access-token", token).serving() as host:
+        yield host
 
 
 def _fragments(value: str) -> list[str]:
@@ -54,6 +63,7 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     ssm: Any,
     flysim: Any,
     fly_token: str,
+    git_host: AuthGitServer,
     tmp_path: Path,
 ) -> None:
     wrong_parameter = f"/turbobackend/flyio/wrong-{uuid.uuid4().hex[:8]}"
@@ -62,8 +72,15 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     secret_value = "pw-" + uuid.uuid4().hex * 2
     rotated_value = "pw-" + uuid.uuid4().hex * 2
     broken_image = f"registry.fly.io/hygiene:broken-{uuid.uuid4().hex[:8]}"
+    git_parameter = f"/turbobackend/github/token-{uuid.uuid4().hex[:8]}"
+    git_token = git_host.token
     ssm.put_parameter(Name=wrong_parameter, Value=wrong_token, Type="SecureString")
     ssm.put_parameter(Name=secret_parameter, Value=secret_value, Type="SecureString")
+    ssm.put_parameter(Name=git_parameter, Value=git_token, Type="SecureString")
+    # A private repository, on a git host that wants the token.
+    private_repo = git_host.add_repository(
+        publish_example("nitro-hello", tmp_path / "private-seed")
+    )
 
     shim = GitShim(tmp_path / "git")
     schema = f"s_{uuid.uuid4().hex[:8]}"
@@ -84,7 +101,9 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
             extra=extra,
         )
 
-    good = WorkerProcess(env(good_queue), tmp_path / "good.log")
+    good = WorkerProcess(
+        env(good_queue, TURBODEPLOY_GIT_TOKEN_PARAMETER=git_parameter), tmp_path / "good.log"
+    )
     bad = WorkerProcess(
         env(bad_queue, TURBODEPLOY_FLY_TOKEN_PARAMETER=wrong_parameter), tmp_path / "bad.log"
     )
@@ -102,6 +121,12 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
 
         traces["history: success"] = await _deploy(
             temporal_client, good_queue, request(), expect_failure=False
+        )
+        traces["history: private repository"] = await _deploy(
+            temporal_client,
+            good_queue,
+            deploy_request(new_project_id("s"), private_repo),
+            expect_failure=False,
         )
         traces["history: 401"] = await _deploy(
             temporal_client, bad_queue, request(), expect_failure=True
@@ -141,6 +166,8 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     # The traces are real: they hold what a person needs, just not the secrets.
     assert "DEBUG" in traces["worker log (good)"], "the worker logged at DEBUG"
     assert "push" in traces["git argv"] and "clone" in traces["git argv"]
+    assert git_host.authorized_requests > 0, "the private repository was reached"
+    assert private_repo in traces["history: private repository"]
     assert "deployed" in traces["database"] and "failed" in traces["database"]
     assert "DATABASE_PASSWORD" in traces["history: app secrets"], "names are recorded"
     assert "restore_app_secrets" in traces["history: secrets put back"]
@@ -151,6 +178,7 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
         "rejected Fly token": _fragments(wrong_token),
         "app secret": [secret_value],
         "rotated app secret": [rotated_value],
+        "git token": [git_token, git_token[4:28], git_host.expected.removeprefix("Basic ")],
     }
     leaks = [
         f"{what} in {where}"

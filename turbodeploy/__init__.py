@@ -13,12 +13,13 @@ __all__ = [
     "DeployRequest",
     "DeployResult",
     "DeployStatus",
+    "connect",
     "start_deploy",
     "start_destroy",
     "start_start",
     "start_stop",
 ]
-_LAZY = ("start_deploy", "start_destroy", "start_start", "start_stop")
+_LAZY = ("connect", "start_deploy", "start_destroy", "start_start", "start_stop")
 
 
 def __getattr__(name: str) -> Any:

@@ -108,17 +108,18 @@ def _project(project_id: str) -> str:
 async def _client(settings: Settings) -> Client:
     # The Temporal client is imported by the commands that connect: it is most of the
     # start-up, and `--help` or an invalid request does not need it.
-    from temporalio.client import Client
-    from temporalio.contrib.pydantic import pydantic_data_converter
+    from core import tracing
+    from core.temporal import TemporalConfigError, temporal_connection
 
+    tracing.configure()
     try:
-        return await Client.connect(
-            settings.temporal_address,
-            namespace=settings.temporal_namespace,
-            data_converter=pydantic_data_converter,
-        )
+        connection = temporal_connection(settings)
+    except TemporalConfigError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    try:
+        return await connection.connect()
     except RuntimeError as exc:
-        _fail(f"cannot reach Temporal at {settings.temporal_address}: {exc}")
+        _fail(f"cannot reach Temporal at {connection.describe()}: {exc}")
 
 
 def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,6 +1,6 @@
 """The Python API the platform's execution handler uses to start and follow deploys.
 
-    client = await Client.connect("localhost:7233", data_converter=pydantic_data_converter)
+    client = await connect()   # as the worker connects: temporal.toml, TEMPORAL_* variables
     handle = await start_deploy(client, DeployRequest(project_id="p1", repo_url=..., image=...))
     result = await handle.result()   # DeployResult; raises DeployFailed if it did not deploy
 
@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from temporalio.client import (
     Client,
+    Interceptor,
     WithStartWorkflowOperation,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
@@ -69,9 +71,27 @@ from core.models import (
     success_status,
     workflow_id_for,
 )
-from core.settings import TASK_QUEUE
+from core.settings import TASK_QUEUE, Settings
 
 log = logging.getLogger(__name__)
+
+
+async def connect(
+    settings: Settings | None = None,
+    *,
+    interceptors: Sequence[Interceptor] = (),
+    **kwargs: Any,
+) -> Client:
+    """A Temporal client for this API, connected the way the worker and the CLI connect:
+    the `temporal.toml` profile (`TEMPORAL_PROFILE`), the `temporal` CLI's variables
+    (`TEMPORAL_ADDRESS`, `TEMPORAL_NAMESPACE`, `TEMPORAL_API_KEY`, `TEMPORAL_TLS*`), then
+    `TURBODEPLOY_TEMPORAL_ADDRESS`/`_NAMESPACE` (see core/temporal.py). It uses the
+    pydantic data converter, and traces its calls when OpenTelemetry is on. `kwargs` go
+    to `Client.connect` (`identity`, `runtime`, ...)."""
+    from core import temporal
+
+    return await temporal.connect(settings or Settings(), interceptors=interceptors, **kwargs)
+
 
 # How long a submit waits for a worker to accept the request before it returns anyway.
 ACCEPT_TIMEOUT = timedelta(seconds=10)

@@ -11,7 +11,7 @@ namespace="${TEMPORAL_NAMESPACE:-default}"
 read -r -a names <<<"${SEARCH_ATTRIBUTES:?SEARCH_ATTRIBUTES must list the attribute names}"
 deadline=$((SECONDS + ${REGISTER_TIMEOUT_SECONDS:-300}))
 
-# The server reports healthy before auto-setup has created the namespace.
+# The namespace job creates it; a server that answers may not have it yet.
 until temporal operator namespace describe --namespace "$namespace" >/dev/null 2>&1; do
   if ((SECONDS >= deadline)); then
     echo "namespace '$namespace' did not appear on ${TEMPORAL_ADDRESS:-the server}" >&2

@@ -15,7 +15,8 @@ Rules beyond plain openapi-core:
 - `Authorization: FlyV1 <macaroon>`, as flyctl sends it, counts as the bearer token the
   spec asks for (Fly accepts both).
 - `autostop` may be a boolean, as fly-go sends it and the API accepts, and a secrets
-  update may give `null` to unset one, as its description says (`_amend`).
+  update may give `null` to unset one, as its description says, and a volume create may
+  give `null` for its optional fields, as fly-go sends them (`_amend`).
 - A lease request without a body (fly-go sends `?ttl=` only) counts as an empty one.
 - A response declared with `content: {}` has no schema, so any body is accepted.
 - Error statuses the spec does not list for an operation (401, 404, 409, 422, 429, 5xx...)
@@ -67,7 +68,9 @@ def _amend(document: dict[str, Any]) -> None:
 
     `fly.MachineService.autostop` is typed a string with `false` among its values, while
     its own description, fly-go (which sends `true`/`false` for stop/off) and the API
-    take a boolean as well. A secrets update unsets a secret given `null`.
+    take a boolean as well. A secrets update unsets a secret given `null`. A volume create
+    may give `null` for any optional field: fly-go's `CreateVolumeRequest` has no
+    `omitempty`, so every unset field arrives as `null`, and the API takes it as unset.
     """
     schemas = document.get("components", {}).get("schemas", {})
     service = schemas.get("fly.MachineService", {}).get("properties", {})
@@ -84,6 +87,15 @@ def _amend(document: dict[str, Any]) -> None:
     values = schemas.get("AppSecretsUpdateRequest", {}).get("properties", {}).get("values")
     if isinstance(values, dict) and values.get("additionalProperties") == {"type": "string"}:
         values["additionalProperties"] = {"type": ["string", "null"]}
+    volume = schemas.get("CreateVolumeRequest", {})
+    required = set(volume.get("required") or ()) | {"name", "region"}  # always sent
+    for name, prop in (volume.get("properties") or {}).items():
+        if name in required or not isinstance(prop, dict):
+            continue
+        if isinstance(prop.get("type"), str):
+            prop["type"] = [prop["type"], "null"]
+        elif "$ref" in prop:
+            volume["properties"][name] = {"anyOf": [{"$ref": prop.pop("$ref")}, {"type": "null"}]}
 
 
 class _Request:

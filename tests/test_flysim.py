@@ -356,7 +356,7 @@ async def test_a_lease_lapses_after_its_ttl_and_its_nonce_with_it(
     assert sim.snapshot()["leases"] == []
 
     renewed = await api.post(f"{url}/lease", json={"ttl": 13}, headers=held)
-    assert renewed.status_code == 200
+    assert renewed.status_code == 201
     fresh = renewed.json()["data"]["nonce"]
     assert fresh != nonce
     assert (await api.post(f"{url}/uncordon", headers=held)).status_code == 409

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -56,9 +57,9 @@ class _Held:
 
     __slots__ = ("expires_at", "secret")
 
-    def __init__(self, minted: DeployToken) -> None:
+    def __init__(self, minted: DeployToken, expires_at: float) -> None:
         self.secret = Secret(minted.token)
-        self.expires_at = minted.expires_at
+        self.expires_at = expires_at
 
 
 class AppTokens:
@@ -126,7 +127,9 @@ class AppTokens:
         self._held[app] = task.result()
 
     async def _mint(self, app: str, needed: float) -> _Held:
-        expiry = max(self._settings.fly_deploy_token_seconds, 2 * needed)
+        expiry = math.ceil(max(self._settings.fly_deploy_token_seconds, 2 * needed))
+        # Counted from before the request, on this cache's clock: the token lives longer.
+        sent_at = self._clock()
         try:
             if self._fly is not None:
                 minted = await self._fly.create_deploy_token(app, expiry=expiry)
@@ -140,8 +143,8 @@ class AppTokens:
         except FlyError as exc:
             raise self._failure(app, exc) from None
         self.minted += 1
-        log.info("minted a deploy token for Fly app %s, valid for %.0fs", app, expiry)
-        return _Held(minted)
+        log.info("minted a deploy token for Fly app %s, valid for %ds", app, expiry)
+        return _Held(minted, sent_at + expiry)
 
     def _failure(self, app: str, exc: FlyError) -> ApplicationError:
         if isinstance(exc, FlyUnauthorized):

@@ -11,8 +11,10 @@ prepared, so what is built is what was reviewed, whatever the branch does meanwh
                    -> flyctl builds (unless given an image) and rolls out itself
 
 flyctl runs directly (never through a shell) in its own process group, with a trimmed
-environment: the Fly API token travels only as FLY_API_TOKEN in the child's environment,
-never in argv; FLY_FLAPS_BASE_URL (flyctl's own variable for the Machines API, the root
+environment. Its token is a deploy token of the one app it works on, minted by the
+worker's Fly client (`activities._deploy_tokens`): the org token never reaches a child.
+That token travels only as FLY_API_TOKEN in the child's environment, never in argv;
+FLY_FLAPS_BASE_URL (flyctl's own variable for the Machines API, the root
 URL without `/v1`) points it at the configured Fly API. flyctl's own settings (FLY_*,
 FLYCTL_*) pass through; AWS credentials, database URLs and the like do not.
 
@@ -48,6 +50,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._deploy_tokens import AppTokens, child_run_seconds
 from activities._errors import (
     FLYCTL_FAILED,
     FLYCTL_INTERRUPTED,
@@ -174,14 +177,17 @@ class BuildActivities:
         fly: FlyClient | None = None,
         kill_grace_seconds: float = DEFAULT_KILL_GRACE_SECONDS,
         git: GitCredentials | None = None,
+        tokens: AppTokens | None = None,
     ) -> None:
         """`flyctl`: the executable (a name looked up on PATH, or a path); defaults to the
         `flyctl_path` setting. `fly`: when given, `flyctl_deploy` reports the machines from
-        the Machines API rather than from flyctl's output. `git`: credentials for private
-        remotes (from the settings when not given)."""
+        the Machines API rather than from flyctl's output, and deploy tokens are minted
+        through it. `git`: credentials for private remotes (from the settings when not
+        given). `tokens`: the worker's deploy tokens (one cache per worker process)."""
         self._credentials = credentials
         self._settings = settings
         self._git = git if git is not None else GitCredentials(settings)
+        self._tokens = tokens if tokens is not None else AppTokens(credentials, settings, fly=fly)
         self._flyctl: str = flyctl or getattr(settings, "flyctl_path", None) or DEFAULT_FLYCTL
         self._fly = fly
         # Interrupted like Ctrl-C, flyctl releases its leases; then its whole group goes.
@@ -200,7 +206,9 @@ class BuildActivities:
             f"--app={input.app_name}", f"--config={FLY_CONFIG}",
         ]  # fmt: skip
         what = f"Build of Fly app {input.app_name} at {input.commit_sha[:12]}"
-        run = await self._run_at_commit(input.repo_url, input.commit_sha, args, what=what)
+        run = await self._run_at_commit(
+            input.app_name, input.repo_url, input.commit_sha, args, what=what
+        )
         image = run.pushed_image(input.app_name, label)
         if image is None:
             raise FLYCTL_FAILED(
@@ -226,16 +234,17 @@ class BuildActivities:
             # flyctl's first deploy of a service makes a spare machine unless told not to.
             args.append("--ha=false")
         what = f"flyctl deploy of Fly app {input.app_name} at {input.commit_sha[:12]}"
-        run = await self._run_at_commit(input.repo_url, input.commit_sha, args, what=what)
+        run = await self._run_at_commit(
+            input.app_name, input.repo_url, input.commit_sha, args, what=what
+        )
         excerpt = run.excerpt()
         listed = await self._app_machines(input.app_name)
         if listed and len(listed) != input.machine_count:
             # flyctl deploy keeps an app's machine count; the request's count is set apart.
             scale = ["scale", "count", str(input.machine_count), f"--app={input.app_name}"]
             scale += [f"--wait-timeout={wait}s", "--yes"]
-            scaled = await self._run_anywhere(
-                scale, what=f"flyctl scale count {input.machine_count} of {input.app_name}"
-            )
+            what_scale = f"flyctl scale count {input.machine_count} of {input.app_name}"
+            scaled = await self._run_anywhere(input.app_name, scale, what=what_scale)
             excerpt = f"{excerpt}\n{scaled.excerpt()}".strip()
             listed = await self._app_machines(input.app_name)
         machine_ids = listed or run.machine_ids
@@ -249,7 +258,7 @@ class BuildActivities:
     # ---------------------------------------------------------------------------- running
 
     async def _run_at_commit(
-        self, repo_url: str, sha: str, args: Sequence[str], *, what: str
+        self, app: str, repo_url: str, sha: str, args: Sequence[str], *, what: str
     ) -> _Output:
         async def in_checkout(output: _Output) -> int:
             output.step = "fetching the commit"
@@ -259,26 +268,35 @@ class BuildActivities:
                 async with gitrepo.cloned_commit(
                     repo_url, sha, work_dir=self._settings.work_dir or None, auth=auth
                 ) as checkout:
-                    return await self._flyctl_with_token(args, checkout.path, output)
+                    return await self._flyctl_with_token(app, args, checkout.path, output)
             except gitrepo.GitError as exc:
                 raise self._git.failure(exc, repo_url, what=what) from None
 
-        return await self._run(in_checkout, what=what)
+        return await self._run(app, in_checkout, what=what)
 
-    async def _run_anywhere(self, args: Sequence[str], *, what: str) -> _Output:
+    async def _run_anywhere(self, app: str, args: Sequence[str], *, what: str) -> _Output:
         """flyctl for a command that reads no checkout (`scale count`)."""
         # The system's temporary folder: it exists, and flyctl reads nothing from it.
         cwd = Path(tempfile.gettempdir())
-        return await self._run(lambda output: self._flyctl_with_token(args, cwd, output), what=what)
+        return await self._run(
+            app, lambda output: self._flyctl_with_token(app, args, cwd, output), what=what
+        )
 
-    async def _flyctl_with_token(self, args: Sequence[str], cwd: Path, output: _Output) -> int:
-        token = await self._credentials.fly_token()
+    async def _flyctl_with_token(
+        self, app: str, args: Sequence[str], cwd: Path, output: _Output
+    ) -> int:
+        output.step = "getting a deploy token"
+        activity.heartbeat(output.progress())
+        # The app's own deploy token, valid for as long as this attempt may run.
+        token = await self._tokens.token_for(app, valid_for=child_run_seconds())
         output.secrets = _secret_forms(token)
         output.step = "running flyctl"
         activity.heartbeat(output.progress())
         return await self._flyctl_run(args, cwd, token, output)
 
-    async def _run(self, body: Callable[[_Output], Awaitable[int]], *, what: str) -> _Output:
+    async def _run(
+        self, app: str, body: Callable[[_Output], Awaitable[int]], *, what: str
+    ) -> _Output:
         """Run `body` (which runs flyctl) with heartbeats of its output; a non-zero exit
         becomes a clear error."""
         output = _Output()
@@ -292,7 +310,9 @@ class BuildActivities:
         if code != 0:
             error = _failure(what, code, output)
             if _AUTH_RE.search(output.error_text()):
-                # Make the next attempt (or deploy) re-read a possibly rotated token.
+                # The next attempt (or deploy) gets a new deploy token, minted with the
+                # token read again from SSM (perhaps rotated).
+                self._tokens.invalidate(app)
                 self._credentials.invalidate()
             activity.logger.warning("%s", error.message)
             raise error

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
 
     # flyctl, for builds and the `flyctl` strategy: a name looked up on PATH, or a path.
     flyctl_path: str = "flyctl"
+    # flyctl children get a deploy token of their app, never the org token: minted through
+    # the Machines API for this long (or longer, for a child that may run longer), and
+    # reused while it outlives the next child's longest run by the margin.
+    fly_deploy_token_seconds: float = Field(default=7200.0, ge=60)
+    fly_deploy_token_margin_seconds: float = Field(default=300.0, ge=0)
 
     # Callbacks to the platform are signed with this key (HMAC-SHA256), read from SSM.
     callback_secret_parameter: str = "/turbobackend/callbacks/hmac_key"  # noqa: S105 - a name

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -24,6 +25,7 @@ from flyapi._errors import (
 from flyapi._models import (
     App,
     AppSecret,
+    DeployToken,
     IPAssignment,
     Lease,
     LogEntry,
@@ -589,6 +591,31 @@ class FlyClient:
         except FlyNotFound:
             return None
         return _secrets_version(self._json_or_none(response))
+
+    # ---------------------------------------------------------------------- deploy tokens
+
+    async def create_deploy_token(self, app: str, *, expiry: float) -> DeployToken:
+        """Mint a deploy token for `app` that expires after `expiry` seconds (`fly tokens
+        create deploy`): it manages that app and its resources only. The client's own
+        token (an organisation token) must be allowed to create tokens.
+
+        `expires_at` is counted from before the request was sent, so the token lives at
+        least that long. Each call mints a new token; the value travels in the response
+        body only and appears in no log line or exception.
+        """
+        seconds = math.ceil(expiry)
+        if seconds < 1:
+            raise ValueError("a deploy token must be valid for at least a second")
+        sent_at = time.time()
+        # A Go duration, as flyctl sends `--expiry` (time.Duration.String(); "7200s" parses).
+        response = await self._request(
+            "POST", f"/apps/{_seg(app)}/deploy_token", json={"expiry": f"{seconds}s"}
+        )
+        data = self._json(response)
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token.strip():
+            raise self._unexpected(response, "expected {token}")
+        return DeployToken(app=app, expires_at=sent_at + seconds, token=token.strip())
 
     # ------------------------------------------------------------------------------ logs
 

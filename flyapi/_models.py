@@ -3,6 +3,7 @@ because the live API grows fields faster than its published spec."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -202,3 +203,19 @@ class LogPage(_Liberal):
 
     entries: list[LogEntry] = Field(default_factory=list)
     next_token: str = ""
+
+
+@dataclass(frozen=True)
+class DeployToken:
+    """An app-scoped deploy token (`POST /v1/apps/{app}/deploy_token`): it manages `app`
+    and its resources only, until `expires_at` (Unix seconds, as the client computed it
+    from the expiry it asked for, counted from before the request). The value does not
+    show itself in reprs."""
+
+    app: str
+    expires_at: float
+    token: str = field(repr=False)
+
+    def valid_for(self, now: float) -> float:
+        """Seconds left before it expires, at Unix time `now`."""
+        return self.expires_at - now

@@ -28,14 +28,19 @@ For tests:
     FLYCTL_STANDIN_FAIL=1           fail during the build, after printing some lines
     FLYCTL_STANDIN_FAIL_MESSAGE=... the error printed then (default: a build error)
     FLYCTL_STANDIN_SLEEP=<seconds>  a build that takes this long
-    FLYCTL_STANDIN_ARGV_LOG=<file>  append a JSON line per run: pid, argv, cwd, and the
-                                    names (never the values) of its environment variables
+    FLYCTL_STANDIN_ARGV_LOG=<file>  append a JSON line per run: pid, argv, cwd, the
+                                    names (never the values) of its environment variables,
+                                    and the SHA-256 of the token it was given
+    FLYCTL_STANDIN_PROBE_APP=<app>  first try to read that app with the token, and append
+                                    {"pid", "probe", "status"} to the log above: what the
+                                    token lets a child do beyond its own app
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from core.flytoml import FlyTomlError, machine_config, overlay_managed
-from flyapi import FlyClient, FlyError, FlyUnauthorized, Machine
+from flyapi import FlyAPIError, FlyClient, FlyError, FlyForbidden, FlyUnauthorized, Machine
 
 VERSION: Final = "0.0.0-standin"
 EXIT_FAILED: Final = 1
@@ -61,6 +66,7 @@ FAIL_ENV: Final = "FLYCTL_STANDIN_FAIL"
 FAIL_MESSAGE_ENV: Final = "FLYCTL_STANDIN_FAIL_MESSAGE"
 SLEEP_ENV: Final = "FLYCTL_STANDIN_SLEEP"
 ARGV_LOG_ENV: Final = "FLYCTL_STANDIN_ARGV_LOG"
+PROBE_APP_ENV: Final = "FLYCTL_STANDIN_PROBE_APP"
 
 _DEFAULT_WAIT_SECONDS: Final = 300.0
 _POLL_SECONDS: Final = 0.1
@@ -330,6 +336,9 @@ async def _find_app(fly: FlyClient, app: str) -> None:
         found = await fly.get_app(app)
     except FlyUnauthorized:
         raise _Failure("You must be authenticated to view this.") from None
+    except FlyForbidden:
+        # The token is not for this app (a deploy token of another one).
+        raise _Failure(f"failed to retrieve app {app}: unauthorized") from None
     if found is None:
         raise _Failure(f'Could not find App "{app}"')
 
@@ -470,18 +479,43 @@ def _int(value: str | None) -> int:
 # --------------------------------------------------------------------------------- main
 
 
-def _log_invocation(argv: Sequence[str]) -> None:
+def token_fingerprint(token: str) -> str:
+    """What the log records of a token: its SHA-256, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _log_record(record: Mapping[str, Any]) -> None:
     target = os.environ.get(ARGV_LOG_ENV)
     if not target:
         return
-    record = {
-        "pid": os.getpid(),
-        "argv": list(argv),
-        "cwd": os.getcwd(),
-        "env": sorted(os.environ),
-    }
     with open(target, "a", encoding="utf-8") as log:
         log.write(json.dumps(record) + "\n")
+
+
+def _log_invocation(argv: Sequence[str]) -> None:
+    token = _token()
+    _log_record(
+        {
+            "pid": os.getpid(),
+            "argv": list(argv),
+            "cwd": os.getcwd(),
+            "env": sorted(os.environ),
+            "token_sha256": token_fingerprint(token) if token else None,
+        }
+    )
+
+
+async def _probe(token: str, base_url: str) -> None:
+    """Read the app named by FLYCTL_STANDIN_PROBE_APP with our token; log the status."""
+    app = os.environ.get(PROBE_APP_ENV, "").strip()
+    if not app:
+        return
+    async with FlyClient(base_url, token, user_agent=f"fly-cli/{VERSION}") as fly:
+        try:
+            status = 200 if await fly.get_app(app) is not None else 404
+        except FlyAPIError as exc:
+            status = exc.status_code
+    _log_record({"pid": os.getpid(), "probe": app, "status": status})
 
 
 async def _run(out: _Console, args: argparse.Namespace, token: str, base_url: str) -> int:
@@ -497,6 +531,7 @@ async def _run(out: _Console, args: argparse.Namespace, token: str, base_url: st
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, interrupt, signum)
     try:
+        await _probe(token, base_url)
         if args.command == "scale":
             await _scale_count(out, args, token, base_url)
         else:

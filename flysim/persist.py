@@ -11,7 +11,8 @@ secrets to one JSON file:
 - and once more when the server stops (`save`).
 
 Writes are atomic (a temporary file, then a rename), and the file is readable by its owner
-only: like Fly's own vault, it holds the app secrets' values. Tokens, counters, the request
+only: like Fly's own vault, it holds the app secrets' values, and the key deploy tokens
+are signed with (so the deploy tokens it minted stay valid). Tokens, counters, the request
 log and the configuration are not kept: those come from the command line and the
 environment each time.
 """
@@ -101,6 +102,7 @@ def dump(sim: FlySim) -> dict[str, Any]:
         "apps": [_app(a) for a in world.apps.values()],
         "ip_counter": world._ip_counter,
         "secrets": _vault(sim.secrets),
+        "deploy_tokens": sim.deploy_tokens.to_json(),
     }
 
 
@@ -160,6 +162,7 @@ def restore(sim: FlySim, data: dict[str, Any]) -> None:
     sim.world.apps = {a.name: a for a in apps}
     sim.world._ip_counter = int(data.get("ip_counter", 0))
     _load_vault(sim.secrets, data.get("secrets") or {"key": "", "apps": {}})
+    sim.deploy_tokens.load(data.get("deploy_tokens") or {})
 
 
 # ------------------------------------------------------------------------ the file

@@ -28,6 +28,7 @@ from flysim.proxy import proxy_routes
 from flysim.secrets import SecretVault, machine_runtime_env, secret_routes
 from flysim.state import World, ulid
 from flysim.stats import LogEntry, SimStats
+from flysim.tokens import APP_SCOPE, DeployTokens, TokenRefused, deploy_token_routes, refusal
 
 if TYPE_CHECKING:
     from flysim.spec import SpecChecker
@@ -50,6 +51,7 @@ class _SimApp(Starlette):
             *api_routes(sim),
             *secret_routes(sim),
             *logs_routes(sim),
+            *deploy_token_routes(sim),
         ]
         routes: list[Route] = [
             *self.api_routes,
@@ -119,6 +121,8 @@ class FlySim:
             self.spec_checker = SpecChecker(spec)
         self.world = World(self._config)
         self.secrets = SecretVault()
+        # App-scoped deploy tokens it mints (`POST /v1/apps/{app}/deploy_token`).
+        self.deploy_tokens = DeployTokens()
         self.stats = SimStats()
         self.request_log: list[LogEntry] = []
         self._rng = random.Random()
@@ -345,7 +349,21 @@ class FlySim:
             await response(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        org = self._org_for(headers.get(b"authorization", b"").decode("latin-1"))
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        org = self._org_for(authorization)
+        if org is None:
+            # Not an organisation token: a deploy token, for its own app only.
+            try:
+                grant = self.deploy_tokens.grant(authorization)
+                if grant is not None:
+                    app_ids = {name: app.id for name, app in self.world.apps.items()}
+                    self.deploy_tokens.authorize(grant, scope["path"], app_ids)
+            except TokenRefused as exc:
+                await refusal(exc)(scope, receive, send)
+                return
+            if grant is not None:
+                org = grant.org
+                scope[APP_SCOPE] = grant.app
         if org is None:
             body = {"error": "You must be authenticated to view this.", "status": "unknown"}
             await JSONResponse(body, status_code=401)(scope, receive, send)

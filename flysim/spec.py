@@ -330,8 +330,9 @@ class SpecChecker:
             found.append(str(exc))
         except Exception as exc:
             found.append(f"response could not be checked: {exc!r}")
-        if "secret" in op.lower():
-            # A schema error quotes the value it rejects, and these values are secrets.
+        if "secret" in op.lower() or "token" in op.lower():
+            # A schema error quotes the value it rejects, and these values are secrets
+            # (or, for a deploy token, the token itself).
             found = [f.split(":", 1)[0] + " (details withheld: secret values)" for f in found]
         violations = [Violation(op, request.method, path, response.status_code, f) for f in found]
         with self._lock:

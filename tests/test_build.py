@@ -287,7 +287,7 @@ async def test_heartbeats_carry_the_output_without_the_token(
 
     progress = [h for h in run.heartbeats if isinstance(h, FlyctlProgress)]
     steps = list(dict.fromkeys(p.step for p in progress))
-    assert steps == ["fetching the commit", "running flyctl"]
+    assert steps == ["fetching the commit", "getting a deploy token", "running flyctl"]
     seen = [line for p in progress for line in p.output]
     assert any("[build] RUN" in line for line in seen)
     assert fly_token not in repr(run.heartbeats)

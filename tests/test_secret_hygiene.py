@@ -1,10 +1,13 @@
 """No token or secret value anywhere a person or another process can read: workflow
 histories, worker logs at DEBUG, the database, and the argv of every child process;
-also when Fly rejects the token."""
+also when Fly rejects the token. The deploy tokens minted for flyctl children are secrets
+too, and the org token never reaches a child."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,7 @@ from harness import (
 from temporalio.client import Client
 
 from core.models import DeployRequest
+from turbodeploy import embedded
 from turbodeploy.client import start_deploy
 from turbodeploy.stack import publish_example
 
@@ -101,8 +105,17 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
             extra=extra,
         )
 
+    flyctl_log = tmp_path / "flyctl.jsonl"
     good = WorkerProcess(
-        env(good_queue, TURBODEPLOY_GIT_TOKEN_PARAMETER=git_parameter), tmp_path / "good.log"
+        env(
+            good_queue,
+            TURBODEPLOY_GIT_TOKEN_PARAMETER=git_parameter,
+            # Builds run the flyctl stand-in, which logs its argv, the names of its
+            # environment variables and the SHA-256 of the token it was given.
+            TURBODEPLOY_FLYCTL_PATH=str(embedded.flyctl_standin(tmp_path / "flyctl-bin")),
+            FLYCTL_STANDIN_ARGV_LOG=str(flyctl_log),
+        ),
+        tmp_path / "good.log",
     )
     bad = WorkerProcess(
         env(bad_queue, TURBODEPLOY_FLY_TOKEN_PARAMETER=wrong_parameter), tmp_path / "bad.log"
@@ -121,6 +134,11 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
 
         traces["history: success"] = await _deploy(
             temporal_client, good_queue, request(), expect_failure=False
+        )
+        # No image: built with flyctl, which gets a deploy token of the app.
+        built = request(image=None)
+        traces["history: build"] = await _deploy(
+            temporal_client, good_queue, built, expect_failure=False
         )
         traces["history: private repository"] = await _deploy(
             temporal_client,
@@ -161,6 +179,7 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     traces["worker log (good)"] = good.output()
     traces["worker log (401)"] = bad.output()
     traces["git argv"] = shim.argv()
+    traces["flyctl argv and environment"] = flyctl_log.read_text() if flyctl_log.exists() else ""
     traces["database"] = await dump_schema(postgres_url, schema)
 
     # The traces are real: they hold what a person needs, just not the secrets.
@@ -172,6 +191,14 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
     assert "DATABASE_PASSWORD" in traces["history: app secrets"], "names are recorded"
     assert "restore_app_secrets" in traces["history: secrets put back"]
     assert "401" in traces["history: 401"] or "nauthori" in traces["history: 401"]
+    # The build's flyctl held a deploy token of its app, minted for it; never the org token.
+    deploy_tokens = [i.token for i in flysim.deploy_tokens.issued if i.app == built.app_name]
+    assert deploy_tokens, "a deploy token was minted for the build"
+    children = [json.loads(line) for line in traces["flyctl argv and environment"].splitlines()]
+    assert children and "FLY_API_TOKEN" in children[0]["env"]
+    given = {c["token_sha256"] for c in children}
+    assert given <= {hashlib.sha256(t.encode()).hexdigest() for t in deploy_tokens}
+    assert hashlib.sha256(fly_token.encode()).hexdigest() not in given
 
     secrets = {
         "Fly token": _fragments(fly_token),
@@ -179,6 +206,7 @@ async def test_no_secret_in_histories_logs_rows_or_argv(
         "app secret": [secret_value],
         "rotated app secret": [rotated_value],
         "git token": [git_token, git_token[4:28], git_host.expected.removeprefix("Basic ")],
+        **{f"deploy token {n}": _fragments(t) for n, t in enumerate(deploy_tokens, start=1)},
     }
     leaks = [
         f"{what} in {where}"

@@ -308,10 +308,15 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def flyctl_standin(bin_dir: Path) -> Path:
     """An executable `flyctl` in `bin_dir` that runs the stand-in (`flysim/flyctl.py`) with
-    this Python: builds are simulated and deploys drive the emulator. It is not flyctl."""
+    this Python and this copy of the code: builds are simulated and deploys drive the
+    emulator. It is not flyctl."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / "flyctl"
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m flysim.flyctl "$@"\n')
+    root = Path(__file__).resolve().parent.parent
+    path.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{root}${{PYTHONPATH:+:$PYTHONPATH}}" '
+        f'exec "{sys.executable}" -m flysim.flyctl "$@"\n'
+    )
     path.chmod(0o755)
     return path
 

@@ -92,7 +92,13 @@ def _amend(document: dict[str, Any]) -> None:
     for name, prop in (volume.get("properties") or {}).items():
         if name in required or not isinstance(prop, dict):
             continue
-        if isinstance(prop.get("type"), str):
+        if str(document.get("openapi", "")).startswith("3.0"):  # no "null" type before 3.1
+            volume["properties"][name] = (
+                {"allOf": [{"$ref": prop["$ref"]}], "nullable": True}
+                if "$ref" in prop
+                else {**prop, "nullable": True}
+            )
+        elif isinstance(prop.get("type"), str):
             prop["type"] = [prop["type"], "null"]
         elif "$ref" in prop:
             volume["properties"][name] = {"anyOf": [{"$ref": prop.pop("$ref")}, {"type": "null"}]}

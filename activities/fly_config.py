@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from typing import Any
 
 from pydantic import Field
 from temporalio import activity
 
-from activities._errors import FLY_TOML_ERROR
+from activities._errors import BLUE_GREEN_WITH_VOLUMES, FLY_TOML_ERROR, UNSUPPORTED_STRATEGY
 from activities._git_credentials import GitCredentials
 from core import dockerfile, flytoml, gitrepo
-from core.models import Model
+from core.models import Model, Strategy
 from core.settings import Settings
 
 FLY_TOML = "fly.toml"
@@ -33,6 +34,8 @@ class PrepareConfigInput(Model):
     branch: str
     region: str
     env: dict[str, str] = Field(default_factory=dict)
+    # How the release will be rolled out: some strategies cannot carry a volume.
+    strategy: Strategy = Strategy.ROLLING
 
 
 class PrepareConfigResult(Model):
@@ -77,7 +80,8 @@ class FlyConfigActivities:
             )
             # A file the rollout cannot turn into a machine config fails here, before
             # anything is committed or created.
-            flytoml.machine_config(rendered, image=_PROBE_IMAGE, metadata={})
+            probe = flytoml.machine_config(rendered, image=_PROBE_IMAGE, metadata={})
+            _refuse_strategy_with_mounts(input, probe)
             changed: list[str] = []
             if rendered != existing:
                 gitrepo.write_file(clone, FLY_TOML, rendered)
@@ -127,6 +131,23 @@ class FlyConfigActivities:
                 merged_existing=existing is not None,
                 dockerfile_generated=generate,
             )
+
+
+def _refuse_strategy_with_mounts(input: PrepareConfigInput, config: dict[str, Any]) -> None:
+    """A volume is attached to one machine: a canary or a green machine beside the one
+    that holds it would start without it (flyctl refuses canary with mounts too)."""
+    if not config.get("mounts"):
+        return
+    if input.strategy is Strategy.CANARY:
+        raise UNSUPPORTED_STRATEGY(
+            f"Canary deploy of {input.app_name} is not possible: fly.toml has [mounts], and a "
+            "canary machine cannot share the volume; use the rolling or immediate strategy"
+        )
+    if input.strategy is Strategy.BLUEGREEN:
+        raise BLUE_GREEN_WITH_VOLUMES(
+            f"Blue-green deploy of {input.app_name} is not possible: fly.toml has [mounts], "
+            "and a green machine cannot share the blue one's volume; use the rolling strategy"
+        )
 
 
 def _commit_message(input: PrepareConfigInput, paths: list[str]) -> str:

@@ -355,6 +355,30 @@ async def test_a_fly_toml_that_cannot_become_a_machine_config_is_refused_before_
     assert remote.tip() == before
 
 
+@pytest.mark.parametrize(
+    ("strategy", "error_type"),
+    [("canary", "UnsupportedStrategy"), ("bluegreen", "BlueGreenWithVolumes")],
+)
+async def test_a_strategy_that_cannot_carry_a_volume_is_refused_before_commit(
+    tmp_path: Path, activities: FlyConfigActivities, strategy: str, error_type: str
+) -> None:
+    # One volume per machine: a canary or green machine beside it would start without it.
+    text = '[[mounts]]\nsource = "data"\ndestination = "/data"\n'
+    remote = make_remote(tmp_path, {**NITRO_TREE, "fly.toml": text})
+    before = remote.tip()
+
+    with pytest.raises(ApplicationError) as caught:
+        await run(activities, config_input(remote, strategy=strategy))
+
+    assert caught.value.type == error_type
+    assert caught.value.non_retryable is True
+    assert "[mounts]" in caught.value.message
+    assert remote.tip() == before
+    # The same file deploys with the rolling strategy.
+    result = await run(activities, config_input(remote, strategy="rolling"))
+    assert result.committed
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]

@@ -353,6 +353,7 @@ class DeploySaga:
                 branch=request.branch,
                 region=request.region,
                 env=request.env,
+                strategy=request.strategy,
             ),
             policies.fly_config(timings),
             f"Commit fly.toml to {request.repo_url}@{request.branch}",

@@ -51,6 +51,9 @@ def test_demo_deploys_the_example_and_leaves_no_token_behind(tmp_path: Path) -> 
     assert outcome["url"].endswith("/_apps/turbobackend-nitro-hello")
     assert outcome["machine_ids"]
     assert "URL:" in proc.stdout and "Temporal UI:" in proc.stdout
+    # The row the deploy recorded, as PostgreSQL holds it.
+    assert "recorded row:" in proc.stdout
+    assert '"status": "deployed"' in proc.stdout
     # What is gone and what stays, said when it returns; and nothing left running.
     assert "the URL and the Temporal UI link above no longer answer" in proc.stdout
     assert f"Kept under {state_dir.resolve()}" in proc.stdout

@@ -154,7 +154,7 @@ async def _deploy(stack: LocalStack, request: DeployRequest, repo: str) -> dict[
 
         pool = await create_pool(settings.database_url, 1, 1)
         try:
-            row = await DeploymentStore(pool, settings.db_schema).get(request.deployment_id)
+            row = await DeploymentStore(pool, settings.db_schema).get(handle.deployment_id)
         finally:
             await pool.close()
     console.print()

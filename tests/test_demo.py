@@ -117,11 +117,13 @@ def test_demo_keep_prints_commands_that_work_and_ctrl_c_stops_everything(tmp_pat
                 commands.append(line.strip())
             assert any(" status nitro-hello" in c for c in commands)
             assert any(" workflow list --address " in c for c in commands)
-            # Every command as printed, in a shell that ran the printed export lines.
+            # Every command as printed, in a shell that ran the printed export lines and
+            # has nothing else of the stack's: no AWS credentials of its own either.
+            shell_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
             for command in commands:
                 done = subprocess.run(
                     ["bash", "-c", "\n".join([*exports, command])],
-                    capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+                    capture_output=True, text=True, timeout=60, env=shell_env, cwd=tmp_path,
                 )  # fmt: skip
                 assert done.returncode == 0, (command, done.stdout, done.stderr)
                 if " status " in command or " workflow list " in command:

@@ -466,6 +466,8 @@ def app_command(project_id: str, as_json: bool) -> None:
     app = app_name_for(project_id)
 
     async def show() -> None:
+        from temporalio.exceptions import ApplicationError
+
         from flyapi import FlyError
         from turbodeploy.flyview import app_status, fly_client
 
@@ -474,6 +476,8 @@ def app_command(project_id: str, as_json: bool) -> None:
                 view = await app_status(fly, app, settings.app_url(app))
         except FlyError as exc:
             _fail(f"cannot read Fly app {app}: {exc}")
+        except ApplicationError as exc:  # the token could not be read from SSM
+            _fail(f"cannot read Fly app {app}: {exc.message}")
         if _json_output:
             _print_json({**view.model_dump(mode="json"), "healthy": view.healthy})
             return
@@ -541,6 +545,8 @@ def logs(
     app = app_name_for(project_id)
 
     async def read() -> None:
+        from temporalio.exceptions import ApplicationError
+
         from flyapi import FlyError
         from turbodeploy.flyview import fly_client, read_logs
 
@@ -559,6 +565,8 @@ def logs(
                         )
         except FlyError as exc:
             _fail(f"cannot read the logs of Fly app {app}: {exc}")
+        except ApplicationError as exc:  # the token could not be read from SSM
+            _fail(f"cannot read the logs of Fly app {app}: {exc.message}")
 
     async def until_interrupted() -> None:
         # Ctrl-C is how --follow ends: stop polling and exit 0, mid-wait or mid-request.

@@ -393,6 +393,9 @@ def environment(settings: Settings) -> dict[str, str]:
         "TURBODEPLOY_DB_SCHEMA": settings.db_schema,
         "AWS_ENDPOINT_URL": settings.aws_endpoint_url or "",
         "AWS_REGION": settings.aws_region,
+        # moto's placeholders (it accepts any): boto3 refuses to sign without credentials.
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "TURBODEPLOY_FLY_API_BASE_URL": settings.fly_api_base_url,
         "TURBODEPLOY_APP_URL_TEMPLATE": settings.app_url_template,
         "TEMPORAL_ADDRESS": settings.temporal_address,  # read by the `temporal` CLI

@@ -82,6 +82,14 @@ class RolloutProgress(BaseModel):
     leases: dict[str, str] = Field(default_factory=dict)
 
 
+class MachineChanged(Exception):
+    """A guarded update was refused: the machine changed since it was read."""
+
+    def __init__(self, current: Machine) -> None:
+        super().__init__(f"machine {current.id} is now at version {current.version}")
+        self.current = current
+
+
 class MachineSession:
     """One activity attempt's work on one app's machines: the leases it holds, its
     heartbeats and its progress."""
@@ -409,12 +417,20 @@ class MachineSession:
         return machine
 
     async def update(
-        self, machine: Machine, config: Mapping[str, Any], *, skip_launch: bool
+        self,
+        machine: Machine,
+        config: Mapping[str, Any],
+        *,
+        skip_launch: bool,
+        guarded: bool = False,
     ) -> Machine:
+        """Update the machine to `config`. `guarded`: only if it is still at the version
+        read (`machine.version`); when it is not, `MachineChanged` carries it as it is."""
         self.set_progress(machine.id, "updating machine")
-        updated = await self.call(
-            f"Update machine {machine.id} of Fly app {self.app}",
-            self.fly.update_machine(
+        action = f"Update machine {machine.id} of Fly app {self.app}"
+        current_version = machine.version if guarded else None
+        try:
+            updated = await self.fly.update_machine(
                 self.app,
                 machine.id,
                 config,
@@ -422,8 +438,18 @@ class MachineSession:
                 nonce=self.leases.get(machine.id),
                 skip_launch=skip_launch,
                 min_secrets_version=self.min_secrets_version,
-            ),
-        )
+                current_version=current_version,
+            )
+        except FlyAPIError as exc:
+            if current_version is None or exc.status_code != 409:
+                raise to_application_error(exc, action=action) from None
+            # A version mismatch, or a lease conflict: the machine as it is now tells which.
+            current = await self._read_machine(machine, f"machine {machine.id} of {self.app}")
+            if current.version != current_version and not current.gone:
+                raise MachineChanged(current) from None
+            raise to_application_error(exc, action=action) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
         if skip_launch and updated.state not in ASLEEP_STATES:
             # Some servers answer with the pre-update state; what counts is that we did
             # not ask for a start.

@@ -390,12 +390,16 @@ class FlyClient:
         nonce: str | None,
         skip_launch: bool = False,
         min_secrets_version: int | None = None,
+        current_version: str | None = None,
     ) -> Machine:
         """Replace the machine's config whole; the result carries the new `version`.
 
         With `min_secrets_version` the machine boots with the app's secrets of that
-        version or later."""
+        version or later. With `current_version` the update is refused (409) when the
+        machine is no longer at that version: nothing changed since it was read."""
         body: dict[str, Any] = {"config": dict(config)}
+        if current_version:
+            body["current_version"] = current_version
         if min_secrets_version is not None:
             body["min_secrets_version"] = int(min_secrets_version)
         if region:

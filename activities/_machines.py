@@ -7,6 +7,7 @@ a later attempt adopt what an earlier one did.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
 import itertools
@@ -110,7 +111,7 @@ class MachineSession:
         self.timings = timings
         # When checks are expected to pass after a start: the last release's, then what
         # this session's own machines showed.
-        self.checks_hint = checks_hint
+        self.checks_hint = checks_hint if checks_hint is not None else RECENT_CHECKS.typical()
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
         # A refresh is not sent while a release is (or the other way round): a refresh
@@ -556,6 +557,7 @@ class MachineSession:
                     window.passing_at,
                 )
                 self.checks_hint = window
+                RECENT_CHECKS.observe(window)
                 return window
             failing_until = sent
             if time.monotonic() >= deadline:
@@ -703,6 +705,36 @@ class CheckPace:
             # send time is a little later; kept, it would creep up deploy after deploy.
             return min(sent, self._hint.passing_at)
         return sent
+
+
+class RecentChecks:
+    """When checks passed after a start on the machines this worker saw lately, across
+    projects: where a deploy with no history of its own (a first deploy) reads first.
+
+    Only windows that saw the checks fail, then pass, are kept (a first read that passes
+    says only "by then", and would keep a late guess alive); each for `keep` seconds.
+    """
+
+    def __init__(self, size: int = 20, keep: float = 600.0) -> None:
+        self._windows: collections.deque[tuple[float, CheckWindow]] = collections.deque(
+            maxlen=size
+        )
+        self._keep = keep
+
+    def observe(self, window: CheckWindow) -> None:
+        if window.failing_until > 0:
+            self._windows.append((time.monotonic(), window))
+
+    def typical(self) -> CheckWindow | None:
+        since = time.monotonic() - self._keep
+        windows = sorted((w for at, w in self._windows if at >= since), key=lambda w: w.passing_at)
+        return windows[(len(windows) - 1) // 2] if windows else None
+
+    def clear(self) -> None:
+        self._windows.clear()
+
+
+RECENT_CHECKS = RecentChecks()
 
 
 def _lease_held(result: object) -> bool:

@@ -257,6 +257,11 @@ class Benchmark:
         o = self.o
         walls: dict[tuple[Strategy, int], float] = {}
         requests: dict[tuple[Strategy, int], int] = {}
+        # The worker has deployed other projects under the same conditions, as a platform's
+        # worker always has: what it saw of their checks is where a first deploy reads first.
+        self.stack.emulator.set_timing(o.api_latency, o.start_delay, o.healthy_after)
+        warm = self._request(self.stack.new_repos(1)[0], strategy=Strategy.ROLLING)
+        _require(await self._deploy(warm), "the realistic warm-up deploy")
         for strategy in (Strategy.IMMEDIATE, Strategy.ROLLING):
             for machines in sorted({1, o.machines}):
                 case = (strategy, machines)
@@ -294,6 +299,24 @@ class Benchmark:
                 f"{walls[many]:.2f} s vs {walls[one]:.2f} s",
             )
         self._requests_rows(requests, walls)
+        self._flyctl_rows()
+
+    def _flyctl_rows(self) -> None:
+        """Requests of each deploy against flyctl's for the same deploy (FLY-DEPLOY-NOTES.md),
+        lease refreshes apart on both sides (their number follows the rollout's duration)."""
+        for key, by_route in self.report.requests.items():
+            kind, strategy, machines = _request_key(key)
+            flyctl = _flyctl_requests(kind, strategy, machines)
+            total = sum(by_route.values())
+            refreshes = _refreshes(by_route, kind, machines)
+            self.report.ratio(
+                f"Fly API requests, {kind} {strategy}, {machines} machine(s) ÷ flyctl's",
+                (total - refreshes) / flyctl,
+                "≤ 1.0",
+                1.0,
+                f"{total - refreshes} requests ({refreshes} lease refreshes apart) vs "
+                f"flyctl {flyctl}",
+            )
 
     def _requests_rows(
         self,
@@ -356,7 +379,9 @@ class Benchmark:
         sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
         repo = self.stack.new_repos(1)[0]
         first = self._request(repo, machine_count=machines, strategy=strategy)
+        before = sim.counters()
         _require(await self._deploy(first), f"the first {strategy} deploy")
+        self.report.requests[f"first/{strategy}/{machines}"] = _routes(before, sim.counters())
         again = DeployRequest.model_validate(
             {
                 **first.model_dump(exclude={"deployment_id"}),
@@ -370,11 +395,7 @@ class Benchmark:
         sim.set_timing(0, 0, 0)
         if not timed.ok:
             return None, 0, {}
-        routes = {
-            route: n - before["by_route"].get(route, 0)
-            for route, n in after["by_route"].items()
-            if n - before["by_route"].get(route, 0)
-        }
+        routes = _routes(before, after)
         return timed.seconds, after["total_requests"] - before["total_requests"], routes
 
     def _critical_path(self, strategy: Strategy, machines: int) -> float:
@@ -552,6 +573,48 @@ class Benchmark:
             f"{'deployed' if timed.ok else 'failed'} in {timed.seconds:.1f} s",
             unit=" s",
         )
+
+
+_LEASE_ROUTE = "POST /v1/apps/{app_name}/machines/{machine_id}/lease"
+
+
+def _routes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """Fly API requests by route between two readings of the emulator's counters."""
+    return {
+        route: n - before["by_route"].get(route, 0)
+        for route, n in after["by_route"].items()
+        if n - before["by_route"].get(route, 0)
+    }
+
+
+def _request_key(key: str) -> tuple[str, Strategy, int]:
+    """`first/rolling/10` or `rolling/10` (a redeploy) -> (kind, strategy, machines)."""
+    parts = key.split("/")
+    kind = "first deploy" if parts[0] == "first" else "redeploy"
+    return kind, Strategy(parts[-2]), int(parts[-1])
+
+
+def _flyctl_requests(kind: str, strategy: Strategy, machines: int) -> int:
+    """flyctl's requests for the same deploy, from FLY-DEPLOY-NOTES.md (lower bounds: one
+    wait and one health read per machine).
+
+    First deploy: the app looked up, created and looked up again, the IPs listed and two
+    allocated (6), then per machine a create (which leases), a wait, a health read and a
+    release; immediate does not wait (a create and a release). Redeploy: one listing,
+    then per machine a lease, an update, a wait, a health read and a release; immediate a
+    lease, an update and a release.
+    """
+    rolling = strategy is not Strategy.IMMEDIATE
+    if kind == "first deploy":
+        return 6 + (4 if rolling else 2) * machines
+    return 1 + (5 if rolling else 3) * machines
+
+
+def _refreshes(by_route: dict[str, int], kind: str, machines: int) -> int:
+    """Lease requests beyond the ones that take a lease: the refreshes (a create asks for
+    its lease itself)."""
+    taken = 0 if kind == "first deploy" else machines
+    return max(by_route.get(_LEASE_ROUTE, 0) - taken, 0)
 
 
 def _lease_requests(state: dict[str, Any]) -> int:

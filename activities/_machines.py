@@ -716,9 +716,7 @@ class RecentChecks:
     """
 
     def __init__(self, size: int = 20, keep: float = 600.0) -> None:
-        self._windows: collections.deque[tuple[float, CheckWindow]] = collections.deque(
-            maxlen=size
-        )
+        self._windows: collections.deque[tuple[float, CheckWindow]] = collections.deque(maxlen=size)
         self._keep = keep
 
     def observe(self, window: CheckWindow) -> None:

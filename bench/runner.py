@@ -11,6 +11,7 @@ import asyncio
 import functools
 import math
 import os
+import shutil
 import statistics
 import time
 import uuid
@@ -18,12 +19,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
-from bench.stack import Stack, machine_cpu, sampled_peak
+from bench.stack import Stack, big_repository, machine_cpu, sampled_peak
 from core.models import DeployRequest, DeployTimings, Strategy, app_name_for
 from turbodeploy.client import start_deploy
 
@@ -47,6 +49,11 @@ class Options:
     healthy_after: float = 3.0
     max_unavailable: float = 0.33
     crash_machines: int = 3
+    # The big repository of the git phase: small files, and large blobs of `big_blob_mb`.
+    big_files: int = 20_000
+    big_blobs: int = 6
+    big_blob_mb: int = 25
+    git_runs: int = 3
 
 
 @dataclass
@@ -410,6 +417,47 @@ class Benchmark:
             batches = 1 + math.ceil((machines - 1) / size)
         return 4 * o.api_latency + batches * (o.api_latency + o.start_delay + o.healthy_after)
 
+    async def git(self) -> None:
+        """A deploy's git time on a large generated repository against the example project's,
+        both served through git's own transport (`file://`, upload-pack, as from GitHub)."""
+        o = self.o
+        self.stack.emulator.set_timing(0, 0, 0)
+        repos = self.stack.state_dir / "repos"
+        built = time.perf_counter()
+        size = await asyncio.to_thread(
+            big_repository,
+            self.stack.template_repo,
+            repos / "big-template.git",
+            files=o.big_files,
+            large=o.big_blobs,
+            large_mb=o.big_blob_mb,
+        )
+        built = time.perf_counter() - built
+        times: dict[str, list[float]] = {"example": [], "big": []}
+        for _ in range(o.git_runs):
+            # Alternated, fresh repositories each (a deploy commits fly.toml to its own).
+            for kind, template in (
+                ("example", self.stack.template_repo),
+                ("big", repos / "big-template.git"),
+            ):
+                dest = repos / f"git-{kind}-{uuid.uuid4().hex[:6]}.git"
+                await asyncio.to_thread(shutil.copytree, template, dest)
+                run = await self._deploy(self._request(f"file://{dest}"))
+                _require(run, f"the deploy of the {kind} repository")
+                times[kind].append((await _step_times(run.handle))["prepare_fly_config"])
+        example, big = (statistics.median(times[k]) for k in ("example", "big"))
+        full = await _full_clone_seconds(repos / "big-template.git")
+        self.report.ratio(
+            "git time of a deploy: ~200 MB repository ÷ example project",
+            big / example,
+            "≤ 1.2",
+            1.2,
+            f"{big * 1000:.0f} ms vs {example * 1000:.0f} ms (medians of {o.git_runs}); "
+            f"{size / 1e6:.0f} MB on disk, {o.big_files} files and {o.big_blobs} blobs of "
+            f"{o.big_blob_mb} MiB (generated in {built:.0f} s); a full depth-1 clone of it "
+            f"alone takes {full * 1000:.0f} ms",
+        )
+
     async def in_flight(self) -> None:
         """`in_flight` deploys open at once against the realistic emulator: worker memory
         and CPU per deploy."""
@@ -615,6 +663,20 @@ def _refreshes(by_route: dict[str, int], kind: str, machines: int) -> int:
     its lease itself)."""
     taken = 0 if kind == "first deploy" else machines
     return max(by_route.get(_LEASE_ROUTE, 0) - taken, 0)
+
+
+async def _full_clone_seconds(repo: Path) -> float:
+    """What a depth-1 clone with every blob (as deploys cloned before) takes of `repo`."""
+    dest = repo.with_name(f"full-{uuid.uuid4().hex[:6]}.git")
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "git", "clone", "--quiet", "--bare", "--depth=1", "--single-branch", "--no-tags",
+        f"file://{repo}", str(dest),
+    )  # fmt: skip
+    await proc.wait()
+    elapsed = time.perf_counter() - started
+    await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+    return elapsed
 
 
 def _lease_requests(state: dict[str, Any]) -> int:

@@ -231,6 +231,45 @@ class Stack:
         return paths
 
 
+def big_repository(template: Path, dest: Path, *, files: int, large: int, large_mb: int) -> int:
+    """A bare copy of `template` with one more commit: `files` small files (2 KiB each, in
+    directories of 500) and `large` blobs of `large_mb` MiB each, random, so nothing packs
+    away. Written with `git fast-import` (no work tree). Returns its size on disk, bytes."""
+    shutil.copytree(template, dest)
+    proc = subprocess.Popen(
+        ["git", "-C", str(dest), "-c", "core.compression=1", "fast-import", "--quiet"],
+        stdin=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    out = proc.stdin
+
+    def blob(mark: int, data: bytes) -> None:
+        out.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(data)))
+        out.write(data)
+        out.write(b"\n")
+
+    paths: list[tuple[int, str]] = []
+    for i in range(files):
+        blob(i + 1, os.urandom(1024).hex().encode())
+        paths.append((i + 1, f"src/part{i // 500}/module{i}.ts"))
+    for j in range(large):
+        mark = files + j + 1
+        blob(mark, os.urandom(large_mb << 20))
+        paths.append((mark, f"assets/blob{j}.bin"))
+    message = b"generated: many files and some large blobs"
+    out.write(b"commit refs/heads/main\n")
+    out.write(b"committer bench <bench@localhost> %d +0000\n" % int(time.time()))
+    out.write(b"data %d\n%s\n" % (len(message), message))
+    out.write(b"from refs/heads/main^0\n")
+    for mark, path in paths:
+        out.write(b"M 100644 :%d %s\n" % (mark, path.encode()))
+    out.write(b"\n")
+    out.close()
+    if proc.wait() != 0:
+        raise RuntimeError("git fast-import failed")
+    return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
     state_dir: Path,

@@ -15,6 +15,7 @@ import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
@@ -50,6 +51,12 @@ async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await temporal.connect(settings, runtime=runtime)
 
 
+def _work_key() -> str | None:
+    """The work a Fly API request belongs to, for the rate limiter's order: the workflow
+    (one project's deploys) of the activity sending it."""
+    return activity.info().workflow_id if activity.in_activity() else None
+
+
 @contextlib.asynccontextmanager
 async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
     """A worker with every workflow and activity of the service, and their dependencies."""
@@ -66,7 +73,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         credentials.fly_token,
         timeout=settings.fly_api_timeout_seconds,
         rate_limiter=(
-            RateLimiter(settings.fly_api_rate, settings.fly_api_burst)
+            RateLimiter(settings.fly_api_rate, settings.fly_api_burst, key=_work_key)
             if settings.fly_api_rate > 0
             else None
         ),

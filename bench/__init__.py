@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--big-blobs", type=int, default=d.big_blobs, help="git phase: large blobs")
     p.add_argument("--big-blob-mb", type=int, default=d.big_blob_mb, help="git phase: MiB each")
     p.add_argument("--git-runs", type=int, default=d.git_runs, help="git phase: deploys each")
+    p.add_argument("--mass", type=int, default=d.mass, help="projects redeployed at once")
     p.add_argument(
         "--only", action="append", choices=_PHASES, help="run only these phases (repeatable)"
     )
@@ -122,6 +123,7 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         big_blobs=args.big_blobs,
         big_blob_mb=args.big_blob_mb,
         git_runs=args.git_runs,
+        mass=args.mass,
     )
     phases = args.only or list(_PHASES)
     report = Report(machine=_machine())

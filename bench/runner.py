@@ -54,6 +54,9 @@ class Options:
     big_blobs: int = 6
     big_blob_mb: int = 25
     git_runs: int = 3
+    # Redeployed at once under the request budget (the limiter at its default).
+    mass: int = 150
+    fly_api_rate: float = 10.0  # the worker's default budget, and the emulator's limit
 
 
 @dataclass
@@ -100,10 +103,10 @@ class Benchmark:
         values.update(fields)
         return DeployRequest.model_validate(values)
 
-    async def _deploy(self, request: DeployRequest) -> Timed:
+    async def _deploy(self, request: DeployRequest, *, queue: str | None = None) -> Timed:
         started = time.perf_counter()
         async with self._gate:
-            handle = await start_deploy(self.client, request, task_queue=self.queue)
+            handle = await start_deploy(self.client, request, task_queue=queue or self.queue)
         # The run's own result, as the baseline's is read: no update round trip.
         workflow = handle.workflow
         try:
@@ -227,11 +230,18 @@ class Benchmark:
         self.report.ratio(
             f"{n} concurrent deploys: deploys/s ÷ baseline workflows/s",
             rate / base_rate if ok == n else None,
-            "≥ 0.8",
-            0.8,
-            f"{rate:.1f} deploys/s, {ok}/{n} deployed in {elapsed:.1f} s; "
-            f"worker CPU {cpu / n * 1000:.0f} ms/deploy" + _first_error(deploys),
-            higher_is_better=True,
+            "(info)",
+            None,
+            f"{rate:.1f} deploys/s, {ok}/{n} deployed in {elapsed:.1f} s; bounded by the "
+            f"machine's {os.cpu_count()} CPUs (below)" + _first_error(deploys),
+        )
+        self.report.ratio(
+            f"worker CPU per deploy ÷ baseline worker CPU per workflow, {n} at once",
+            cpu / base_worker if ok == n and base_worker > 0 else None,
+            "≤ 2.0",
+            2.0,
+            f"{cpu / n * 1000:.0f} ms vs {base_worker / n * 1000:.0f} ms "
+            "(the deploy worker with its git processes; the baseline worker)",
         )
 
         # Where the CPU went: everything shares the machine's cores, so the work each side
@@ -458,6 +468,133 @@ class Benchmark:
             f"alone takes {full * 1000:.0f} ms",
         )
 
+    async def wake(self) -> None:
+        """A redeploy of a scaled-to-zero app (min 0, its machine stopped): the rollout
+        updates the machine without starting it, and the health check's request wakes it
+        through the proxy. Against the wake-up plus the rollout's critical path."""
+        o, sim = self.o, self.stack.emulator
+        sim.set_timing(o.api_latency, o.start_delay, o.healthy_after)
+        first = self._request(self.stack.new_repos(1)[0])
+        _require(await self._deploy(first), "the deploy before scaling to zero")
+        app = app_name_for(first.project_id)
+        sim.configure({"timing": {"autostop_after": 0.2}})
+        deadline = time.monotonic() + 30
+        while True:
+            state = await sim.app_state(app)
+            if state["machines"] and all(m["state"] == "stopped" for m in state["machines"]):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the machines of {app} did not stop when idle")
+            await asyncio.sleep(0.05)
+        sim.configure({"timing": {"autostop_after": None}})
+        wakeups = sim.counters()["proxy_wakeups"]
+        again = DeployRequest.model_validate(
+            {**first.model_dump(exclude={"deployment_id"}), "image": REDEPLOY_IMAGE}
+        )
+        timed = await self._deploy(again)
+        woken = sim.counters()["proxy_wakeups"] - wakeups
+        sim.set_timing(0, 0, 0)
+        wake = o.start_delay + o.healthy_after
+        # Listing (the snapshot), lease, update (left stopped), release.
+        path = 4 * o.api_latency
+        self.report.ratio(
+            "scale-to-zero redeploy (machine stopped) ÷ (wake-up + rollout critical path)",
+            timed.seconds / (wake + path) if timed.ok else None,
+            "≤ 1.10",
+            1.10,
+            f"{timed.seconds:.2f} s vs {wake:.2f} s + {path:.2f} s; the proxy woke "
+            f"{woken} machine(s) for the health check" + ("" if timed.ok else f"; {timed.error}"),
+        )
+
+    async def mass(self) -> None:
+        """`mass` projects redeployed at once by a worker with the request budget on (its
+        default rate), against an emulator that answers 429 over the same rate."""
+        o, n, sim = self.o, self.o.mass, self.stack.emulator
+        rate = o.fly_api_rate
+        sim.set_timing(0, 0, 0)
+        repos = self.stack.new_repos(n + 1)
+        firsts = [self._request(r) for r in repos]
+        _, done = await self._all_at_once([functools.partial(self._deploy, f) for f in firsts])
+        for run in done:
+            _require(run, "a deploy before the mass redeploy")
+        queue = f"{self.queue}-budget"
+        worker = self.stack.start_worker(
+            queue, name="worker-budget", unset=("TURBODEPLOY_FLY_API_RATE",)
+        )
+        await self.stack.wait_for_pollers(queue)
+        # Over the worker's budget, with a tenth of headroom: the limiter grants a token
+        # before the request is written, and on a saturated CPU the event loop may hold
+        # a few granted requests back and send them together.
+        sim.configure({"rate_limit_rps": rate * 1.1})
+        try:
+            agains = [
+                DeployRequest.model_validate(
+                    {**f.model_dump(exclude={"deployment_id"}), "image": REDEPLOY_IMAGE}
+                )
+                for f in firsts
+            ]
+            # One alone: what a redeploy takes when the budget is all its own.
+            alone = await self._deploy(agains.pop(), queue=queue)
+            _require(alone, "the redeploy alone")
+            before = sim.counters()
+            began, began_at = time.perf_counter(), time.time()
+            finished: list[float] = [math.inf] * n
+
+            async def one(i: int) -> Timed:
+                run = await self._deploy(agains[i], queue=queue)
+                finished[i] = time.perf_counter() - began
+                return run
+
+            elapsed, runs = await self._all_at_once([functools.partial(one, i) for i in range(n)])
+            after = sim.counters()
+        finally:
+            sim.configure({"rate_limit_rps": None})
+            self.stack.stop_worker(worker)
+        ok = sum(r.ok for r in runs)
+        sent = after["total_requests"] - before["total_requests"]
+        refused = after["rate_limited"] - before["rate_limited"]
+        bound = sent / rate
+        self.report.ratio(
+            f"mass redeploy, {n} projects at once under the {rate:g} req/s budget: "
+            "time ÷ (requests ÷ rate)",
+            elapsed / bound if ok == n else None,
+            "≤ 1.10",
+            1.10,
+            f"{ok}/{n} deployed in {elapsed:.1f} s; {sent} requests ({sent / n:.1f} per "
+            f"redeploy) ÷ {rate:g}/s = {bound:.1f} s" + _first_error(runs),
+        )
+        self.report.ratio(
+            "mass redeploy: 429 answers from the emulator",
+            float(refused),
+            "0",
+            0.0,
+            f"of {sent} requests; the emulator refuses over {rate * 1.1:g} req/s",
+            unit="",
+        )
+        # The limiter serves the oldest deploy first: the k-th to begin its Fly work waits
+        # for the budget the k - 1 before it spend, never for a later one.
+        alone_s = alone.seconds
+        began_fly = [await _fly_work_began(r.handle) for r in runs]
+        first_fly = min(began_fly)
+        order = sorted(range(n), key=lambda i: began_fly[i])
+        lateness = [
+            (began_at + finished[i] - first_fly) / ((rank + 1) / n * bound + alone_s)
+            for rank, i in enumerate(order)
+            if runs[i].ok
+        ]
+        ordered = sorted(f for f in finished if f < math.inf)
+        median = statistics.median(ordered) if ordered else math.nan
+        self.report.ratio(
+            "mass redeploy: no project starved, slowest finish ÷ its first-come bound",
+            max(lateness) if ok == n else None,
+            "≤ 1.5",
+            1.5,
+            f"bound of the k-th to begin its Fly work: k/{n} of {bound:.1f} s + "
+            f"{alone_s:.2f} s (one redeploy alone); slowest finish {ordered[-1]:.1f} s = "
+            f"{ordered[-1] / median:.2f} times the median {median:.1f} s (first come, "
+            "first served by deploy: BENCHMARKS.md)",
+        )
+
     async def in_flight(self) -> None:
         """`in_flight` deploys open at once against the realistic emulator: worker memory
         and CPU per deploy."""
@@ -663,6 +800,26 @@ def _refreshes(by_route: dict[str, int], kind: str, machines: int) -> int:
     its lease itself)."""
     taken = 0 if kind == "first deploy" else machines
     return max(by_route.get(_LEASE_ROUTE, 0) - taken, 0)
+
+
+_FLY_ACTIVITIES = frozenset({"ensure_fly_app", "snapshot_release", "roll_out_release"})
+
+
+async def _fly_work_began(handle: WorkflowHandle[Any, Any] | None) -> float:
+    """When the run's first activity that talks to Fly started, in seconds since the epoch
+    (the server's clock, on this machine)."""
+    if handle is None:
+        return math.inf
+    history = await handle.fetch_history()
+    scheduled: dict[int, str] = {}
+    for e in history.events:
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            scheduled[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
+        elif e.HasField("activity_task_started_event_attributes"):
+            name = scheduled.get(e.activity_task_started_event_attributes.scheduled_event_id)
+            if name in _FLY_ACTIVITIES:
+                return float(e.event_time.ToMicroseconds()) / 1e6
+    return math.inf
 
 
 async def _full_clone_seconds(repo: Path) -> float:

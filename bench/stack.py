@@ -72,6 +72,10 @@ class Emulator:
         }
         self._control.post("/config", json={"timing": timing}).raise_for_status()
 
+    def configure(self, patch: dict[str, Any]) -> None:
+        """Any setting of `POST /_sim/config` (timing keys merge with the current ones)."""
+        self._control.post("/config", json=patch).raise_for_status()
+
     def counters(self) -> dict[str, Any]:
         state: dict[str, Any] = self._control.get("/state").json()
         return dict(state["counters"])
@@ -171,9 +175,18 @@ class Stack:
     _repo_count: int = 0
 
     def start_worker(
-        self, task_queue: str, *, baseline: bool = False, name: str = "worker"
+        self,
+        task_queue: str,
+        *,
+        baseline: bool = False,
+        name: str = "worker",
+        unset: tuple[str, ...] = (),
     ) -> WorkerProcess:
+        """`unset`: settings of the run's worker environment this worker goes without (it
+        takes their defaults)."""
         env = {**self.worker_env, "TURBODEPLOY_TASK_QUEUE": task_queue}
+        for setting in unset:
+            env.pop(setting, None)
         if baseline:
             # The deploy worker it copies its options from is built, never run, and must
             # not claim the baseline's queue.
@@ -192,6 +205,10 @@ class Stack:
         worker = WorkerProcess(process, log)
         self.workers.append(worker)
         return worker
+
+    def stop_worker(self, worker: WorkerProcess) -> None:
+        worker.stop()
+        self.workers.remove(worker)
 
     def kill_worker(self, worker: WorkerProcess) -> None:
         worker.kill()

@@ -702,7 +702,9 @@ class FlyClient:
         attempts = _GET_ATTEMPTS_ON_DROP if method == "GET" else 1
         for attempt in range(1, attempts + 1):
             if self._limiter is not None:
-                await self._limiter.acquire()
+                # A lease refresh or release goes first: a busy budget must not let a
+                # lease lapse, nor keep a machine leased longer than its work.
+                await self._limiter.acquire(urgent=bool(nonce) and path.endswith("/lease"))
             try:
                 # Only server-side waits read longer than the client's timeout.
                 http = self._waits if read_timeout is not None else self._http

@@ -92,6 +92,37 @@ class Emulator:
         self._log.close()
 
 
+class GitHost:
+    """`git daemon` serving the projects' repositories over git://, in its own process: the
+    remote's side of a clone or push (upload-pack, receive-pack) runs there, as it runs on
+    GitHub's machines, not among the worker's children."""
+
+    def __init__(self, root: Path, log_path: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = embedded.free_port()
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                "git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+                "--informative-errors", "--max-connections=0", "--listen=127.0.0.1",
+                f"--port={self.port}", f"--base-path={root}", str(root),
+            ],
+            env=_base_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        embedded.wait_for_port("127.0.0.1", self.port)
+
+    def url(self, repo: Path) -> str:
+        return f"git://127.0.0.1:{self.port}/{repo.relative_to(self.root)}"
+
+    def stop(self) -> None:
+        _stop_group(self.process)
+        self._log.close()
+
+
 # -------------------------------------------------------------------------------- workers
 
 
@@ -171,6 +202,7 @@ class Stack:
     logs_dir: Path
     worker_env: dict[str, str]
     template_repo: Path
+    git_host: GitHost
     workers: list[WorkerProcess] = field(default_factory=list)
     _repo_count: int = 0
 
@@ -236,15 +268,15 @@ class Stack:
             await asyncio.sleep(0.1)
 
     def new_repos(self, count: int) -> list[str]:
-        """`count` bare repositories of the example project, one per project: a deploy
-        commits fly.toml to its project's repository."""
+        """`count` bare repositories of the example project, one per project (a deploy
+        commits fly.toml to its project's repository), served by the git host."""
         repos_dir = self.state_dir / "repos"
         paths = []
         for _ in range(count):
             self._repo_count += 1
             dest = repos_dir / f"r{self._repo_count}.git"
             shutil.copytree(self.template_repo, dest)
-            paths.append(str(dest))
+            paths.append(self.git_host.url(dest))
         return paths
 
 
@@ -329,6 +361,8 @@ async def running_stack(
             stop.callback(emulator.stop)
             del token  # from here on only moto and the emulator hold it
             template = Path(publish_example("nitro-hello", state_dir / "template"))
+            git_host = GitHost(state_dir / "repos", logs / "git-daemon.log")
+            stop.callback(git_host.stop)
             stack = Stack(
                 client=client,
                 temporal_address=temporal_address,
@@ -347,6 +381,7 @@ async def running_stack(
                     extra=worker_env or {},
                 ),
                 template_repo=template,
+                git_host=git_host,
             )
             try:
                 yield stack

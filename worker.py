@@ -19,6 +19,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities._git_credentials import GitCredentials
 from activities._heartbeat import heartbeat_if_in_activity
@@ -124,6 +125,15 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 destroy.delete_secrets,
                 destroy.delete_app,
             ],
+            # The workflow modules (and the models and policies they import) are loaded once,
+            # not again in each run's sandbox: they hold no state a run could change, and
+            # running their top level for every new run was a tenth of the event loop's
+            # time with many deploys at once (BENCHMARKS.md).
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                    "workflows", "core", "activities"
+                )
+            ),
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,

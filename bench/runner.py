@@ -212,7 +212,8 @@ class Benchmark:
         base_elapsed, bases = await self._all_at_once([self._baseline for _ in range(n)])
         base_machine = machine_cpu() - machine
         base_worker = self.baseline_worker.usage().cpu - base_usage.cpu
-        repos = self.stack.new_repos(n)
+        # Served by the git host: the worker's CPU is its own side of git, as with GitHub.
+        repos = self.stack.new_repos(n, served=True)
         machine, usage = machine_cpu(), self.deploy_worker.usage()
         elapsed, deploys = await self._all_at_once(
             [functools.partial(self._deploy_repo, r) for r in repos]

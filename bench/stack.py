@@ -267,16 +267,17 @@ class Stack:
                 raise TimeoutError(f"no worker polls {task_queue} after {within:g}s")
             await asyncio.sleep(0.1)
 
-    def new_repos(self, count: int) -> list[str]:
+    def new_repos(self, count: int, *, served: bool = False) -> list[str]:
         """`count` bare repositories of the example project, one per project (a deploy
-        commits fly.toml to its project's repository), served by the git host."""
+        commits fly.toml to its project's repository): local paths, or `served` by the
+        git host (the remote's side of git then runs outside the worker's processes)."""
         repos_dir = self.state_dir / "repos"
         paths = []
         for _ in range(count):
             self._repo_count += 1
             dest = repos_dir / f"r{self._repo_count}.git"
             shutil.copytree(self.template_repo, dest)
-            paths.append(self.git_host.url(dest))
+            paths.append(self.git_host.url(dest) if served else str(dest))
         return paths
 
 
@@ -480,7 +481,7 @@ def profiled(pid: int, directory: Path | None, name: str) -> Iterator[None]:
         return
     directory.mkdir(parents=True, exist_ok=True)
     recorder = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--nonblocking",
          "--output", str(directory / f"{name}.txt")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

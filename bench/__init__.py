@@ -140,8 +140,10 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         first = () if set(phases) <= _STANDALONE else ("single",)
         for phase in (*first, *(p for p in _PHASES if p in phases and p != "single")):
             _say(f"bench: {phase} …")
+            phase_began = time.perf_counter()
             with profiled(bench.deploy_worker.pid, args.profile, phase):
                 await getattr(bench, phase)()
+            _say(f"bench: {phase} took {time.perf_counter() - phase_began:.0f} s")
     elapsed = time.perf_counter() - began
     report.ratio(
         "whole benchmark, services included (minutes)",

@@ -55,7 +55,7 @@ class Options:
     big_blob_mb: int = 25
     git_runs: int = 3
     # Redeployed at once under the request budget (the limiter at its default).
-    mass: int = 150
+    mass: int = 100
     fly_api_rate: float = 10.0  # the worker's default budget, and the emulator's limit
 
 

@@ -661,6 +661,8 @@ class Benchmark:
             [functools.partial(self._deploy_repo, r) for r in repos]
         )
         cpu = {name: w.usage().cpu - before[name] for name, w in workers.items()}
+        # Gone again: the phases after this one measure one deploy worker.
+        self.stack.stop_worker(second)
         ran: Counter[str] = Counter()
         for d in deploys:
             if d.handle is not None:

@@ -111,6 +111,8 @@ class MachineSession:
         self.timings = timings
         # When checks are expected to pass after a start: the last release's, then what
         # this session's own machines showed.
+        # A hint borrowed from other projects' machines, not this app's own.
+        self._borrowed = checks_hint is None
         self.checks_hint = checks_hint if checks_hint is not None else RECENT_CHECKS.typical()
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
@@ -490,10 +492,14 @@ class MachineSession:
 
     # --------------------------------------------------------------------------- waits
 
-    async def wait_healthy(self, machine: Machine, config: Mapping[str, Any]) -> CheckWindow | None:
+    async def wait_healthy(
+        self, machine: Machine, config: Mapping[str, Any], *, started_earlier: bool = False
+    ) -> CheckWindow | None:
         """Wait for this version of the machine to start, then for all its checks to pass.
 
-        Returns when the checks passed after the start (None without checks).
+        Returns when the checks passed after the start (None without checks, or when the
+        time is not known). `started_earlier`: the machine was updated by an earlier attempt,
+        so its start may lie long before this wait: its checks are read at once.
         """
         timeout = self.timings.machine_wait_timeout
         deadline = time.monotonic() + timeout.total_seconds()
@@ -532,8 +538,9 @@ class MachineSession:
             return None
         self.set_progress(machine.id, "waiting for health checks")
         started = time.monotonic()
+        hint = None if started_earlier else self.checks_hint
         pace = CheckPace(
-            self.checks_hint,
+            hint,
             interval=self.timings.machine_poll_interval.total_seconds(),
             near=self.timings.machine_poll_near_interval.total_seconds(),
         )
@@ -549,6 +556,18 @@ class MachineSession:
             self._fail_if_failed(machine, current, "it stopped running")
             if current.checks and all(c.passing for c in current.checks):
                 window = CheckWindow(failing_until=failing_until, passing_at=pace.observed(sent))
+                if started_earlier or (self._borrowed and hint is not None and not failing_until):
+                    # Says nothing of this app's boot: a machine started long before, or a
+                    # first read at another project's time that passed (the checks may have
+                    # passed much sooner). Not kept, so the app's next deploy does not read
+                    # this late again and again.
+                    activity.logger.info(
+                        "Machine %s of Fly app %s passes its %d check(s)",
+                        machine.id,
+                        self.app,
+                        len(current.checks),
+                    )
+                    return None
                 activity.logger.info(
                     "Machine %s of Fly app %s passes its %d check(s), %.1fs after its start",
                     machine.id,

@@ -406,7 +406,9 @@ class _Rollout:
         checks = None
         asleep = machine.state in ASLEEP_STATES
         if wait and not asleep:
-            checks = await self._s.wait_healthy(machine, machine.config or step.config)
+            checks = await self._s.wait_healthy(
+                machine, machine.config or step.config, started_earlier=step.kind == "keep"
+            )
         self._released[machine.id] = MachineSnapshot(
             machine_id=machine.id,
             region=machine.region or self._input.region,

@@ -986,3 +986,21 @@ async def test_rollout_from_the_snapshot_keeps_a_change_made_after_it(
     for machine_id, snap in released.items():
         assert snap.config == machines[machine_id].config
         assert snap.version == machines[machine_id].version
+
+
+def test_recent_checks_keep_only_windows_that_saw_a_failure() -> None:
+    """What a first deploy borrows from other projects: windows that saw checks fail, then
+    pass (a first read that passed says only "by then"), the median of them."""
+    from activities._machines import RecentChecks
+
+    recent = RecentChecks(size=5)
+    assert recent.typical() is None
+    recent.observe(CheckWindow(failing_until=0, passing_at=9.0))
+    assert recent.typical() is None
+    for at in (3.0, 2.0, 4.0):
+        recent.observe(CheckWindow(failing_until=at - 0.2, passing_at=at))
+    typical = recent.typical()
+    assert typical is not None and typical.passing_at == 3.0
+    stale = RecentChecks(keep=0.0)
+    stale.observe(CheckWindow(failing_until=1.0, passing_at=1.2))
+    assert stale.typical() is None

@@ -15,9 +15,11 @@ import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities._git_credentials import GitCredentials
 from activities._heartbeat import heartbeat_if_in_activity
@@ -50,6 +52,12 @@ async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await temporal.connect(settings, runtime=runtime)
 
 
+def _work_key() -> str | None:
+    """The work a Fly API request belongs to, for the rate limiter's order: the workflow
+    (one project's deploys) of the activity sending it."""
+    return activity.info().workflow_id if activity.in_activity() else None
+
+
 @contextlib.asynccontextmanager
 async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
     """A worker with every workflow and activity of the service, and their dependencies."""
@@ -66,7 +74,7 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         credentials.fly_token,
         timeout=settings.fly_api_timeout_seconds,
         rate_limiter=(
-            RateLimiter(settings.fly_api_rate, settings.fly_api_burst)
+            RateLimiter(settings.fly_api_rate, settings.fly_api_burst, key=_work_key)
             if settings.fly_api_rate > 0
             else None
         ),
@@ -117,6 +125,15 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 destroy.delete_secrets,
                 destroy.delete_app,
             ],
+            # The workflow modules (and the models and policies they import) are loaded once,
+            # not again in each run's sandbox: they hold no state a run could change, and
+            # running their top level for every new run was a tenth of the event loop's
+            # time with many deploys at once (BENCHMARKS.md).
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                    "workflows", "core", "activities"
+                )
+            ),
             max_concurrent_activities=settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,

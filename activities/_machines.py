@@ -7,6 +7,7 @@ a later attempt adopt what an earlier one did.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
 import itertools
@@ -82,6 +83,14 @@ class RolloutProgress(BaseModel):
     leases: dict[str, str] = Field(default_factory=dict)
 
 
+class MachineChanged(Exception):
+    """A guarded update was refused: the machine changed since it was read."""
+
+    def __init__(self, current: Machine) -> None:
+        super().__init__(f"machine {current.id} is now at version {current.version}")
+        self.current = current
+
+
 class MachineSession:
     """One activity attempt's work on one app's machines: the leases it holds, its
     heartbeats and its progress."""
@@ -102,7 +111,9 @@ class MachineSession:
         self.timings = timings
         # When checks are expected to pass after a start: the last release's, then what
         # this session's own machines showed.
-        self.checks_hint = checks_hint
+        # A hint borrowed from other projects' machines, not this app's own.
+        self._borrowed = checks_hint is None
+        self.checks_hint = checks_hint if checks_hint is not None else RECENT_CHECKS.typical()
         self.ttl = max(1, math.ceil(timings.lease_ttl.total_seconds()))
         self.leases: dict[str, str] = {}
         # A refresh is not sent while a release is (or the other way round): a refresh
@@ -409,12 +420,20 @@ class MachineSession:
         return machine
 
     async def update(
-        self, machine: Machine, config: Mapping[str, Any], *, skip_launch: bool
+        self,
+        machine: Machine,
+        config: Mapping[str, Any],
+        *,
+        skip_launch: bool,
+        guarded: bool = False,
     ) -> Machine:
+        """Update the machine to `config`. `guarded`: only if it is still at the version
+        read (`machine.version`); when it is not, `MachineChanged` carries it as it is."""
         self.set_progress(machine.id, "updating machine")
-        updated = await self.call(
-            f"Update machine {machine.id} of Fly app {self.app}",
-            self.fly.update_machine(
+        action = f"Update machine {machine.id} of Fly app {self.app}"
+        current_version = machine.version if guarded else None
+        try:
+            updated = await self.fly.update_machine(
                 self.app,
                 machine.id,
                 config,
@@ -422,8 +441,18 @@ class MachineSession:
                 nonce=self.leases.get(machine.id),
                 skip_launch=skip_launch,
                 min_secrets_version=self.min_secrets_version,
-            ),
-        )
+                current_version=current_version,
+            )
+        except FlyAPIError as exc:
+            if current_version is None or exc.status_code != 409:
+                raise to_application_error(exc, action=action) from None
+            # A version mismatch, or a lease conflict: the machine as it is now tells which.
+            current = await self._read_machine(machine, f"machine {machine.id} of {self.app}")
+            if current.version != current_version and not current.gone:
+                raise MachineChanged(current) from None
+            raise to_application_error(exc, action=action) from None
+        except FlyError as exc:
+            raise to_application_error(exc, action=action) from None
         if skip_launch and updated.state not in ASLEEP_STATES:
             # Some servers answer with the pre-update state; what counts is that we did
             # not ask for a start.
@@ -463,10 +492,14 @@ class MachineSession:
 
     # --------------------------------------------------------------------------- waits
 
-    async def wait_healthy(self, machine: Machine, config: Mapping[str, Any]) -> CheckWindow | None:
+    async def wait_healthy(
+        self, machine: Machine, config: Mapping[str, Any], *, started_earlier: bool = False
+    ) -> CheckWindow | None:
         """Wait for this version of the machine to start, then for all its checks to pass.
 
-        Returns when the checks passed after the start (None without checks).
+        Returns when the checks passed after the start (None without checks, or when the
+        time is not known). `started_earlier`: the machine was updated by an earlier attempt,
+        so its start may lie long before this wait: its checks are read at once.
         """
         timeout = self.timings.machine_wait_timeout
         deadline = time.monotonic() + timeout.total_seconds()
@@ -505,8 +538,9 @@ class MachineSession:
             return None
         self.set_progress(machine.id, "waiting for health checks")
         started = time.monotonic()
+        hint = None if started_earlier else self.checks_hint
         pace = CheckPace(
-            self.checks_hint,
+            hint,
             interval=self.timings.machine_poll_interval.total_seconds(),
             near=self.timings.machine_poll_near_interval.total_seconds(),
         )
@@ -522,6 +556,18 @@ class MachineSession:
             self._fail_if_failed(machine, current, "it stopped running")
             if current.checks and all(c.passing for c in current.checks):
                 window = CheckWindow(failing_until=failing_until, passing_at=pace.observed(sent))
+                if started_earlier or (self._borrowed and hint is not None and not failing_until):
+                    # Says nothing of this app's boot: a machine started long before, or a
+                    # first read at another project's time that passed (the checks may have
+                    # passed much sooner). Not kept, so the app's next deploy does not read
+                    # this late again and again.
+                    activity.logger.info(
+                        "Machine %s of Fly app %s passes its %d check(s)",
+                        machine.id,
+                        self.app,
+                        len(current.checks),
+                    )
+                    return None
                 activity.logger.info(
                     "Machine %s of Fly app %s passes its %d check(s), %.1fs after its start",
                     machine.id,
@@ -530,6 +576,7 @@ class MachineSession:
                     window.passing_at,
                 )
                 self.checks_hint = window
+                RECENT_CHECKS.observe(window)
                 return window
             failing_until = sent
             if time.monotonic() >= deadline:
@@ -677,6 +724,34 @@ class CheckPace:
             # send time is a little later; kept, it would creep up deploy after deploy.
             return min(sent, self._hint.passing_at)
         return sent
+
+
+class RecentChecks:
+    """When checks passed after a start on the machines this worker saw lately, across
+    projects: where a deploy with no history of its own (a first deploy) reads first.
+
+    Only windows that saw the checks fail, then pass, are kept (a first read that passes
+    says only "by then", and would keep a late guess alive); each for `keep` seconds.
+    """
+
+    def __init__(self, size: int = 20, keep: float = 600.0) -> None:
+        self._windows: collections.deque[tuple[float, CheckWindow]] = collections.deque(maxlen=size)
+        self._keep = keep
+
+    def observe(self, window: CheckWindow) -> None:
+        if window.failing_until > 0:
+            self._windows.append((time.monotonic(), window))
+
+    def typical(self) -> CheckWindow | None:
+        since = time.monotonic() - self._keep
+        windows = sorted((w for at, w in self._windows if at >= since), key=lambda w: w.passing_at)
+        return windows[(len(windows) - 1) // 2] if windows else None
+
+    def clear(self) -> None:
+        self._windows.clear()
+
+
+RECENT_CHECKS = RecentChecks()
 
 
 def _lease_held(result: object) -> bool:

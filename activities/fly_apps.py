@@ -62,7 +62,8 @@ class FlyAppActivities:
                 app = await self._wait_visible(input)
             _check_owner(app, input.org_slug)
             action = f"Allocate public IPs for Fly app {name}"
-            ips = await self._ensure_ips(name)
+            # An app this call created has none yet: nothing to list.
+            ips = await self._ensure_ips(name, known=[] if created else None)
         except FlyUnauthorized as exc:
             # The cached token is rejected: make the next attempt (or deploy) re-read it.
             self._credentials.invalidate()
@@ -117,8 +118,8 @@ class FlyAppActivities:
                 )
             await asyncio.sleep(timings.app_visible_poll.total_seconds())
 
-    async def _ensure_ips(self, app: str) -> list[str]:
-        assigned = await self._fly.list_ip_assignments(app)
+    async def _ensure_ips(self, app: str, known: list[IPAssignment] | None = None) -> list[str]:
+        assigned = known if known is not None else await self._fly.list_ip_assignments(app)
         # Checked per family so that an attempt that crashed between the two allocations
         # completes the pair instead of adding a third address.
         if not any(_is_v6(ip) for ip in assigned):

@@ -72,7 +72,12 @@ class FlyConfigActivities:
         auth = await self._git.auth_for(input.repo_url)
         beat.step("cloning")
         async with gitrepo.cloned(
-            input.repo_url, input.branch, work_dir=self._settings.work_dir or None, auth=auth
+            input.repo_url,
+            input.branch,
+            work_dir=self._settings.work_dir or None,
+            auth=auth,
+            # fly.toml is the only file whose content is read: none other is fetched.
+            read=[FLY_TOML],
         ) as clone:
             existing = gitrepo.read_file(clone, FLY_TOML)
             rendered = flytoml.render_fly_toml(

@@ -77,7 +77,7 @@ class ReleaseActivities:
         machines = await session.list_group()
         if machines is None:
             activity.logger.info("Fly app %s does not exist: empty snapshot", input.app_name)
-            return ReleaseSnapshot(app_name=input.app_name)
+            return ReleaseSnapshot(app_name=input.app_name, app_missing=True)
         return ReleaseSnapshot(
             app_name=input.app_name,
             machines=[
@@ -87,10 +87,12 @@ class ReleaseActivities:
                     state=m.state or "unknown",
                     instance_id=m.instance_id,
                     config=m.config,
+                    version=m.version,
                 )
                 for m in machines
                 if not m.metadata.get(CANARY_KEY)
             ],
+            canaries=[m.id for m in machines if m.metadata.get(CANARY_KEY)],
         )
 
     @activity.defn(name="restore_release")

@@ -50,6 +50,7 @@ from activities._machines import (
     RESTORED_BY_KEY,
     RESTORES_KEY,
     SLOT_KEY,
+    MachineChanged,
     MachineSession,
     all_or_first_error,
     deployer_version,
@@ -58,7 +59,15 @@ from activities._machines import (
 )
 from activities._volumes import VolumeAttacher
 from core.flytoml import machine_config, overlay_managed
-from core.models import CheckWindow, DeployTimings, MachineOutcome, Model, Strategy
+from core.models import (
+    CheckWindow,
+    DeployTimings,
+    MachineOutcome,
+    MachineSnapshot,
+    Model,
+    ReleaseSnapshot,
+    Strategy,
+)
 from flyapi import (
     FlyClient,
     FlyError,
@@ -89,11 +98,18 @@ class RolloutInput(Model):
     # The app's secrets version the secrets step left (None: this deploy set none): every
     # machine created or updated boots with those secrets or newer.
     min_secrets_version: int | None = None
+    # The machines as the snapshot before the rollout read them: a rolling or immediate
+    # rollout leases those instead of listing them again (each update is guarded by the
+    # version read, so a machine changed since is read again, not overwritten).
+    snapshot: ReleaseSnapshot | None = None
 
 
 class RolloutResult(Model):
     machines: list[MachineOutcome]
     image_digest: str | None = None
+    # The machines as released, from the rollout's own answers (rolling and immediate):
+    # the snapshot the next deploy or a rollback restores, without listing them again.
+    released: ReleaseSnapshot | None = None
 
     @property
     def machine_ids(self) -> list[str]:
@@ -139,6 +155,10 @@ class _Rollout:
         self._release_version = 1
         self._volumes = VolumeAttacher(self._s, input.fly_toml, PROCESS_GROUP)
         self._digests: dict[str, str | None] = {}
+        # Rolling and immediate rollouts update every machine with the version they read
+        # (`current_version`): the API refuses an update of a machine changed since.
+        self._guarded = input.strategy in (Strategy.ROLLING, Strategy.IMMEDIATE)
+        self._released: dict[str, MachineSnapshot] = {}
 
     async def run(self) -> RolloutResult:
         strategy, dep = self._input.strategy, self._deployment
@@ -155,16 +175,19 @@ class _Rollout:
                 "when the new machines may take the traffic"
             )
         async with self._s.running():
-            listed = await self._s.list_group() or []
+            listed = self._from_snapshot()
+            if listed is None:
+                listed = await self._s.list_group() or []
             self._release_version = release_version(listed, dep)
             canaries = [m for m in listed if m.metadata.get(CANARY_KEY)]
             regular = [m for m in listed if not m.metadata.get(CANARY_KEY)]
             if strategy is Strategy.BLUEGREEN:
                 _refuse_volumes(self._app, regular)
             await self._s.lease_all(listed)
-            if listed:
+            if listed and not self._guarded:
                 # Read again under the leases: a change made between the listing and the
-                # leases must survive the update.
+                # leases must survive the update. (Guarded updates need no second read:
+                # a machine changed since is refused, read and updated again.)
                 fresh = {m.id: m for m in await self._s.list_group() or []}
                 canaries = [fresh[m.id] for m in canaries if m.id in fresh]
                 regular = [fresh[m.id] for m in regular if m.id in fresh]
@@ -194,7 +217,42 @@ class _Rollout:
                         dep,
                     )
                 outcomes = await self._rolling(steps)
-        return RolloutResult(machines=outcomes, image_digest=_digest(outcomes, self._digests))
+        released = None
+        if self._guarded:
+            released = ReleaseSnapshot(
+                app_name=self._app, machines=[self._released[o.machine_id] for o in outcomes]
+            )
+        return RolloutResult(
+            machines=outcomes, image_digest=_digest(outcomes, self._digests), released=released
+        )
+
+    def _from_snapshot(self) -> list[Machine] | None:
+        """The machines of the snapshot taken just before, for a first attempt of a rolling
+        or immediate rollout; None when the group must be listed (a retry, whose earlier
+        attempt may have changed it, canaries to clean up, or versions not known)."""
+        snapshot = self._input.snapshot
+        if (
+            snapshot is None
+            or not self._guarded
+            or snapshot.app_missing
+            or snapshot.canaries
+            or activity.info().attempt != 1
+            or any(m.version is None for m in snapshot.machines)
+        ):
+            return None
+        return [
+            Machine.model_validate(
+                {
+                    "id": m.machine_id,
+                    "state": m.state,
+                    "region": m.region or None,
+                    "instance_id": m.instance_id,
+                    "version": m.version,
+                    "config": m.config,
+                }
+            )
+            for m in snapshot.machines
+        ]
 
     # ------------------------------------------------------------------------------ plan
 
@@ -308,10 +366,26 @@ class _Rollout:
         elif step.kind == "update":
             assert step.machine is not None
             previous = step.machine
-            asleep = previous.state in ASLEEP_STATES
-            machine = await self._s.update(
-                previous, _carried(previous.config, step.config), skip_launch=asleep
-            )
+            while True:
+                asleep = previous.state in ASLEEP_STATES
+                try:
+                    machine = await self._s.update(
+                        previous,
+                        _carried(previous.config, step.config),
+                        skip_launch=asleep,
+                        guarded=self._guarded,
+                    )
+                    break
+                except MachineChanged as changed:
+                    activity.logger.info(
+                        "Machine %s of Fly app %s changed since it was read (version %s, "
+                        "now %s): updating it from what it is now",
+                        previous.id,
+                        self._app,
+                        previous.version,
+                        changed.current.version,
+                    )
+                    previous = changed.current
             activity.logger.info(
                 "Updated machine %s of Fly app %s to %s (instance %s%s)",
                 machine.id,
@@ -330,8 +404,20 @@ class _Rollout:
                 "Machine %s of Fly app %s already runs %s", machine.id, self._app, self._deployment
             )
         checks = None
-        if wait and machine.state not in ASLEEP_STATES:
-            checks = await self._s.wait_healthy(machine, machine.config or step.config)
+        asleep = machine.state in ASLEEP_STATES
+        if wait and not asleep:
+            checks = await self._s.wait_healthy(
+                machine, machine.config or step.config, started_earlier=step.kind == "keep"
+            )
+        self._released[machine.id] = MachineSnapshot(
+            machine_id=machine.id,
+            region=machine.region or self._input.region,
+            # Not left asleep: it was started (rolling waited for it; immediate asked for it).
+            state=(machine.state or "stopped") if asleep else "started",
+            instance_id=machine.instance_id,
+            config=machine.config or step.config,
+            version=machine.version,
+        )
         await self._s.release(machine.id)
         self._s.mark_done(machine.id)
         return self._outcome(machine, action, previous, checks)

@@ -22,7 +22,17 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-_PHASES = ("single", "concurrent", "realistic", "in_flight", "two_workers", "crash")
+_PHASES = (
+    "single",
+    "concurrent",
+    "realistic",
+    "git",
+    "wake",
+    "mass",
+    "in_flight",
+    "two_workers",
+    "crash",
+)
 # Phases that need nothing the single-deploy phase measures: `--only` runs them alone.
 _STANDALONE = frozenset({"crash"})
 
@@ -46,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crash-machines", type=int, default=d.crash_machines, help="machines, crash phase"
     )
+    p.add_argument("--big-files", type=int, default=d.big_files, help="git phase: files")
+    p.add_argument("--big-blobs", type=int, default=d.big_blobs, help="git phase: large blobs")
+    p.add_argument("--big-blob-mb", type=int, default=d.big_blob_mb, help="git phase: MiB each")
+    p.add_argument("--git-runs", type=int, default=d.git_runs, help="git phase: deploys each")
+    p.add_argument("--mass", type=int, default=d.mass, help="projects redeployed at once")
     p.add_argument(
         "--only", action="append", choices=_PHASES, help="run only these phases (repeatable)"
     )
@@ -104,6 +119,11 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         start_delay=args.start_delay,
         healthy_after=args.healthy_after,
         crash_machines=args.crash_machines,
+        big_files=args.big_files,
+        big_blobs=args.big_blobs,
+        big_blob_mb=args.big_blob_mb,
+        git_runs=args.git_runs,
+        mass=args.mass,
     )
     phases = args.only or list(_PHASES)
     report = Report(machine=_machine())
@@ -120,8 +140,10 @@ async def _run(args: argparse.Namespace, env: dict[str, str], state_dir: Path) -
         first = () if set(phases) <= _STANDALONE else ("single",)
         for phase in (*first, *(p for p in _PHASES if p in phases and p != "single")):
             _say(f"bench: {phase} …")
+            phase_began = time.perf_counter()
             with profiled(bench.deploy_worker.pid, args.profile, phase):
                 await getattr(bench, phase)()
+            _say(f"bench: {phase} took {time.perf_counter() - phase_began:.0f} s")
     elapsed = time.perf_counter() - began
     report.ratio(
         "whole benchmark, services included (minutes)",

@@ -72,6 +72,10 @@ class Emulator:
         }
         self._control.post("/config", json={"timing": timing}).raise_for_status()
 
+    def configure(self, patch: dict[str, Any]) -> None:
+        """Any setting of `POST /_sim/config` (timing keys merge with the current ones)."""
+        self._control.post("/config", json=patch).raise_for_status()
+
     def counters(self) -> dict[str, Any]:
         state: dict[str, Any] = self._control.get("/state").json()
         return dict(state["counters"])
@@ -84,6 +88,37 @@ class Emulator:
 
     def stop(self) -> None:
         self._control.close()
+        _stop_group(self.process)
+        self._log.close()
+
+
+class GitHost:
+    """`git daemon` serving the projects' repositories over git://, in its own process: the
+    remote's side of a clone or push (upload-pack, receive-pack) runs there, as it runs on
+    GitHub's machines, not among the worker's children."""
+
+    def __init__(self, root: Path, log_path: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = embedded.free_port()
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                "git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+                "--informative-errors", "--max-connections=0", "--listen=127.0.0.1",
+                f"--port={self.port}", f"--base-path={root}", str(root),
+            ],
+            env=_base_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        embedded.wait_for_port("127.0.0.1", self.port)
+
+    def url(self, repo: Path) -> str:
+        return f"git://127.0.0.1:{self.port}/{repo.relative_to(self.root)}"
+
+    def stop(self) -> None:
         _stop_group(self.process)
         self._log.close()
 
@@ -167,13 +202,23 @@ class Stack:
     logs_dir: Path
     worker_env: dict[str, str]
     template_repo: Path
+    git_host: GitHost
     workers: list[WorkerProcess] = field(default_factory=list)
     _repo_count: int = 0
 
     def start_worker(
-        self, task_queue: str, *, baseline: bool = False, name: str = "worker"
+        self,
+        task_queue: str,
+        *,
+        baseline: bool = False,
+        name: str = "worker",
+        unset: tuple[str, ...] = (),
     ) -> WorkerProcess:
+        """`unset`: settings of the run's worker environment this worker goes without (it
+        takes their defaults)."""
         env = {**self.worker_env, "TURBODEPLOY_TASK_QUEUE": task_queue}
+        for setting in unset:
+            env.pop(setting, None)
         if baseline:
             # The deploy worker it copies its options from is built, never run, and must
             # not claim the baseline's queue.
@@ -192,6 +237,10 @@ class Stack:
         worker = WorkerProcess(process, log)
         self.workers.append(worker)
         return worker
+
+    def stop_worker(self, worker: WorkerProcess) -> None:
+        worker.stop()
+        self.workers.remove(worker)
 
     def kill_worker(self, worker: WorkerProcess) -> None:
         worker.kill()
@@ -218,17 +267,57 @@ class Stack:
                 raise TimeoutError(f"no worker polls {task_queue} after {within:g}s")
             await asyncio.sleep(0.1)
 
-    def new_repos(self, count: int) -> list[str]:
-        """`count` bare repositories of the example project, one per project: a deploy
-        commits fly.toml to its project's repository."""
+    def new_repos(self, count: int, *, served: bool = False) -> list[str]:
+        """`count` bare repositories of the example project, one per project (a deploy
+        commits fly.toml to its project's repository): local paths, or `served` by the
+        git host (the remote's side of git then runs outside the worker's processes)."""
         repos_dir = self.state_dir / "repos"
         paths = []
         for _ in range(count):
             self._repo_count += 1
             dest = repos_dir / f"r{self._repo_count}.git"
             shutil.copytree(self.template_repo, dest)
-            paths.append(str(dest))
+            paths.append(self.git_host.url(dest) if served else str(dest))
         return paths
+
+
+def big_repository(template: Path, dest: Path, *, files: int, large: int, large_mb: int) -> int:
+    """A bare copy of `template` with one more commit: `files` small files (2 KiB each, in
+    directories of 500) and `large` blobs of `large_mb` MiB each, random, so nothing packs
+    away. Written with `git fast-import` (no work tree). Returns its size on disk, bytes."""
+    shutil.copytree(template, dest)
+    proc = subprocess.Popen(
+        ["git", "-C", str(dest), "-c", "core.compression=1", "fast-import", "--quiet"],
+        stdin=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    out = proc.stdin
+
+    def blob(mark: int, data: bytes) -> None:
+        out.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(data)))
+        out.write(data)
+        out.write(b"\n")
+
+    paths: list[tuple[int, str]] = []
+    for i in range(files):
+        blob(i + 1, os.urandom(1024).hex().encode())
+        paths.append((i + 1, f"src/part{i // 500}/module{i}.ts"))
+    for j in range(large):
+        mark = files + j + 1
+        blob(mark, os.urandom(large_mb << 20))
+        paths.append((mark, f"assets/blob{j}.bin"))
+    message = b"generated: many files and some large blobs"
+    out.write(b"commit refs/heads/main\n")
+    out.write(b"committer bench <bench@localhost> %d +0000\n" % int(time.time()))
+    out.write(b"data %d\n%s\n" % (len(message), message))
+    out.write(b"from refs/heads/main^0\n")
+    for mark, path in paths:
+        out.write(b"M 100644 :%d %s\n" % (mark, path.encode()))
+    out.write(b"\n")
+    out.close()
+    if proc.wait() != 0:
+        raise RuntimeError("git fast-import failed")
+    return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
 
 
 @contextlib.asynccontextmanager
@@ -273,6 +362,8 @@ async def running_stack(
             stop.callback(emulator.stop)
             del token  # from here on only moto and the emulator hold it
             template = Path(publish_example("nitro-hello", state_dir / "template"))
+            git_host = GitHost(state_dir / "repos", logs / "git-daemon.log")
+            stop.callback(git_host.stop)
             stack = Stack(
                 client=client,
                 temporal_address=temporal_address,
@@ -291,6 +382,7 @@ async def running_stack(
                     extra=worker_env or {},
                 ),
                 template_repo=template,
+                git_host=git_host,
             )
             try:
                 yield stack
@@ -389,7 +481,7 @@ def profiled(pid: int, directory: Path | None, name: str) -> Iterator[None]:
         return
     directory.mkdir(parents=True, exist_ok=True)
     recorder = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--nonblocking",
          "--output", str(directory / f"{name}.txt")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -8,6 +8,11 @@ Two ways in:
   One git process when nothing changes, two when something is pushed. Only SHA-1
   repositories are handled (a SHA-256 one is refused, not retryable), and content is
   committed as given: no .gitattributes filter (eol, lfs) runs on it as `git add` would.
+  With `read` (the paths whose content will be read) the clone is partial
+  (`--filter=blob:none`: commits and trees only) and just those blobs are fetched, in one
+  more git process, so the cost does not grow with the repository's content. The remote
+  must allow it as GitHub does (`uploadpack.allowFilter`, `uploadpack.allowAnySHA1InWant`);
+  one that does not filter sends everything, as a plain clone would.
 * `cloned_commit` (for tools that need files on disk) checks one commit out into a work
   tree.
 
@@ -464,9 +469,12 @@ async def cloned(
     *,
     work_dir: str | Path | None = None,
     auth: GitAuth | None = None,
+    read: Sequence[str] | None = None,
 ) -> AsyncIterator[BranchClone]:
     """A fresh bare clone of the tip of `branch`, removed when the block exits (even on
-    cancel): one git process. `auth`: credentials for the remote (also used by `push`)."""
+    cancel): one git process. `auth`: credentials for the remote (also used by `push`).
+    `read`: the only files whose content `read_file` will be asked for; the clone then
+    holds no other file's content (a partial clone), and reading another fails."""
     _check_ref(branch)
     parent = Path(work_dir) if work_dir else None
     if parent is not None:
@@ -478,12 +486,16 @@ async def cloned(
         await _git(
             [
                 "clone", "--quiet", "--template=", "--bare", "--depth=1", "--single-branch",
-                "--no-tags", f"--branch={branch}", "--", repo_url, str(dest),
+                "--no-tags", f"--branch={branch}",
+                *(["--filter=blob:none"] if read is not None else []),
+                "--", repo_url, str(dest),
             ],
             action=f"cloning branch {branch!r} of {_redact(repo_url)}",
             remote=(repo_url, auth),
         )  # fmt: skip
         clone = BranchClone(dest, repo_url, branch, auth)
+        if read:
+            await _fetch_blobs(clone, read)
         yield clone
     finally:
         if clone is not None:
@@ -491,6 +503,29 @@ async def cloned(
         # Off the event loop: with many deploys at once, unlinking even a handful of files
         # each took a measurable share of the loop (BENCHMARKS.md). Shielded: also on cancel.
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True))
+
+
+async def _fetch_blobs(clone: BranchClone, paths: Sequence[str]) -> None:
+    """Fetch the content of `paths` at the cloned commit that a partial clone left out: one
+    request for them all, as git's own lazy fetch makes it."""
+    wanted = []
+    for path in paths:
+        entry = clone._lookup(_relpath(path))
+        store = clone._repo.object_store
+        if entry is not None and stat.S_ISREG(entry[0]) and entry[1] not in store:
+            wanted.append(entry[1].decode("ascii"))
+    if not wanted:
+        return
+    await _git(
+        [
+            "-c", "fetch.negotiationAlgorithm=noop", "fetch", "--quiet", "--no-tags",
+            "--no-write-fetch-head", "--recurse-submodules=no", "--filter=blob:none",
+            "--", "origin", *wanted,
+        ],
+        cwd=clone.path,
+        action=f"fetching {', '.join(paths)} of branch {clone.branch!r}",
+        remote=(clone.repo_url, clone._auth),
+    )  # fmt: skip
 
 
 def read_file(clone: BranchClone, relpath: str) -> str | None:

@@ -696,6 +696,9 @@ class MachineSnapshot(Model):
     state: str
     instance_id: str | None = None
     config: dict[str, Any]
+    # The machine's version when it was read: an update guarded by it (`current_version`)
+    # is refused when the machine changed since.
+    version: str | None = None
 
 
 class ReleaseSnapshot(Model):
@@ -703,6 +706,10 @@ class ReleaseSnapshot(Model):
 
     app_name: str
     machines: list[MachineSnapshot] = Field(default_factory=list)
+    # The listing answered 404: the app itself does not exist (any more).
+    app_missing: bool = False
+    # Canaries of interrupted deploys the listing showed (never part of a release).
+    canaries: list[str] = Field(default_factory=list)
 
     @property
     def image(self) -> str | None:

@@ -392,12 +392,16 @@ class FlyClient:
         nonce: str | None,
         skip_launch: bool = False,
         min_secrets_version: int | None = None,
+        current_version: str | None = None,
     ) -> Machine:
         """Replace the machine's config whole; the result carries the new `version`.
 
         With `min_secrets_version` the machine boots with the app's secrets of that
-        version or later."""
+        version or later. With `current_version` the update is refused (409) when the
+        machine is no longer at that version: nothing changed since it was read."""
         body: dict[str, Any] = {"config": dict(config)}
+        if current_version:
+            body["current_version"] = current_version
         if min_secrets_version is not None:
             body["min_secrets_version"] = int(min_secrets_version)
         if region:
@@ -725,7 +729,9 @@ class FlyClient:
         attempts = _GET_ATTEMPTS_ON_DROP if method == "GET" else 1
         for attempt in range(1, attempts + 1):
             if self._limiter is not None:
-                await self._limiter.acquire()
+                # A lease refresh or release goes first: a busy budget must not let a
+                # lease lapse, nor keep a machine leased longer than its work.
+                await self._limiter.acquire(urgent=bool(nonce) and path.endswith("/lease"))
             try:
                 # Only server-side waits read longer than the client's timeout.
                 http = self._waits if read_timeout is not None else self._http

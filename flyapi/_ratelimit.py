@@ -4,6 +4,8 @@ one API budget instead of each assuming it has the whole of it."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections.abc import Callable
 
@@ -11,12 +13,26 @@ from collections.abc import Callable
 class RateLimiter:
     """At most `burst` requests at once, refilled at `rate` requests per second.
 
-    Over any window of `t` seconds at most `burst + rate * t` requests pass. Waiters are
-    served first come, first served. Bound to the event loop that first uses it.
+    Over any window of `t` seconds at most `burst + rate * t` requests pass.
+
+    Who waits goes in this order (the fairness rule): first the urgent requests (lease
+    refreshes and releases: a lease must not lapse because the budget is busy), then by
+    the age of the work each request belongs to, oldest first (`key`: a deploy's id; work
+    idle for `forget_after` seconds counts as new again), first come, first served among
+    equals. So under a saturated budget a deploy is never overtaken by one that began after
+    it: it finishes as soon as the budget spent on the deploys before it allows, and it
+    holds its leases for as short a time as possible. Without `key`, first come, first
+    served. Bound to the event loop that first uses it.
     """
 
     def __init__(
-        self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int = 1,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        key: Callable[[], str | None] | None = None,
+        forget_after: float = 30.0,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -27,7 +43,13 @@ class RateLimiter:
         self._clock = clock
         self._tokens = float(burst)
         self._updated = clock()
-        self._lock = asyncio.Lock()
+        self._key = key
+        self._forget_after = forget_after
+        # key -> (when its work began, when it last asked)
+        self._work: dict[str, tuple[float, float]] = {}
+        self._seq = itertools.count()
+        self._waiters: list[tuple[tuple[int, float, int], asyncio.Future[None]]] = []
+        self._dispatcher: asyncio.Task[None] | None = None
 
     @property
     def rate(self) -> float:
@@ -40,16 +62,51 @@ class RateLimiter:
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self._rate:g}, burst={self._burst})"
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, urgent: bool = False) -> None:
         """Wait until a request may be sent, and take its token."""
-        # The lock makes waiters queue in order instead of all waking on the same refill.
-        async with self._lock:
-            while True:
-                self._refill()
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
+        rank = (0 if urgent else 1, self._age(), next(self._seq))
+        self._refill()
+        if not self._waiters and self._tokens >= 1:
+            self._tokens -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, future))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._tokens += 1  # granted as it was cancelled: give the token back
+            raise
+
+    def _age(self) -> float:
+        """When the work of the calling request began (now, for work without a key)."""
+        now = self._clock()
+        key = self._key() if self._key is not None else None
+        if key is None:
+            return now
+        began, last = self._work.get(key, (now, now))
+        if now - last > self._forget_after:
+            began = now
+        self._work[key] = (began, now)
+        if len(self._work) > 4096:
+            stale = [k for k, (_, seen) in self._work.items() if now - seen > self._forget_after]
+            for k in stale:
+                del self._work[k]
+        return began
+
+    async def _dispatch(self) -> None:
+        while self._waiters:
+            self._refill()
+            if self._tokens < 1:
                 await asyncio.sleep((1 - self._tokens) / self._rate)
+                continue
+            _, future = heapq.heappop(self._waiters)
+            if future.done():  # its caller gave up
+                continue
+            self._tokens -= 1
+            future.set_result(None)
 
     def _refill(self) -> None:
         now = self._clock()

@@ -19,6 +19,7 @@ MEASURES = [
     "single deploy without git ÷ baseline",
     "baseline: 3 no-op workflows at once",
     "3 concurrent deploys: deploys/s ÷ baseline workflows/s",
+    "worker CPU per deploy ÷ baseline worker CPU per workflow, 3 at once",
     "machine CPU per baseline workflow, all processes",
     "machine CPU per deploy, all processes",
     "immediate redeploy, 1 machine(s) ÷ critical path",
@@ -31,6 +32,17 @@ MEASURES = [
     "lease refreshes, rolling redeploy of 2 machines",
     "Fly API requests per immediate redeploy (1 machine)",
     "Fly API requests per machine, immediate",
+    *(
+        f"Fly API requests, {kind} {strategy}, {machines} machine(s) ÷ flyctl's"
+        for kind in ("first deploy", "redeploy")
+        for strategy in ("immediate", "rolling")
+        for machines in (1, 2)
+    ),
+    "git time of a deploy: ~200 MB repository ÷ example project",
+    "scale-to-zero redeploy (machine stopped) ÷ (wake-up + rollout critical path)",
+    "mass redeploy, 3 projects at once under the 10 req/s budget",
+    "mass redeploy: 429 answers from the emulator",
+    "mass redeploy: no project starved",
     "worker peak RSS, 3 deploys in flight (MB)",
     "worker CPU per deploy, 3 in flight",
     "two workers on one task queue",
@@ -57,6 +69,11 @@ def test_tiny_benchmark_prints_every_row(
             "--api-latency", "0.005",
             "--start-delay", "0.05",
             "--healthy-after", "0.05",
+            "--big-files", "50",
+            "--big-blobs", "1",
+            "--big-blob-mb", "1",
+            "--git-runs", "1",
+            "--mass", "3",
             "--temporal-address", temporal_client.service_client.config.target_host,
             "--database-url", postgres_url,
             "--state-dir", str(tmp_path / "state"),

@@ -934,3 +934,48 @@ async def test_cancelled_push_to_a_local_repository_leaves_no_lock_behind(
     hook.unlink()
     result = await ActivityEnvironment().run(activities.prepare_fly_config, config_input(remote))
     assert result.committed and remote.tip() == result.commit_sha
+
+
+async def test_partial_clone_reads_only_the_blobs_it_needs(tmp_path: Path) -> None:
+    """With `read`, the clone holds commits and trees only, plus the blobs named: a large
+    file of the repository never reaches the worker, and the commit pushed on top of such
+    a clone leaves it intact on the remote. The remote allows it as GitHub does."""
+    seed, bare = tmp_path / "seed", tmp_path / "remote.git"
+    seed.mkdir()
+    (seed / "fly.toml").write_text('app = "x"\nprimary_region = "iad"\n')
+    (seed / "assets").mkdir()
+    large = os.urandom(4 << 20)
+    (seed / "assets" / "video.bin").write_bytes(large)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=seed, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "seed"], cwd=seed, check=True)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
+        subprocess.run(["git", "-C", str(bare), "config", key, "true"], check=True)
+    subprocess.run(["git", "push", "-q", str(bare), "main"], cwd=seed, check=True)
+    video = subprocess.run(
+        ["git", "-C", str(bare), "rev-parse", "main:assets/video.bin"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+    async with gitrepo.cloned(f"file://{bare}", "main", work_dir=tmp_path, read=["fly.toml"]) as c:
+        assert gitrepo.read_file(c, "fly.toml") == 'app = "x"\nprimary_region = "iad"\n'
+        assert gitrepo.has_file(c, "assets/video.bin")
+        store = c._repo.object_store
+        assert video.encode() not in store, "the large blob was fetched"
+        size = sum(f.stat().st_size for f in c.path.rglob("*") if f.is_file())
+        assert size < len(large) / 4
+        gitrepo.write_file(c, "fly.toml", 'app = "y"\n')
+        author = gitrepo.GitIdentity("turbodeploy", "turbodeploy@localhost")
+        assert await gitrepo.commit_if_changed(c, ["fly.toml"], message="m", author=author)
+        outcome = await gitrepo.push(c, author=author)
+    assert outcome.pushed
+    shown = subprocess.run(
+        ["git", "-C", str(bare), "show", "main:assets/video.bin"], capture_output=True, check=True
+    ).stdout
+    assert shown == large
+    fly = subprocess.run(
+        ["git", "-C", str(bare), "show", "main:fly.toml"], capture_output=True, check=True
+    ).stdout
+    assert fly == b'app = "y"\n'

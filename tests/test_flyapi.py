@@ -380,6 +380,31 @@ async def test_rate_limiter_never_exceeds_its_rate() -> None:
     assert sum(1 for t in stamps if t - stamps[0] < 0.5 / rate) >= burst
 
 
+async def test_rate_limiter_serves_the_oldest_work_first_and_lease_refreshes_before_all() -> None:
+    """Under a saturated budget the requests of the work that began first go first (a deploy
+    is never overtaken by a later one), urgent ones (lease refreshes) before everything."""
+    current: dict[str, str | None] = {"key": None}
+    limiter = RateLimiter(rate=50, burst=1, key=lambda: current["key"])
+    served: list[str] = []
+
+    async def one(name: str, key: str, *, urgent: bool = False) -> None:
+        current["key"] = key
+        await limiter.acquire(urgent=urgent)
+        served.append(name)
+
+    await limiter.acquire()  # the burst is spent: everyone below waits
+    tasks = []
+    # Deploy "a" asks first, then "b"; later "b" and "a" ask again, and a refresh arrives.
+    for name, key, urgent in [
+        ("a1", "a", False), ("b1", "b", False), ("b2", "b", False), ("a2", "a", False),
+        ("refresh", "b", True),
+    ]:  # fmt: skip
+        tasks.append(asyncio.ensure_future(one(name, key, urgent=urgent)))
+        await asyncio.sleep(0)  # in this order
+    await asyncio.gather(*tasks)
+    assert served == ["refresh", "a1", "a2", "b1", "b2"]
+
+
 async def test_clients_sharing_a_limiter_stay_within_budget(
     flysim: Any, fly_token: str, app_name: str
 ) -> None:

@@ -656,7 +656,7 @@ async def test_snapshot_of_a_missing_app_is_empty(
 ) -> None:
     name = f"turbobackend-gone{uuid.uuid4().hex[:8]}"
     snapshot = await _snapshot(env, releases, name)
-    assert snapshot == ReleaseSnapshot(app_name=name)
+    assert snapshot == ReleaseSnapshot(app_name=name, app_missing=True)
 
 
 async def test_snapshot_holds_the_group_as_it_runs(
@@ -917,7 +917,7 @@ async def test_a_create_refused_with_429_or_5xx_is_made_again_in_the_same_attemp
     the client leaves it to the rollout, which lists the app and, when the refused create
     made nothing, creates again, instead of failing the whole attempt."""
     faults = flysim.config.faults
-    faults.seed, faults.rate_limit_rate, faults.retry_after = 7, 0.5, 0
+    faults.seed, faults.rate_limit_rate, faults.retry_after = 1, 0.5, 0
     retrying = FlyClient(
         settings.fly_api_base_url,
         credentials.fly_token,
@@ -940,3 +940,67 @@ async def test_a_create_refused_with_429_or_5xx_is_made_again_in_the_same_attemp
     assert created.count(200) == 3
     assert len(result.machines) == 3
     assert len(await _machines(fly, app)) == 3
+
+
+@pytest.mark.parametrize("strategy", [Strategy.ROLLING, Strategy.IMMEDIATE])
+async def test_rollout_from_the_snapshot_keeps_a_change_made_after_it(
+    strategy: Strategy,
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    releases: ReleaseActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    """The rollout leases the machines the snapshot read instead of listing them again;
+    each update carries the version read, so a machine changed after the snapshot is read
+    again and its change survives. What the rollout answers as released is what a listing
+    shows afterwards."""
+    await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2))
+    snapshot = await _snapshot(env, releases, app)
+    assert all(m.version for m in snapshot.machines)
+    changed = snapshot.machines[0].machine_id
+    machine = await fly.get_machine(app, changed)  # by hand, after the snapshot
+    config = {**machine.config, "dns": {"nameservers": ["1.1.1.1"]}}
+    await fly.update_machine(app, changed, config, machine.region, nonce=None)
+    since = time.time()
+    result = await _release(
+        env,
+        rollout,
+        rollout_input(
+            app, f"{image}:v2", "d-2", machine_count=2, strategy=strategy, snapshot=snapshot
+        ),
+    )
+    listings = [
+        1 for at, m, path, _ in list(flysim.request_log)
+        if at >= since and m == "GET" and path == f"/v1/apps/{app}/machines"
+    ]  # fmt: skip
+    assert listings == [], "the snapshot's machines were listed again"
+    machines = {m.id: m for m in await _machines(fly, app)}
+    assert machines[changed].config["dns"] == {"nameservers": ["1.1.1.1"]}
+    assert {m.image for m in machines.values()} == {f"{image}:v2"}
+    assert result.released is not None
+    released = {m.machine_id: m for m in result.released.machines}
+    assert set(released) == set(machines)
+    for machine_id, snap in released.items():
+        assert snap.config == machines[machine_id].config
+        assert snap.version == machines[machine_id].version
+
+
+def test_recent_checks_keep_only_windows_that_saw_a_failure() -> None:
+    """What a first deploy borrows from other projects: windows that saw checks fail, then
+    pass (a first read that passed says only "by then"), the median of them."""
+    from activities._machines import RecentChecks
+
+    recent = RecentChecks(size=5)
+    assert recent.typical() is None
+    recent.observe(CheckWindow(failing_until=0, passing_at=9.0))
+    assert recent.typical() is None
+    for at in (3.0, 2.0, 4.0):
+        recent.observe(CheckWindow(failing_until=at - 0.2, passing_at=at))
+    typical = recent.typical()
+    assert typical is not None and typical.passing_at == 3.0
+    stale = RecentChecks(keep=0.0)
+    stale.observe(CheckWindow(failing_until=1.0, passing_at=1.2))
+    assert stale.typical() is None

@@ -603,6 +603,9 @@ def publish_example(name: str, repos_dir: Path, source: Path | None = None) -> s
     shutil.copytree(source, seed, ignore=shutil.ignore_patterns("node_modules", ".output"))
     git = ["git", "-c", "user.name=turbodeploy", "-c", "user.email=turbodeploy@localhost"]
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    # As GitHub serves repositories: partial clones, and objects asked for by id.
+    for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
+        subprocess.run(["git", "-C", str(bare), "config", key, "true"], check=True)
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=seed, check=True)
     subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
     subprocess.run([*git, "commit", "-q", "-m", f"{name}: generated backend"], cwd=seed, check=True)

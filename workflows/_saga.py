@@ -44,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
         RecordStartInput,
         RecordStartResult,
     )
-    from activities.fly_apps import EnsureAppInput, FlyAppActivities
+    from activities.fly_apps import EnsureAppInput, EnsureAppResult, FlyAppActivities
     from activities.fly_config import FlyConfigActivities, PrepareConfigInput
     from activities.health import HealthActivities, HealthCheckInput, HealthCheckResult
     from activities.restore import ReleaseActivities, RestoreInput, SnapshotInput
@@ -359,13 +359,22 @@ class DeploySaga:
             f"Commit fly.toml to {request.repo_url}@{request.branch}",
         )
         d.commit_sha, d.fly_toml = config.commit_sha, config.fly_toml
-        await self._run.run(
-            DeployStep.APP,
-            FlyAppActivities.ensure_app,
-            EnsureAppInput(app_name=request.app_name, org_slug=org_slug, timings=timings),
-            policies.app(timings),
-            f"Ensure Fly app {request.app_name} in org {org_slug}",
+        # An app the last release was deployed to exists in our organisation with its
+        # IPs: when nothing needs it before the snapshot, the snapshot's listing is the
+        # look-up (a 404 there, and the app is ensured after all).
+        known_app = (
+            d.serving_image is not None
+            and not request.secrets
+            and d.image is not None
+            and request.strategy is not Strategy.FLYCTL
+            and workflow.patched("fewer-fly-requests")
         )
+        created = False
+        if known_app:
+            self._run.done.append(DeployStep.APP)
+        else:
+            app = await self._ensure_app(request, org_slug)
+            created = app.created and workflow.patched("fewer-fly-requests")
         if request.secrets:
             secrets = await self._run.run(
                 DeployStep.SECRETS,
@@ -391,7 +400,15 @@ class DeploySaga:
                 f"Build {request.app_name} at {config.commit_sha[:12]} with flyctl",
             )
             d.image = built.image
-        d.snapshot = await self._snapshot(d, before_rollout=True)
+        if created:
+            # The app was created by this deploy: it has no machines to snapshot.
+            d.snapshot = ReleaseSnapshot(app_name=request.app_name)
+        else:
+            d.snapshot = await self._snapshot(d, before_rollout=True)
+        if known_app and d.snapshot.app_missing:
+            # Deleted since the last release: made again, empty.
+            await self._ensure_app(request, org_slug)
+            d.snapshot = await self._snapshot(d, before_rollout=True)
         if request.strategy is Strategy.FLYCTL:
             handed = await self._run.run(
                 DeployStep.ROLLOUT,
@@ -427,12 +444,14 @@ class DeploySaga:
                     timings=timings,
                     checks_hint=d.checks_hint,
                     min_secrets_version=d.secrets_version,
+                    snapshot=d.snapshot if workflow.patched("fewer-fly-requests") else None,
                 ),
                 policies.rollout(timings, request.machine_count),
                 f"Roll out {d.image} to {request.app_name} ({request.strategy}, "
                 f"{request.machine_count} machine(s))",
             )
             d.machines, d.image_digest = rollout.machines, rollout.image_digest
+            d.released = rollout.released
         health = await self._verify(d)
         self._run.detail = f"healthy after {health.attempts} request(s)"
 
@@ -648,8 +667,21 @@ class DeploySaga:
             shielded=not before,
         )
 
+    async def _ensure_app(self, request: DeployRequest, org_slug: str) -> EnsureAppResult:
+        timings = request.timings
+        return await self._run.run(
+            DeployStep.APP,
+            FlyAppActivities.ensure_app,
+            EnsureAppInput(app_name=request.app_name, org_slug=org_slug, timings=timings),
+            policies.app(timings),
+            f"Ensure Fly app {request.app_name} in org {org_slug}",
+        )
+
     async def _verify(self, d: _Deploy) -> HealthCheckResult:
-        """The health check, with the snapshot of the release taken beside it."""
+        """The health check, with the snapshot of the release taken beside it (unless
+        the rollout's own answers already made it)."""
+        if d.released is not None:
+            return await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")
         snapshot = asyncio.ensure_future(self._snapshot(d, before_rollout=False))
         try:
             health = await self._check_health(d, DeployStep.HEALTH, f"Check {d.url}/api/health")

@@ -575,7 +575,8 @@ class MachineSession:
                     len(current.checks),
                     window.passing_at,
                 )
-                self.checks_hint = window
+                # From here on the hint is this app's own, no longer borrowed.
+                self.checks_hint, self._borrowed = window, False
                 RECENT_CHECKS.observe(window)
                 return window
             failing_until = sent

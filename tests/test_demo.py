@@ -139,9 +139,13 @@ def test_demo_keep_prints_commands_that_work_and_ctrl_c_stops_everything(tmp_pat
             demo.send_signal(signal.SIGINT)  # Ctrl-C
             demo.wait(timeout=120)
         finally:
-            if demo.poll() is None:
-                demo.kill()
-                demo.wait()
+            if demo.poll() is None:  # a failed assertion: stop the stack it started too
+                demo.send_signal(signal.SIGINT)
+                try:
+                    demo.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    demo.kill()
+                    demo.wait()
     deadline = time.monotonic() + 30
     while any(r.alive() for r in records.values()) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import math
@@ -769,6 +770,7 @@ def _carried_leases(details: Sequence[Any]) -> dict[str, str]:
         return {}
 
 
+@functools.cache  # the installed version: read once, not for every machine's config
 def deployer_version() -> str:
     """What goes in `fly_flyctl_version`: a semantic version, as flyctl writes its own,
     marked as ours."""

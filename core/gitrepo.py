@@ -12,7 +12,9 @@ Two ways in:
   (`--filter=blob:none`: commits and trees only) and just those blobs are fetched, in one
   more git process, so the cost does not grow with the repository's content. The remote
   must allow it as GitHub does (`uploadpack.allowFilter`, `uploadpack.allowAnySHA1InWant`);
-  one that does not filter sends everything, as a plain clone would.
+  one that does not filter sends everything, as a plain clone would. A blob this process
+  has already read or committed is not fetched again (`_BlobCache`): a redeploy whose
+  fly.toml is the one the last deploy committed needs no second git process.
 * `cloned_commit` (for tools that need files on disk) checks one commit out into a work
   tree.
 
@@ -40,6 +42,7 @@ import signal
 import stat
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -342,6 +345,45 @@ async def _git(
     return result.stdout
 
 
+class _BlobCache:
+    """The content of small blobs this process has read or committed, by id, least
+    recently used first out. A blob's id is the hash of its content, so an entry is never
+    stale: it is only ever stored under the id computed here from the content itself."""
+
+    def __init__(self, max_bytes: int, max_blob: int) -> None:
+        self._max_bytes = max_bytes
+        self._max_blob = max_blob
+        self._entries: OrderedDict[ObjectID, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self._entries
+
+    def get(self, sha: ObjectID) -> bytes | None:
+        data = self._entries.get(sha)
+        if data is not None:
+            self._entries.move_to_end(sha)
+        return data
+
+    def put(self, blob: Blob) -> None:
+        """Keep a blob made here from its content (`Blob.from_string`), when small enough."""
+        sha, data = blob.id, blob.as_raw_string()
+        if len(data) <= self._max_blob and sha not in self._entries:
+            self._entries[sha] = data
+            self._bytes += len(data)
+            while self._bytes > self._max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+# fly.toml files are a few KiB: thousands of projects' fit in a few MiB.
+_blobs: Final = _BlobCache(max_bytes=8 << 20, max_blob=64 << 10)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -409,10 +451,15 @@ class BranchClone:
         return mode, sha
 
     def _blob(self, sha: ObjectID) -> bytes:
+        known = _blobs.get(sha)
+        if known is not None:
+            return known
         obj = self._object(sha)
         if not isinstance(obj, Blob):
             raise GitError(f"{sha.decode()} is not a file's content", retryable=False)
-        return obj.as_raw_string()
+        data = obj.as_raw_string()
+        _blobs.put(Blob.from_string(data))  # its id from the content, not the store's
+        return data
 
     def _build(
         self,
@@ -512,7 +559,8 @@ async def _fetch_blobs(clone: BranchClone, paths: Sequence[str]) -> None:
     for path in paths:
         entry = clone._lookup(_relpath(path))
         store = clone._repo.object_store
-        if entry is not None and stat.S_ISREG(entry[0]) and entry[1] not in store:
+        known = entry is not None and (entry[1] in store or entry[1] in _blobs)
+        if entry is not None and stat.S_ISREG(entry[0]) and not known:
             wanted.append(entry[1].decode("ascii"))
     if not wanted:
         return
@@ -579,6 +627,7 @@ async def commit_if_changed(
         if rel not in clone._staged:
             continue  # not written: unchanged
         blob = Blob.from_string(clone._staged[rel])
+        _blobs.put(blob)
         old = clone._lookup(rel)
         # As `git add` would stage it: the executable bit of the file it replaces is kept.
         entry = (_EXECUTABLE if old is not None and old[0] & 0o100 else _REGULAR, blob.id)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dulwich.objects import Blob
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -979,3 +980,47 @@ async def test_partial_clone_reads_only_the_blobs_it_needs(tmp_path: Path) -> No
         ["git", "-C", str(bare), "show", "main:fly.toml"], capture_output=True, check=True
     ).stdout
     assert fly == b'app = "y"\n'
+
+
+async def test_a_blob_already_read_or_committed_is_not_fetched_again(tmp_path: Path) -> None:
+    """The content of a blob is named by its hash: once this process has read or committed
+    it, a later partial clone reads it without fetching. Content that changed on the remote
+    has another id, so it is fetched and read as it is now."""
+    gitrepo._blobs.clear()
+    seed, bare = tmp_path / "seed", tmp_path / "remote.git"
+    seed.mkdir()
+    (seed / "fly.toml").write_text('app = "x"\n')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=seed, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "seed"], cwd=seed, check=True)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
+        subprocess.run(["git", "-C", str(bare), "config", key, "true"], check=True)
+    subprocess.run(["git", "push", "-q", str(bare), "main"], cwd=seed, check=True)
+    url, author = f"file://{bare}", gitrepo.GitIdentity("turbodeploy", "turbodeploy@localhost")
+
+    def blob_id(text: str) -> bytes:
+        return Blob.from_string(text.encode()).id
+
+    async with gitrepo.cloned(url, "main", work_dir=tmp_path, read=["fly.toml"]) as c:
+        assert blob_id('app = "x"\n') in c._repo.object_store, "the first read fetches it"
+        assert gitrepo.read_file(c, "fly.toml") == 'app = "x"\n'
+    async with gitrepo.cloned(url, "main", work_dir=tmp_path, read=["fly.toml"]) as c:
+        assert blob_id('app = "x"\n') not in c._repo.object_store, "fetched a second time"
+        assert gitrepo.read_file(c, "fly.toml") == 'app = "x"\n'
+        gitrepo.write_file(c, "fly.toml", 'app = "y"\n')
+        assert await gitrepo.commit_if_changed(c, ["fly.toml"], message="m", author=author)
+        assert (await gitrepo.push(c, author=author)).pushed
+    async with gitrepo.cloned(url, "main", work_dir=tmp_path, read=["fly.toml"]) as c:
+        assert blob_id('app = "y"\n') not in c._repo.object_store, "what it pushed, fetched"
+        assert gitrepo.read_file(c, "fly.toml") == 'app = "y"\n'
+
+    # Someone else changes the file: new content, a new id, fetched.
+    subprocess.run(["git", "pull", "-q", str(bare), "main"], cwd=seed, check=True)
+    (seed / "fly.toml").write_text('app = "z"\n')
+    subprocess.run([*git, "commit", "-q", "-am", "edit"], cwd=seed, check=True)
+    subprocess.run(["git", "push", "-q", str(bare), "main"], cwd=seed, check=True)
+    async with gitrepo.cloned(url, "main", work_dir=tmp_path, read=["fly.toml"]) as c:
+        assert blob_id('app = "z"\n') in c._repo.object_store
+        assert gitrepo.read_file(c, "fly.toml") == 'app = "z"\n'

@@ -25,7 +25,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from bench.report import Report
-from bench.stack import Stack, big_repository, machine_cpu, sampled_peak
+from bench.stack import CPU_PARTS, Stack, big_repository, cpu_split, machine_cpu, sampled_peak
 from core.models import DeployRequest, DeployTimings, Strategy, app_name_for
 from turbodeploy.client import start_deploy
 
@@ -209,17 +209,21 @@ class Benchmark:
         n = self.o.concurrent
         self.stack.emulator.set_timing(0, 0, 0)
         machine, base_usage = machine_cpu(), self.baseline_worker.usage()
+        base_split = cpu_split(self.baseline_worker.pid)
         base_elapsed, bases = await self._all_at_once([self._baseline for _ in range(n)])
         base_machine = machine_cpu() - machine
         base_worker = self.baseline_worker.usage().cpu - base_usage.cpu
+        base_split = _minus(cpu_split(self.baseline_worker.pid), base_split)
         # Served by the git host: the worker's CPU is its own side of git, as with GitHub.
         repos = self.stack.new_repos(n, served=True)
         machine, usage = machine_cpu(), self.deploy_worker.usage()
+        split = cpu_split(self.deploy_worker.pid)
         elapsed, deploys = await self._all_at_once(
             [functools.partial(self._deploy_repo, r) for r in repos]
         )
         deploy_machine = machine_cpu() - machine
         cpu = self.deploy_worker.usage().cpu - usage.cpu
+        split = _minus(cpu_split(self.deploy_worker.pid), split)
         ok = sum(d.ok for d in deploys)
         base_rate = sum(b.ok for b in bases) / base_elapsed
         rate = ok / elapsed
@@ -249,6 +253,13 @@ class Benchmark:
         # costs the machine bounds the ratio above, whatever the worker does.
         def per_run(seconds: float) -> str:
             return f"{seconds / n * 1000:.0f} ms"
+
+        for part in CPU_PARTS:
+            self.report.info(
+                f"  worker CPU per deploy: {part}",
+                per_run(split[part]),
+                f"baseline worker {per_run(base_split[part])} per workflow",
+            )
 
         self.report.info(
             "  machine CPU per baseline workflow, all processes",
@@ -900,6 +911,10 @@ def _cause(exc: BaseException) -> str:
     while getattr(exc, "cause", None) is not None:
         exc = exc.cause  # type: ignore[attr-defined]
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
 
 
 def _first_error(runs: list[Timed]) -> str:

@@ -180,6 +180,43 @@ class Usage:
         return cls(cpu, memory.get("VmRSS", 0.0), memory.get("VmHWM", 0.0))
 
 
+#: Where a worker process's CPU goes, by thread (`cpu_split`).
+CPU_PARTS = ("event loop", "workflow thread", "Temporal core", "other threads", "git")
+
+
+def cpu_split(pid: int) -> dict[str, float]:
+    """CPU seconds of a worker process by part: its event loop (the main thread: activities,
+    the SDK's dispatch), the thread that runs workflow activations, the SDK's Rust core
+    (tokio threads), other Python threads (`asyncio.to_thread`, including ones that have
+    ended), and the children it reaped (git)."""
+
+    def ticks(stat: str, first: int, count: int) -> int:
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return sum(int(v) for v in fields[first : first + count])
+
+    proc = Path(f"/proc/{pid}")
+    whole = (proc / "stat").read_text()
+    parts = dict.fromkeys(CPU_PARTS, 0)
+    for task in (proc / "task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            used = ticks((task / "stat").read_text(), 11, 2)
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if int(task.name) == pid:
+            parts["event loop"] += used
+        elif comm.startswith("workflow-proces"):
+            parts["workflow thread"] += used
+        elif comm.startswith(("tokio", "temporal")):
+            parts["Temporal core"] += used
+    own = ticks(whole, 11, 2)
+    parts["other threads"] = max(
+        0, own - parts["event loop"] - parts["workflow thread"] - parts["Temporal core"]
+    )
+    parts["git"] = ticks(whole, 13, 2)
+    return {name: value / _TICKS for name, value in parts.items()}
+
+
 def machine_cpu() -> float:
     """CPU seconds every process on the machine has used so far (all cores, /proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
@@ -481,8 +518,9 @@ def profiled(pid: int, directory: Path | None, name: str) -> Iterator[None]:
         return
     directory.mkdir(parents=True, exist_ok=True)
     recorder = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--nonblocking",
-         "--output", str(directory / f"{name}.txt")],
+        # --gil: only the thread holding the GIL, i.e. Python's CPU, not threads that wait.
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking",
+         "--gil", "--threads", "--output", str(directory / f"{name}.txt")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -20,6 +20,10 @@ MEASURES = [
     "baseline: 3 no-op workflows at once",
     "3 concurrent deploys: deploys/s ÷ baseline workflows/s",
     "worker CPU per deploy ÷ baseline worker CPU per workflow, 3 at once",
+    *(
+        f"worker CPU per deploy: {part}"
+        for part in ("event loop", "workflow thread", "Temporal core", "other threads", "git")
+    ),
     "machine CPU per baseline workflow, all processes",
     "machine CPU per deploy, all processes",
     "immediate redeploy, 1 machine(s) ÷ critical path",

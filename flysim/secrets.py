@@ -11,9 +11,8 @@
 
 Values live in this process's memory, and in the state file of a stack that keeps its
 world (`flysim.persist`, readable by its owner only). No answer, snapshot or log line
-carries one:
-the API shows names and digests, like Fly's, whose API servers can encrypt but not
-decrypt. A machine gets the secrets as they were when it last booted, the way Fly's host
+carries one: the API shows names and digests, like Fly's, whose API servers can encrypt
+but not decrypt. A machine gets the secrets as they were when it last booted, the way Fly's host
 agent injects them at boot; `FlySim.machine_runtime_env` shows that environment to tests.
 """
 

@@ -181,14 +181,15 @@ class Usage:
 
 
 #: Where a worker process's CPU goes, by thread (`cpu_split`).
-CPU_PARTS = ("event loop", "workflow thread", "Temporal core", "other threads", "git")
+CPU_PARTS = ("event loop", "Python threads", "Temporal core", "git")
 
 
 def cpu_split(pid: int) -> dict[str, float]:
-    """CPU seconds of a worker process by part: its event loop (the main thread: activities,
-    the SDK's dispatch), the thread that runs workflow activations, the SDK's Rust core
-    (tokio threads), other Python threads (`asyncio.to_thread`, including ones that have
-    ended), and the children it reaped (git)."""
+    """CPU seconds of a worker process by part: its event loop (the main thread:
+    activities, the SDK's dispatch and payload conversion), its other Python threads (the
+    SDK runs workflow code in a thread pool; `asyncio.to_thread`; including threads that
+    have ended), the SDK's Rust core (its tokio and workflow-processing threads), and the
+    children it reaped (git)."""
 
     def ticks(stat: str, first: int, count: int) -> int:
         fields = stat[stat.rindex(")") + 2 :].split()
@@ -196,24 +197,25 @@ def cpu_split(pid: int) -> dict[str, float]:
 
     proc = Path(f"/proc/{pid}")
     whole = (proc / "stat").read_text()
-    parts = dict.fromkeys(CPU_PARTS, 0)
+    loop = core = 0
     for task in (proc / "task").iterdir():
         try:
+            # Python names no OS thread: its threads keep the process's name.
             comm = (task / "comm").read_text().strip()
             used = ticks((task / "stat").read_text(), 11, 2)
         except FileNotFoundError:  # the thread ended meanwhile
             continue
         if int(task.name) == pid:
-            parts["event loop"] += used
-        elif comm.startswith("workflow-proces"):
-            parts["workflow thread"] += used
-        elif comm.startswith(("tokio", "temporal")):
-            parts["Temporal core"] += used
+            loop += used
+        elif comm.startswith(("tokio", "temporal", "workflow-proces")):
+            core += used
     own = ticks(whole, 11, 2)
-    parts["other threads"] = max(
-        0, own - parts["event loop"] - parts["workflow thread"] - parts["Temporal core"]
-    )
-    parts["git"] = ticks(whole, 13, 2)
+    parts = {
+        "event loop": loop,
+        "Python threads": max(0, own - loop - core),
+        "Temporal core": core,
+        "git": ticks(whole, 13, 2),
+    }
     return {name: value / _TICKS for name, value in parts.items()}
 
 

@@ -157,15 +157,21 @@ class FlyClient:
         """
         end = asyncio.get_running_loop().time() + seconds
         while True:
-            if self._on_wait is not None:
-                try:
-                    self._on_wait(why)
-                except Exception:
-                    logger.exception("on_wait hook failed")
+            self._waiting(why)
             left = end - asyncio.get_running_loop().time()
             if left <= 0:
                 return
             await asyncio.sleep(min(left, WAIT_TICK))
+
+    def _waiting(self, why: str) -> None:
+        if self._on_wait is not None:
+            try:
+                self._on_wait(why)
+            except Exception:
+                logger.exception("on_wait hook failed")
+
+    def _waiting_for_budget(self) -> None:
+        self._waiting("waiting for the Fly API request budget")
 
     @property
     def base_url(self) -> str:
@@ -731,7 +737,11 @@ class FlyClient:
             if self._limiter is not None:
                 # A lease refresh or release goes first: a busy budget must not let a
                 # lease lapse, nor keep a machine leased longer than its work.
-                await self._limiter.acquire(urgent=bool(nonce) and path.endswith("/lease"))
+                await self._limiter.acquire(
+                    urgent=bool(nonce) and path.endswith("/lease"),
+                    on_wait=self._waiting_for_budget if self._on_wait is not None else None,
+                    tick=WAIT_TICK,
+                )
             try:
                 # Only server-side waits read longer than the client's timeout.
                 http = self._waits if read_timeout is not None else self._http

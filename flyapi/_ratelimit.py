@@ -62,8 +62,16 @@ class RateLimiter:
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self._rate:g}, burst={self._burst})"
 
-    async def acquire(self, *, urgent: bool = False) -> None:
-        """Wait until a request may be sent, and take its token."""
+    async def acquire(
+        self,
+        *,
+        urgent: bool = False,
+        on_wait: Callable[[], None] | None = None,
+        tick: float = 1.0,
+    ) -> None:
+        """Wait until a request may be sent, and take its token. `on_wait` is called every
+        `tick` seconds of the wait: under a saturated budget a request may wait minutes
+        for its turn, and its activity must go on heartbeating meanwhile."""
         rank = (0 if urgent else 1, self._age(), next(self._seq))
         self._refill()
         if not self._waiters and self._tokens >= 1:
@@ -74,10 +82,15 @@ class RateLimiter:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         try:
-            await future
+            if on_wait is None:
+                await future
+            else:
+                while not (await asyncio.wait((future,), timeout=tick))[0]:
+                    on_wait()
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._tokens += 1  # granted as it was cancelled: give the token back
+            future.cancel()
             raise
 
     def _age(self) -> float:

@@ -22,7 +22,7 @@ MEASURES = [
     "worker CPU per deploy ÷ baseline worker CPU per workflow, 3 at once",
     *(
         f"worker CPU per deploy: {part}"
-        for part in ("event loop", "workflow thread", "Temporal core", "other threads", "git")
+        for part in ("event loop", "Python threads", "Temporal core", "git")
     ),
     "machine CPU per baseline workflow, all processes",
     "machine CPU per deploy, all processes",

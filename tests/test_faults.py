@@ -202,6 +202,26 @@ async def test_fifty_deploys_share_one_request_budget(
     assert busiest <= allowed, f"{busiest} requests within one second (budget {rate}+{burst})"
 
 
+async def test_deploys_waiting_their_turn_at_a_saturated_budget_keep_heartbeating(
+    temporal_client: Client,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Oldest work first: under a saturated budget the last deploy's requests wait for the
+    others' (here about 10 s, five times the 2 s heartbeat timeout of the fast timings).
+    Their activities heartbeat while they wait, so none times out and is tried again."""
+    settings = make_settings(name="faults", fly_api_rate=3, fly_api_burst=1)
+    async with running_worker(temporal_client, settings):
+        outcomes = await _deploy_many(temporal_client, settings, tmp_path, 5)
+        handles = [
+            temporal_client.get_workflow_handle(request.workflow_id) for request, _ in outcomes
+        ]
+        attempts = [await max_attempt(h) for h in handles]
+    failures = [_why(o) for _, o in outcomes if not isinstance(o, DeployResult)]
+    assert failures == []
+    assert attempts == [1] * 5, "an activity was tried again (heartbeat timeout?)"
+
+
 def test_window_counter() -> None:
     assert max_requests_in_window([0.0, 0.1, 0.5, 1.05, 1.2, 3.0], 1.0) == 3
     assert max_requests_in_window([], 1.0) == 0

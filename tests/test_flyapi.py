@@ -405,6 +405,42 @@ async def test_rate_limiter_serves_the_oldest_work_first_and_lease_refreshes_bef
     assert served == ["refresh", "a1", "a2", "b1", "b2"]
 
 
+async def test_a_request_waiting_for_the_budget_says_so_as_it_waits() -> None:
+    """A turn that comes late calls `on_wait` every tick until it comes (the worker's hook
+    heartbeats the activity), and a wait cancelled midway leaves the budget as it was."""
+    limiter = RateLimiter(rate=4, burst=1)
+    await limiter.acquire()  # the burst is spent: the next turn is 0.25 s away
+    ticks: list[float] = []
+    started = time.monotonic()
+    await limiter.acquire(on_wait=lambda: ticks.append(time.monotonic() - started), tick=0.05)
+    waited = time.monotonic() - started
+    assert waited >= 0.2
+    assert len(ticks) >= 3 and all(t < waited for t in ticks), ticks
+
+    cancelled = asyncio.ensure_future(limiter.acquire(on_wait=lambda: None, tick=0.05))
+    await asyncio.sleep(0.06)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    # The cancelled wait took no turn: the next one is served on time, not a turn later.
+    started = time.monotonic()
+    await asyncio.wait_for(limiter.acquire(), 1.0)
+    assert time.monotonic() - started < 0.25
+
+
+async def test_fly_requests_waiting_for_the_budget_call_the_wait_hook(
+    flysim: Any, fly_token: str, app_name: str
+) -> None:
+    limiter = RateLimiter(rate=5, burst=1)
+    reasons: list[str] = []
+    async with FlyClient(
+        flysim.base_url, fly_token, rate_limiter=limiter, on_wait=reasons.append
+    ) as client:
+        await asyncio.gather(*(client.get_app(app_name) for _ in range(8)))
+    # 8 requests at 5 per second: the last waits about 1.4 s, so at least one tick.
+    assert "waiting for the Fly API request budget" in reasons, reasons
+
+
 async def test_clients_sharing_a_limiter_stay_within_budget(
     flysim: Any, fly_token: str, app_name: str
 ) -> None:

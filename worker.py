@@ -23,6 +23,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities._git_credentials import GitCredentials
 from activities._heartbeat import heartbeat_if_in_activity
+from activities._machines import lease_room
 from activities._ssm import build_ssm_client
 from activities.app_secrets import AppSecretActivities
 from activities.build import BuildActivities
@@ -39,6 +40,7 @@ from activities.secrets import CredentialActivities, CredentialStore
 from core import metrics, temporal, tracing
 from core.db import DeploymentStore, create_pool
 from core.logs import configure_logging
+from core.models import DeployTimings
 from core.settings import Settings
 from flyapi import FlyClient, RateLimiter, RequestRetry
 from workflows.deploy_project import DeployProjectWorkflow, NotifyWorkflow
@@ -74,7 +76,13 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
         credentials.fly_token,
         timeout=settings.fly_api_timeout_seconds,
         rate_limiter=(
-            RateLimiter(settings.fly_api_rate, settings.fly_api_burst, key=_work_key)
+            RateLimiter(
+                settings.fly_api_rate,
+                settings.fly_api_burst,
+                key=_work_key,
+                # Sized for the production lease TTL; shorter TTLs refresh more often.
+                max_leases=lease_room(settings.fly_api_rate, DeployTimings().lease_ttl),
+            )
             if settings.fly_api_rate > 0
             else None
         ),

@@ -92,6 +92,20 @@ class MachineChanged(Exception):
         self.current = current
 
 
+def lease_refresh_interval(ttl: int) -> float:
+    """Seconds between lease refreshes: flyctl's (ttl - 1 s) / 3, 4 s of its 13 s, so two
+    refreshes may fail before a lease lapses under a live rollout."""
+    return (ttl - 1) / 3 if ttl > 2 else ttl / 3
+
+
+def lease_room(rate: float, ttl: timedelta) -> int:
+    """How many machines one worker may hold leased at once under a budget of `rate`
+    requests/s: their refreshes (one per machine per refresh interval) take at most half
+    of it, and the rest goes to the deploys' own requests."""
+    every = lease_refresh_interval(max(1, math.ceil(ttl.total_seconds())))
+    return max(1, int(rate * every / 2))
+
+
 class MachineSession:
     """One activity attempt's work on one app's machines: the leases it holds, its
     heartbeats and its progress."""
@@ -125,9 +139,7 @@ class MachineSession:
 
     @property
     def refresh_interval(self) -> float:
-        """Seconds between lease refreshes: flyctl's (ttl - 1 s) / 3, 4 s of its 13 s, so
-        two refreshes may fail before a lease lapses under a live rollout."""
-        return (self.ttl - 1) / 3 if self.ttl > 2 else self.ttl / 3
+        return lease_refresh_interval(self.ttl)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[MachineSession]:

@@ -173,6 +173,9 @@ class FlyClient:
     def _waiting_for_budget(self) -> None:
         self._waiting("waiting for the Fly API request budget")
 
+    def _waiting_for_lease_room(self) -> None:
+        self._waiting("waiting for room in the Fly API request budget to lease a machine")
+
     @property
     def base_url(self) -> str:
         return self._base_url
@@ -539,12 +542,28 @@ class FlyClient:
         body: dict[str, Any] = {"ttl": int(ttl)}
         if description:
             body["description"] = description
-        response = await self._request(
-            "POST", self._machine_path(app, machine_id, "lease"), json=body, nonce=nonce
-        )
-        lease = self._lease(response)
-        if not lease.nonce:
-            raise self._unexpected(response, "expected a lease with a nonce")
+        limiter, machine = self._limiter, (app, machine_id)
+        if limiter is not None and nonce is None:
+            # Room for its refreshes in the budget first (RateLimiter, "Leases").
+            await limiter.lease(
+                machine,
+                ttl,
+                on_wait=self._waiting_for_lease_room if self._on_wait is not None else None,
+                tick=WAIT_TICK,
+            )
+        try:
+            response = await self._request(
+                "POST", self._machine_path(app, machine_id, "lease"), json=body, nonce=nonce
+            )
+            lease = self._lease(response)
+            if not lease.nonce:
+                raise self._unexpected(response, "expected a lease with a nonce")
+        except BaseException:
+            if limiter is not None and nonce is None:
+                limiter.released(machine)  # not taken
+            raise
+        if limiter is not None and nonce is not None:
+            limiter.renewed(machine, ttl)
         return lease
 
     async def get_lease(self, app: str, machine_id: str) -> Lease | None:
@@ -566,6 +585,8 @@ class FlyClient:
         """Release our lease; a lease (or machine) that is already gone is not an error."""
         with contextlib.suppress(FlyNotFound):
             await self._request("DELETE", self._machine_path(app, machine_id, "lease"), nonce=nonce)
+        if self._limiter is not None:
+            self._limiter.released((app, machine_id))
 
     # --------------------------------------------------------------------------- secrets
 

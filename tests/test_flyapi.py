@@ -441,6 +441,89 @@ async def test_fly_requests_waiting_for_the_budget_call_the_wait_hook(
     assert "waiting for the Fly API request budget" in reasons, reasons
 
 
+async def test_work_that_waited_long_for_its_turn_is_still_old() -> None:
+    """A wait longer than `forget_after` is not idleness: the work's next request keeps its
+    age instead of going to the back of the queue it has just left."""
+    current: dict[str, str | None] = {"key": None}
+    limiter = RateLimiter(rate=10, burst=1, key=lambda: current["key"], forget_after=0.15)
+    served: list[str] = []
+
+    async def one(name: str, key: str, *, urgent: bool = False, then: str | None = None) -> None:
+        current["key"] = key
+        await limiter.acquire(urgent=urgent)
+        served.append(name)
+        if then is not None:
+            current["key"] = key
+            await limiter.acquire()
+            served.append(then)
+
+    await limiter.acquire()  # the burst is spent
+    tasks = [asyncio.ensure_future(one("a1", "a", then="a2"))]
+    await asyncio.sleep(0)
+    tasks += [asyncio.ensure_future(one(f"u{i}", "u", urgent=True)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    tasks.append(asyncio.ensure_future(one("b1", "b")))
+    await asyncio.gather(*tasks)
+    # "a" waited about 0.4 s for a1, more than forget_after; a2 still goes before b1.
+    assert served == ["u0", "u1", "u2", "a1", "a2", "b1"]
+
+
+async def test_leases_wait_for_room_in_the_budget_oldest_work_first() -> None:
+    """At most `max_leases` machines are leased at once; work that holds one takes the rest
+    of its machines at once (no two deploys each hold part of what they need); room is
+    given back by a release, or when a lease lapses unrefreshed (its holder died)."""
+    current: dict[str, str | None] = {"key": None}
+    limiter = RateLimiter(rate=100, burst=10, key=lambda: current["key"], max_leases=2)
+
+    def as_work(key: str, machine: str, ttl: float = 30.0) -> asyncio.Future[None]:
+        current["key"] = key
+        return asyncio.ensure_future(limiter.lease(("app-" + key, machine), ttl, tick=0.02))
+
+    await as_work("a", "a1")
+    await as_work("a", "a2")
+    await as_work("a", "a3")  # "a" holds leases: the rest of its machines at once
+    assert limiter.leased() == 3
+    b = as_work("b", "b1")
+    await asyncio.sleep(0)
+    c = as_work("c", "c1")
+    await asyncio.sleep(0.1)
+    assert not b.done() and not c.done(), "no room: both wait"
+
+    limiter.released(("app-a", "a1"))
+    await asyncio.sleep(0.05)
+    assert not b.done(), "2 are leased: still no room"
+    limiter.released(("app-a", "a2"))
+    await asyncio.wait_for(b, 1)
+    await asyncio.sleep(0.05)
+    assert not c.done(), "room for one: the oldest work's"
+    limiter.released(("app-a", "a3"))
+    await asyncio.wait_for(c, 1)
+    assert limiter.leased() == 2
+
+    # A lease that lapses unrefreshed gives its room back; a refreshed one keeps it.
+    limiter.released(("app-b", "b1"))
+    limiter.released(("app-c", "c1"))
+    await as_work("d", "d1", ttl=0.3)
+    await as_work("e", "e1", ttl=0.3)
+    f = as_work("f", "f1")
+    current["key"] = "e"
+    for _ in range(4):
+        await asyncio.sleep(0.1)
+        limiter.renewed(("app-e", "e1"), 0.3)
+    await asyncio.wait_for(f, 1)
+    assert limiter.leased() == 2, "d1 lapsed, e1 refreshed, f1 leased"
+
+    # A wait given up takes no room.
+    g = as_work("g", "g1")
+    await asyncio.sleep(0.05)
+    g.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await g
+    limiter.released(("app-f", "f1"))
+    await asyncio.sleep(0.05)
+    assert limiter.leased() == 1
+
+
 async def test_clients_sharing_a_limiter_stay_within_budget(
     flysim: Any, fly_token: str, app_name: str
 ) -> None:

@@ -80,6 +80,9 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
                 settings.fly_api_rate,
                 settings.fly_api_burst,
                 key=_work_key,
+                # In a burst a deploy's next activity may wait minutes for a slot of this
+                # worker, held by younger deploys waiting for the budget: not idleness.
+                forget_after=300.0,
                 # Sized for the production lease TTL; shorter TTLs refresh more often.
                 max_leases=lease_room(settings.fly_api_rate, DeployTimings().lease_ttl),
             )

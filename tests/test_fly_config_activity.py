@@ -937,16 +937,13 @@ async def test_cancelled_push_to_a_local_repository_leaves_no_lock_behind(
     assert result.committed and remote.tip() == result.commit_sha
 
 
-async def test_partial_clone_reads_only_the_blobs_it_needs(tmp_path: Path) -> None:
-    """With `read`, the clone holds commits and trees only, plus the blobs named: a large
-    file of the repository never reaches the worker, and the commit pushed on top of such
-    a clone leaves it intact on the remote. The remote allows it as GitHub does."""
+def _filtering_remote(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
+    """A work tree with `files` committed, pushed to a bare remote that serves partial
+    clones as GitHub does."""
     seed, bare = tmp_path / "seed", tmp_path / "remote.git"
-    seed.mkdir()
-    (seed / "fly.toml").write_text('app = "x"\nprimary_region = "iad"\n')
-    (seed / "assets").mkdir()
-    large = os.urandom(4 << 20)
-    (seed / "assets" / "video.bin").write_bytes(large)
+    for rel, data in files.items():
+        (seed / rel).parent.mkdir(parents=True, exist_ok=True)
+        (seed / rel).write_bytes(data)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=seed, check=True)
     subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
@@ -955,6 +952,18 @@ async def test_partial_clone_reads_only_the_blobs_it_needs(tmp_path: Path) -> No
     for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
         subprocess.run(["git", "-C", str(bare), "config", key, "true"], check=True)
     subprocess.run(["git", "push", "-q", str(bare), "main"], cwd=seed, check=True)
+    return seed, bare
+
+
+async def test_partial_clone_reads_only_the_blobs_it_needs(tmp_path: Path) -> None:
+    """With `read`, the clone holds commits and trees only, plus the blobs named: a large
+    file of the repository never reaches the worker, and the commit pushed on top of such
+    a clone leaves it intact on the remote. The remote allows it as GitHub does."""
+    large = os.urandom(4 << 20)
+    _, bare = _filtering_remote(
+        tmp_path,
+        {"fly.toml": b'app = "x"\nprimary_region = "iad"\n', "assets/video.bin": large},
+    )
     video = subprocess.run(
         ["git", "-C", str(bare), "rev-parse", "main:assets/video.bin"],
         capture_output=True, text=True, check=True,
@@ -987,17 +996,8 @@ async def test_a_blob_already_read_or_committed_is_not_fetched_again(tmp_path: P
     it, a later partial clone reads it without fetching. Content that changed on the remote
     has another id, so it is fetched and read as it is now."""
     gitrepo._blobs.clear()
-    seed, bare = tmp_path / "seed", tmp_path / "remote.git"
-    seed.mkdir()
-    (seed / "fly.toml").write_text('app = "x"\n')
+    seed, bare = _filtering_remote(tmp_path, {"fly.toml": b'app = "x"\n'})
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=seed, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "seed"], cwd=seed, check=True)
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
-    for key in ("uploadpack.allowFilter", "uploadpack.allowAnySHA1InWant"):
-        subprocess.run(["git", "-C", str(bare), "config", key, "true"], check=True)
-    subprocess.run(["git", "push", "-q", str(bare), "main"], cwd=seed, check=True)
     url, author = f"file://{bare}", gitrepo.GitIdentity("turbodeploy", "turbodeploy@localhost")
 
     def blob_id(text: str) -> bytes:

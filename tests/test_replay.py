@@ -5,6 +5,10 @@ current code; a change that would break them breaks this test. Regenerate them a
 intended incompatible change with
 
     TURBODEPLOY_UPDATE_HISTORIES=1 pytest tests/test_replay.py
+
+That replaces every saved history: the old ones are what keeps the code behind each
+`workflow.patched` tested. To save a new kind of run only, name it:
+`TURBODEPLOY_UPDATE_HISTORIES=stopped,started` writes those two and leaves the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from turbodeploy.client import start_deploy
+from turbodeploy.client import start_deploy, start_destroy, start_start, start_stop
 from turbodeploy.models import DeployRequest
 from turbodeploy.settings import Settings
 from turbodeploy.stack import publish_example
@@ -32,11 +36,18 @@ from worker import create_worker
 from workflows import DeployProjectWorkflow
 
 HISTORIES = Path(__file__).absolute().parent / "histories"
-UPDATE = os.environ.get("TURBODEPLOY_UPDATE_HISTORIES") == "1"
+UPDATE = os.environ.get("TURBODEPLOY_UPDATE_HISTORIES", "")
 BROKEN_IMAGE = "registry.fly.io/turbobackend-test:broken"
 # Representative runs; `secrets_rollback` is a failed release whose changed secret is put
-# back (the second deploy of its project).
-RUNS = ("success", "app_name_taken", "health_failure", "secrets_rollback")
+# back (the second deploy of its project). Then one project's stop, start and destroy
+# after its deploy: each request is a run of its own.
+DEPLOY_RUNS = ("success", "app_name_taken", "health_failure", "secrets_rollback")
+LIFECYCLE_RUNS = {
+    "stopped": (start_stop, "stop_fly_machines"),
+    "started": (start_start, "start_fly_machines"),
+    "destroyed": (start_destroy, "delete_fly_app"),
+}
+RUNS = (*DEPLOY_RUNS, *LIFECYCLE_RUNS)
 
 
 def _replayer() -> Replayer:
@@ -69,10 +80,11 @@ async def fresh_histories(
         async with create_worker(temporal_client, settings) as w:
             task = asyncio.create_task(w.run())
             try:
-                for name in RUNS:
+                for name in DEPLOY_RUNS:
                     histories[name] = await _run(
                         temporal_client, settings, flysim, tmp, name, ssm_endpoint
                     )
+                histories.update(await _lifecycle(temporal_client, settings, tmp))
             finally:
                 await w.shutdown()
                 await task
@@ -80,9 +92,13 @@ async def fresh_histories(
         reset_faults(flysim)
     if UPDATE:
         HISTORIES.mkdir(exist_ok=True)
-        for old in HISTORIES.glob("*.json"):
-            old.unlink()
+        if UPDATE == "1":
+            for old in HISTORIES.glob("*.json"):
+                old.unlink()
+        only = set(RUNS) if UPDATE == "1" else set(UPDATE.split(","))
         for name, history in histories.items():
+            if name not in only:
+                continue
             data = history.to_json_dict()
             (HISTORIES / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     yield histories
@@ -130,6 +146,27 @@ async def _run(
     if name == "secrets_rollback":
         assert "restore_app_secrets" in json.dumps(history.to_json_dict())
     return history
+
+
+async def _lifecycle(client: Client, settings: Settings, tmp: Path) -> dict[str, WorkflowHistory]:
+    project_id = f"replay-lifecycle-{uuid.uuid4().hex[:6]}"
+    request = DeployRequest(
+        project_id=project_id,
+        repo_url=publish_example("nitro-hello", tmp / "repos-lifecycle"),
+        image=IMAGE,
+        timings=fast_timings(),
+    )
+    await (await start_deploy(client, request, task_queue=settings.task_queue)).result()
+    histories: dict[str, WorkflowHistory] = {}
+    for name, (submit, step) in LIFECYCLE_RUNS.items():
+        handle = await submit(
+            client, project_id, timings=fast_timings(), task_queue=settings.task_queue
+        )
+        await handle.result()
+        history = await workflow_of(handle).fetch_history()
+        assert step in json.dumps(history.to_json_dict()), f"{name}: {step} did not run"
+        histories[name] = history
+    return histories
 
 
 @pytest.mark.parametrize("name", RUNS)

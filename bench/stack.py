@@ -157,6 +157,13 @@ class WorkerProcess:
         self.log.close()
 
 
+def _cpu_ticks(stat: str) -> tuple[int, int]:
+    """Clock ticks of CPU in a stat(5) line: (utime + stime, cutime + cstime), i.e. the
+    process's (or thread's) own and that of the children it reaped."""
+    fields = stat[stat.rindex(")") + 2 :].split()  # starts at field 3 of stat(5)
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
 @dataclass(frozen=True)
 class Usage:
     """CPU seconds (the process and the children it reaped, i.e. git) and memory of one
@@ -168,10 +175,8 @@ class Usage:
 
     @classmethod
     def of(cls, pid: int) -> Usage:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # utime, stime, cutime, cstime are fields 14-17 of stat(5); `fields` starts at 3.
-        cpu = sum(int(v) for v in fields[11:15]) / _TICKS
+        own, children = _cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+        cpu = (own + children) / _TICKS
         memory = {}
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             name, _, value = line.partition(":")
@@ -191,30 +196,25 @@ def cpu_split(pid: int) -> dict[str, float]:
     have ended), the SDK's Rust core (its tokio and workflow-processing threads), and the
     children it reaped (git)."""
 
-    def ticks(stat: str, first: int, count: int) -> int:
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return sum(int(v) for v in fields[first : first + count])
-
     proc = Path(f"/proc/{pid}")
-    whole = (proc / "stat").read_text()
+    own, children = _cpu_ticks((proc / "stat").read_text())
     loop = core = 0
     for task in (proc / "task").iterdir():
         try:
             # Python names no OS thread: its threads keep the process's name.
             comm = (task / "comm").read_text().strip()
-            used = ticks((task / "stat").read_text(), 11, 2)
+            used, _ = _cpu_ticks((task / "stat").read_text())
         except FileNotFoundError:  # the thread ended meanwhile
             continue
         if int(task.name) == pid:
             loop += used
         elif comm.startswith(("tokio", "temporal", "workflow-proces")):
             core += used
-    own = ticks(whole, 11, 2)
     parts = {
         "event loop": loop,
         "Python threads": max(0, own - loop - core),
         "Temporal core": core,
-        "git": ticks(whole, 13, 2),
+        "git": children,
     }
     return {name: value / _TICKS for name, value in parts.items()}
 

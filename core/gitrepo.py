@@ -555,12 +555,13 @@ async def cloned(
 async def _fetch_blobs(clone: BranchClone, paths: Sequence[str]) -> None:
     """Fetch the content of `paths` at the cloned commit that a partial clone left out: one
     request for them all, as git's own lazy fetch makes it."""
+    store = clone._repo.object_store
     wanted = []
     for path in paths:
         entry = clone._lookup(_relpath(path))
-        store = clone._repo.object_store
-        known = entry is not None and (entry[1] in store or entry[1] in _blobs)
-        if entry is not None and stat.S_ISREG(entry[0]) and not known:
+        if entry is None or not stat.S_ISREG(entry[0]):
+            continue
+        if entry[1] not in store and entry[1] not in _blobs:
             wanted.append(entry[1].decode("ascii"))
     if not wanted:
         return

@@ -543,7 +543,8 @@ class FlyClient:
         if description:
             body["description"] = description
         limiter, machine = self._limiter, (app, machine_id)
-        if limiter is not None and nonce is None:
+        new = nonce is None
+        if limiter is not None and new:
             # Room for its refreshes in the budget first (RateLimiter, "Leases").
             await limiter.lease(
                 machine,
@@ -559,10 +560,10 @@ class FlyClient:
             if not lease.nonce:
                 raise self._unexpected(response, "expected a lease with a nonce")
         except BaseException:
-            if limiter is not None and nonce is None:
+            if limiter is not None and new:
                 limiter.released(machine)  # not taken
             raise
-        if limiter is not None and nonce is not None:
+        if limiter is not None and not new:
             limiter.renewed(machine, ttl)
         return lease
 

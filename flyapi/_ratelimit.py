@@ -101,11 +101,7 @@ class RateLimiter:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         try:
-            if on_wait is None:
-                await future
-            else:
-                while not (await asyncio.wait((future,), timeout=tick))[0]:
-                    on_wait()
+            await _wait_turn(future, on_wait, tick)
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._tokens += 1  # granted as it was cancelled: give the token back
@@ -178,9 +174,7 @@ class RateLimiter:
         heapq.heappush(self._lease_waiters, (rank, key, machine, ttl, future))
         self._arm_lease_timer()
         try:
-            while not (await asyncio.wait((future,), timeout=tick))[0]:
-                if on_wait is not None:
-                    on_wait()
+            await _wait_turn(future, on_wait, tick)
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.released(machine)  # admitted as it was cancelled: give the room back
@@ -247,3 +241,14 @@ class RateLimiter:
         elapsed = max(now - self._updated, 0.0)
         self._updated = now
         self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+
+
+async def _wait_turn(
+    future: asyncio.Future[None], on_wait: Callable[[], None] | None, tick: float
+) -> None:
+    """Wait for `future`, calling `on_wait` every `tick` seconds meanwhile."""
+    if on_wait is None:
+        await future
+        return
+    while not (await asyncio.wait((future,), timeout=tick))[0]:
+        on_wait()

@@ -152,10 +152,16 @@ class MachineSession:
             try:
                 yield self
             finally:
-                keep_alive.cancel()
-                await asyncio.gather(keep_alive, return_exceptions=True)
                 # Shielded: a cancelled activity must still hand its machines back.
-                await asyncio.shield(self.release_all())
+                await asyncio.shield(self._stop(keep_alive))
+
+    async def _stop(self, keep_alive: asyncio.Task[None]) -> None:
+        # A refresh already sent is let finish: cut short, it could still reach the API
+        # after the release and take the lease again, with a nonce nobody holds.
+        async with self._lease_lock:
+            keep_alive.cancel()
+            await asyncio.gather(keep_alive, return_exceptions=True)
+        await self.release_all()
 
     # ------------------------------------------------------------------------- listing
 

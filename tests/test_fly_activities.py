@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from harness import (
     ACTIVITY_TIMINGS,
@@ -28,6 +30,7 @@ from activities.secrets import CredentialStore
 from core.flytoml import machine_config
 from core.settings import Settings
 from flyapi import FlyClient, Machine
+from flyapi._client import LEASE_NONCE_HEADER
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -38,6 +41,40 @@ def _creates(flysim: Any) -> int:
 
 async def _machines(fly: FlyClient, app: str) -> dict[str, Machine]:
     return {m.id: m for m in await fly.list_machines(app)}
+
+
+class _LateRefreshes(httpx.AsyncBaseTransport):
+    """A network that delivers lease refreshes late: a refresh whose sender stopped waiting
+    still reaches the API, after a release sent meanwhile or else after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self._network = httpx.AsyncHTTPTransport()
+        self._delay = delay
+        self._released = asyncio.Event()
+        self.refresh_on_its_way = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        lease = request.url.path.endswith("/lease")
+        if lease and request.method == "POST" and request.headers.get(LEASE_NONCE_HEADER):
+            self.refresh_on_its_way.set()
+            return await asyncio.shield(asyncio.ensure_future(self._late(request)))
+        response = await self._send(request)
+        if lease and request.method == "DELETE":
+            self._released.set()
+        return response
+
+    async def _late(self, request: httpx.Request) -> httpx.Response:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), self._delay)
+        return await self._send(request)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        response = await self._network.handle_async_request(request)
+        content = await response.aread()
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
 
 
 # --------------------------------------------------------------------------- ensure_app
@@ -486,6 +523,36 @@ async def test_cancelled_rollout_releases_its_leases(
             await task
     finally:
         flysim.config.unhealthy_images.discard(bad)
+    assert held_leases(flysim, app) == []
+
+
+async def test_a_refresh_on_its_way_is_answered_before_the_leases_are_released(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    settings: Settings,
+    credentials: CredentialStore,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    """A refresh cut short as the attempt ends could reach the API after the release and
+    take the lease again, with a nonce nobody holds: the session lets it finish first."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one"))
+    machines = await fly.list_machines(app)
+    network = _LateRefreshes(delay=0.5)
+    async with FlyClient(
+        settings.fly_api_base_url, credentials.fly_token, transport=network
+    ) as late:
+
+        async def attempt() -> None:
+            session = MachineSession(late, app, ACTIVITY_TIMINGS)
+            async with session.running():
+                await session.lease_all(machines)
+                await network.refresh_on_its_way.wait()
+
+        await asyncio.wait_for(env.run(attempt), 10)
+    await asyncio.sleep(0.6)  # whatever the network still carried has arrived
     assert held_leases(flysim, app) == []
 
 

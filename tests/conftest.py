@@ -75,6 +75,16 @@ def _exchanges_conform_to_the_spec() -> Iterator[None]:
         )
 
 
+@pytest.fixture(autouse=True)
+def _a_fresh_worker_memory_of_checks() -> None:
+    """Each test deploys as a worker that has seen no other project's checks: a window
+    learnt in an earlier test (one that made checks pass late on purpose) would set when
+    this test's first deploys read theirs."""
+    from activities._machines import RECENT_CHECKS
+
+    RECENT_CHECKS.clear()
+
+
 def reference_file(*parts: str) -> Path:
     """A file from the shared reference material, or skip the test saying why."""
     path = REFERENCE_DIR.joinpath(*parts)

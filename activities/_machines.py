@@ -273,6 +273,20 @@ class MachineSession:
             until_expiry = (lease.expires_at or 0) - time.time()
             await asyncio.sleep(min(max(until_expiry, poll), _MAX_LEASE_POLL_SECONDS, remaining))
 
+    async def _lease_adopted(self, machine_id: str) -> None:
+        """Lease a machine whose create's answer, and with it the nonce of the lease the
+        create took, was lost: once that lease lapses (within one ttl), it is ours. The
+        other leases are kept meanwhile: no one else waits for a machine just made."""
+        wait = max(self.timings.lease_wait_timeout.total_seconds(), self.ttl + 1.0)
+        deadline = time.monotonic() + wait
+        while machine_id not in self.leases:
+            try:
+                await self._lease(machine_id)
+            except FlyError as exc:
+                if not _lease_held(exc):
+                    raise self._lease_error(machine_id, exc) from None
+                await self._wait_for_lease(machine_id, exc, deadline)
+
     async def _lease(self, machine_id: str) -> None:
         lease = await self.fly.acquire_lease(
             self.app, machine_id, self.ttl, description=LEASE_DESCRIPTION
@@ -415,6 +429,7 @@ class MachineSession:
                         self.app,
                         exc,
                     )
+                    await self._lease_adopted(found[0].id)
                     return found[0]
                 # Created again only when a listing shows the first try made nothing (a
                 # failed listing proves nothing), as the Fly client retries its other calls.

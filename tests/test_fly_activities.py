@@ -28,6 +28,7 @@ from activities.fly_apps import EnsureAppInput, FlyAppActivities
 from activities.rollout import RolloutActivities
 from activities.secrets import CredentialStore
 from core.flytoml import machine_config
+from core.models import Strategy
 from core.settings import Settings
 from flyapi import FlyClient, Machine
 from flyapi._client import LEASE_NONCE_HEADER
@@ -72,6 +73,26 @@ class _LateRefreshes(httpx.AsyncBaseTransport):
         response = await self._network.handle_async_request(request)
         content = await response.aread()
         return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
+class _LostCreateAnswer(httpx.AsyncBaseTransport):
+    """A network that loses the answer to the first machine create: the API made the
+    machine (and its lease), the caller sees a read timeout."""
+
+    def __init__(self) -> None:
+        self._network = httpx.AsyncHTTPTransport()
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._network.handle_async_request(request)
+        if not self.lost and request.method == "POST" and request.url.path.endswith("/machines"):
+            await response.aread()
+            self.lost += 1
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        return response
 
     async def aclose(self) -> None:
         await self._network.aclose()
@@ -553,6 +574,33 @@ async def test_a_refresh_on_its_way_is_answered_before_the_leases_are_released(
 
         await asyncio.wait_for(env.run(attempt), 10)
     await asyncio.sleep(0.6)  # whatever the network still carried has arrived
+    assert held_leases(flysim, app) == []
+
+
+async def test_a_machine_whose_create_answer_was_lost_is_leased_before_it_is_used(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    settings: Settings,
+    credentials: CredentialStore,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    """The create's lease came with the answer that was lost: the machine found instead is
+    leased once that lease lapses, so the traffic switch to it carries a nonce."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one"))
+    network = _LostCreateAnswer()
+    async with FlyClient(
+        settings.fly_api_base_url, credentials.fly_token, transport=network
+    ) as lossy:
+        result = await env.run(
+            RolloutActivities(lossy).roll_out,
+            rollout_input(app, f"{image}:v2", "d-two", strategy=Strategy.BLUEGREEN),
+        )
+    assert network.lost == 1
+    assert [m.action for m in result.machines] == ["created"]
+    assert [m.id for m in await fly.list_machines(app)] == result.machine_ids
     assert held_leases(flysim, app) == []
 
 

@@ -135,6 +135,8 @@ class MachineSession:
         # that reached the API after the release would take a new lease (the nonce of a
         # lease that is gone asks for a new one).
         self._lease_lock = asyncio.Lock()
+        # Lease requests on their way: each is let finish even when its caller is cancelled.
+        self._acquiring: set[asyncio.Task[None]] = set()
         self.progress = RolloutProgress()
 
     @property
@@ -161,6 +163,14 @@ class MachineSession:
         async with self._lease_lock:
             keep_alive.cancel()
             await asyncio.gather(keep_alive, return_exceptions=True)
+        # Likewise a lease request: granted after its caller gave up, it would hold the
+        # machine with a nonce nobody knows until it lapsed. Its answer is waited for (no
+        # longer than the lease would live) so that `release_all` hands it back too.
+        if self._acquiring:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*self._acquiring, return_exceptions=True), self.ttl
+                )
         await self.release_all()
 
     # ------------------------------------------------------------------------- listing
@@ -288,6 +298,12 @@ class MachineSession:
                 await self._wait_for_lease(machine_id, exc, deadline)
 
     async def _lease(self, machine_id: str) -> None:
+        task = asyncio.ensure_future(self._acquire(machine_id))
+        self._acquiring.add(task)
+        task.add_done_callback(self._acquiring.discard)
+        await asyncio.shield(task)  # cut short, it still records the nonce (see `_stop`)
+
+    async def _acquire(self, machine_id: str) -> None:
         lease = await self.fly.acquire_lease(
             self.app, machine_id, self.ttl, description=LEASE_DESCRIPTION
         )

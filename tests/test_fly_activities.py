@@ -78,6 +78,31 @@ class _LateRefreshes(httpx.AsyncBaseTransport):
         await self._network.aclose()
 
 
+class _SlowLeaseAnswers(httpx.AsyncBaseTransport):
+    """A network that is slow to answer a request for a new lease: the API grants it at
+    once, its answer arrives `delay` seconds later, or never to a caller that gave up."""
+
+    def __init__(self, delay: float) -> None:
+        self._network = httpx.AsyncHTTPTransport()
+        self._delay = delay
+        self.granted = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._network.handle_async_request(request)
+        content = await response.aread()
+        if (
+            request.url.path.endswith("/lease")
+            and request.method == "POST"
+            and not request.headers.get(LEASE_NONCE_HEADER)
+        ):
+            self.granted.set()
+            await asyncio.sleep(self._delay)
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
+
+
 class _LostCreateAnswer(httpx.AsyncBaseTransport):
     """A network that loses the answer to the first machine create: the API made the
     machine (and its lease), the caller sees a read timeout."""
@@ -574,6 +599,40 @@ async def test_a_refresh_on_its_way_is_answered_before_the_leases_are_released(
 
         await asyncio.wait_for(env.run(attempt), 10)
     await asyncio.sleep(0.6)  # whatever the network still carried has arrived
+    assert held_leases(flysim, app) == []
+
+
+async def test_a_lease_granted_after_its_request_was_cancelled_is_released(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    settings: Settings,
+    credentials: CredentialStore,
+    flysim: Any,
+    app: str,
+    image: str,
+) -> None:
+    """An attempt cancelled while its lease requests are on their way: the API granted
+    them, so the session waits for their nonces and releases those leases too, rather
+    than leave the machines held by nobody until the leases lapse."""
+    await env.run(rollout.roll_out, rollout_input(app, f"{image}:v1", "d-one", machine_count=2))
+    machines = await fly.list_machines(app)
+    network = _SlowLeaseAnswers(delay=0.3)
+    async with FlyClient(
+        settings.fly_api_base_url, credentials.fly_token, transport=network
+    ) as slow:
+
+        async def attempt() -> None:
+            session = MachineSession(slow, app, ACTIVITY_TIMINGS)
+            async with session.running():
+                leasing = asyncio.create_task(session.lease_all(machines))
+                await network.granted.wait()
+                leasing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leasing
+
+        await asyncio.wait_for(env.run(attempt), 10)
+    # At once, not after the ttl (3 s): a lease left behind would still be held here.
     assert held_leases(flysim, app) == []
 
 

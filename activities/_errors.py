@@ -117,6 +117,8 @@ FLY_TOML_ERROR = Failure("FlyTomlError", retryable=False)
 UNSUPPORTED_STRATEGY = Failure("UnsupportedStrategy", retryable=False)
 BLUE_GREEN_NEEDS_CHECKS = Failure("BlueGreenNeedsChecks", retryable=False)
 BLUE_GREEN_WITH_VOLUMES = Failure("BlueGreenWithVolumes", retryable=False)
+# fly.toml gained [mounts] and the app's machines have no volume to keep.
+MOUNTS_NEED_NEW_MACHINES = Failure("MountsNeedNewMachines", retryable=False)
 FLYCTL_MISSING = Failure("FlyctlMissing", retryable=False)
 INVALID_BUILD_INPUT = Failure("InvalidBuildInput", retryable=False)
 # The machine failed to launch, crashed, or its version was replaced while we waited.

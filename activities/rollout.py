@@ -36,6 +36,7 @@ from activities._errors import (
     BLUE_GREEN_NEEDS_CHECKS,
     BLUE_GREEN_WITH_VOLUMES,
     FLY_TOML_ERROR,
+    MOUNTS_NEED_NEW_MACHINES,
     UNSUPPORTED_STRATEGY,
 )
 from activities._machines import (
@@ -192,6 +193,7 @@ class _Rollout:
                 canaries = [fresh[m.id] for m in canaries if m.id in fresh]
                 regular = [fresh[m.id] for m in regular if m.id in fresh]
             steps = [] if strategy is Strategy.BLUEGREEN else self._plan(regular)
+            _refuse_new_mounts(self._app, steps)
             # An earlier attempt that got as far as updating a machine saw its canary pass.
             resumed = any(s.kind == "keep" for s in steps)
             use_canary = strategy is Strategy.CANARY and bool(regular) and not resumed
@@ -617,6 +619,27 @@ def _refuse_volumes(app: str, machines: list[Machine]) -> None:
         raise BLUE_GREEN_WITH_VOLUMES(
             f"Blue-green deploy of {app} is not possible: machine(s) {', '.join(with_mounts)} "
             "have volumes, which a new machine cannot share; use the rolling strategy"
+        )
+
+
+def _refuse_new_mounts(app: str, steps: list[_Step]) -> None:
+    """A volume cannot be attached to a machine that exists (as flyctl says too): a fly.toml
+    that gained `[mounts]` needs new machines, which only the operator may decide to make,
+    since the old machines' disks go with them."""
+    bare = [
+        s.machine.id
+        for s in steps
+        if s.kind == "update"
+        and s.machine is not None
+        and s.config.get("mounts")
+        and not s.machine.config.get("mounts")
+    ]
+    if bare:
+        raise MOUNTS_NEED_NEW_MACHINES(
+            f"fly.toml of {app} has [mounts], but machine(s) {', '.join(bare)} have no "
+            "volume, and a volume cannot be attached to an existing machine; destroy them "
+            f"(fly machine destroy --force ID -a {app}) and deploy again: the machines "
+            "created for the missing slots get volumes"
         )
 
 

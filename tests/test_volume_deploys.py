@@ -120,3 +120,47 @@ async def test_a_retried_first_deploy_mounts_the_volume_it_already_created(
     await _release(env, rollout, rollout_input(app, f"{image}:v1", "d-1", fly_toml=_fly_toml(app)))
     assert list((await _volumes_by_machine(fly, app)).values()) == [leftover.id]
     assert [v.id for v in await fly.list_volumes(app)] == [leftover.id]
+
+
+@pytest.mark.parametrize("strategy", ["rolling", "immediate", "canary"])
+async def test_mounts_added_to_an_app_whose_machines_have_no_volume_are_refused_untouched(
+    env: ActivityEnvironment,
+    rollout: RolloutActivities,
+    fly: FlyClient,
+    flysim: Any,
+    app: str,
+    image: str,
+    strategy: str,
+) -> None:
+    plain = render_fly_toml(app_name=app, region="iad", env={}, existing=None)
+    await _release(
+        env, rollout, rollout_input(app, f"{image}:v1", "d-1", machine_count=2, fly_toml=plain)
+    )
+    before = {m.id: m.version for m in await fly.list_machines(app)}
+
+    with pytest.raises(ApplicationError) as caught:
+        await _release(
+            env,
+            rollout,
+            rollout_input(
+                app, f"{image}:v2", "d-2", machine_count=2, fly_toml=_fly_toml(app),
+                strategy=strategy,
+            ),
+        )  # fmt: skip
+    assert caught.value.type == "MountsNeedNewMachines" and caught.value.non_retryable
+    assert all(machine_id in caught.value.message for machine_id in before)
+    # Refused before anything changed: no machine updated or created, no canary, no volume.
+    assert {m.id: m.version for m in await fly.list_machines(app)} == before
+    assert await fly.list_volumes(app) == []
+    assert held_leases(flysim, app) == []
+
+    # What the message says to do works: without the old machines, new ones get volumes.
+    for machine_id in before:
+        await fly.delete_machine(app, machine_id, force=True)
+    await _release(
+        env,
+        rollout,
+        rollout_input(app, f"{image}:v2", "d-3", machine_count=2, fly_toml=_fly_toml(app)),
+    )
+    attached = await _volumes_by_machine(fly, app)
+    assert len(set(attached.values())) == 2 and not set(attached) & set(before)

@@ -7,9 +7,6 @@ Files the repository already has are never replaced.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from datetime import timedelta
 from typing import Any
 
 from pydantic import Field
@@ -17,12 +14,12 @@ from temporalio import activity
 
 from activities._errors import BLUE_GREEN_WITH_VOLUMES, FLY_TOML_ERROR, UNSUPPORTED_STRATEGY
 from activities._git_credentials import GitCredentials
+from activities._heartbeat import PeriodicHeartbeat
 from core import dockerfile, flytoml, gitrepo
 from core.models import Model, Strategy
 from core.settings import Settings
 
 FLY_TOML = "fly.toml"
-_DEFAULT_HEARTBEAT_EVERY = timedelta(seconds=5)
 _PROBE_IMAGE = "registry.fly.io/probe:latest"
 
 
@@ -166,31 +163,13 @@ def _commit_message(input: PrepareConfigInput, paths: list[str]) -> str:
     )
 
 
-class _Heartbeat:
+class _Heartbeat(PeriodicHeartbeat):
     """Heartbeats with the current step, at once on each step and then periodically."""
 
     def __init__(self) -> None:
         self._step = "starting"
-        self._task: asyncio.Task[None] | None = None
-        timeout = activity.info().heartbeat_timeout
-        every = timeout / 3 if timeout else _DEFAULT_HEARTBEAT_EVERY
-        self._every = max(every.total_seconds(), 0.05)
+        super().__init__(lambda: self._step)
 
     def step(self, name: str) -> None:
         self._step = name
-        activity.heartbeat(name)
-
-    async def __aenter__(self) -> _Heartbeat:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._every)
-            activity.heartbeat(self._step)
+        self.beat()

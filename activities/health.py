@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities._errors import HEALTH_CHECK_FAILED
+from activities._heartbeat import PeriodicHeartbeat
 from core.models import DeployTimings, Model
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,19 @@ class HealthActivities:
             if details
             else _HealthProgress(started_at=time.time(), attempts=0)
         )
+        # The proxy may hold a request for as long as a machine takes to wake, and httpx's
+        # timeout bounds each phase of it (connect, write, read), not the whole: heartbeats
+        # run beside the request so a slow answer is never taken for a dead worker.
+        async with PeriodicHeartbeat(progress.model_dump) as beat:
+            return await self._poll(url, timings, progress, beat)
+
+    async def _poll(
+        self,
+        url: str,
+        timings: DeployTimings,
+        progress: _HealthProgress,
+        beat: PeriodicHeartbeat,
+    ) -> HealthCheckResult:
         deadline = progress.started_at + timings.health_deadline.total_seconds()
         delay = timings.health_poll_initial.total_seconds()
         while True:
@@ -78,7 +92,10 @@ class HealthActivities:
                 0.1, min(timings.health_request_timeout.total_seconds(), remaining)
             )
             try:
-                response = await self._http.get(url, timeout=request_timeout)
+                # The whole request, not only each phase of it (a server that sends its
+                # answer a byte at a time would keep every read inside httpx's timeout).
+                async with asyncio.timeout(request_timeout):
+                    response = await self._http.get(url, timeout=request_timeout)
                 progress.last_status = response.status_code
                 progress.last_error = "" if response.status_code == 200 else _snippet(response)
                 if response.status_code == 200:
@@ -89,9 +106,11 @@ class HealthActivities:
                         last_status=200,
                         detail=f"{url} answered 200",
                     )
+            except TimeoutError:
+                progress.last_error = f"no whole answer within {request_timeout:.3g}s"
             except httpx.HTTPError as exc:
                 progress.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            activity.heartbeat(progress.model_dump())
+            beat.beat()
             remaining = deadline - time.time()
             if remaining <= 0:
                 break

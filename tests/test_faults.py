@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from harness import (
     deploy_request,
     deployment_rows,
     failure_message,
+    fast_timings,
     max_attempt,
     max_requests_in_window,
     new_project_id,
@@ -41,13 +43,19 @@ def _why(outcome: object) -> str:
 
 
 async def _deploy_many(
-    client: Client, settings: Settings, tmp_path: Path, count: int, machine_count: int = 1
+    client: Client,
+    settings: Settings,
+    tmp_path: Path,
+    count: int,
+    machine_count: int = 1,
+    **fields: Any,
 ) -> list[tuple[DeployRequest, DeployResult | BaseException]]:
     requests = [
         deploy_request(
             new_project_id("f"),
             publish_example("nitro-hello", tmp_path / f"repos-{i}"),
             machine_count=machine_count,
+            **fields,
         )
         for i in range(count)
     ]
@@ -188,7 +196,11 @@ async def test_fifty_deploys_share_one_request_budget(
     settings = make_settings(name="faults", fly_api_rate=rate, fly_api_burst=burst)
     async with running_worker(temporal_client, settings):
         started = time.time()
-        outcomes = await _deploy_many(temporal_client, settings, tmp_path, 50)
+        # Fifty deploys on one worker: the SDK sends heartbeats at most every 0.8 of the
+        # timeout, so the fast timings' 2 s leave 0.4 s for a loaded machine to deliver
+        # one. This test is about the budget, so it gives them the room production has.
+        timings = fast_timings(heartbeat_timeout=timedelta(seconds=5))
+        outcomes = await _deploy_many(temporal_client, settings, tmp_path, 50, timings=timings)
     failures = [_why(o) for _, o in outcomes if not isinstance(o, DeployResult)]
     assert failures == []
     times = [t for t, _, _, _ in list(flysim.request_log) if t >= started]

@@ -157,7 +157,9 @@ def restore(t: DeployTimings, machine_count: int) -> StepPolicy:
 
 def health(t: DeployTimings) -> StepPolicy:
     # The deadline is the point of this step: an unhealthy app fails non-retryably inside
-    # the activity. Retries only cover a worker that died mid-check.
+    # the activity. Retries only cover a worker that died mid-check. The heartbeat timeout
+    # stays above one request and one poll: workers before PeriodicHeartbeat beat only
+    # between requests, and one of them may take an attempt during an upgrade.
     return StepPolicy(
         start_to_close=t.health_deadline + t.health_request_timeout + timedelta(seconds=30),
         heartbeat=max(t.heartbeat_timeout, t.health_request_timeout + t.health_poll_max),

@@ -11,11 +11,11 @@ from typing import Any, Final, Self
 
 from temporalio import activity
 
+_DEFAULT_EVERY: Final = timedelta(seconds=5)  # when the activity has no heartbeat timeout
+
 # What the running activity heartbeats, given the reason of a wait: set by an activity
 # whose heartbeat details carry state a retry needs (the rollout's lease nonces), so a
 # wait inside the Fly client does not replace them with its reason alone.
-_DEFAULT_EVERY: Final = timedelta(seconds=5)  # when the activity has no heartbeat timeout
-
 _DETAILS: contextvars.ContextVar[Callable[[str], Any] | None] = contextvars.ContextVar(
     "heartbeat_details", default=None
 )

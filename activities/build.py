@@ -42,7 +42,6 @@ import tempfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Final
 
@@ -58,6 +57,7 @@ from activities._errors import (
     INVALID_BUILD_INPUT,
 )
 from activities._git_credentials import GitCredentials
+from activities._heartbeat import PeriodicHeartbeat
 from activities.secrets import CredentialStore
 from core import gitrepo
 from core.models import DeployTimings, Model, validate_image
@@ -76,7 +76,6 @@ _EXIT_INTERRUPTED: Final = 127
 _TAIL_LINES: Final = 200
 _MAX_LINE_CHARS: Final = 4000
 _DRAIN_SECONDS: Final = 2.0
-_DEFAULT_HEARTBEAT_EVERY: Final = timedelta(seconds=5)
 _INSTALL_HINT: Final = (
     "install it with `curl -L https://fly.io/install.sh | sh` (the worker image does), "
     "or point TURBODEPLOY_FLYCTL_PATH at it"
@@ -300,13 +299,8 @@ class BuildActivities:
         """Run `body` (which runs flyctl) with heartbeats of its output; a non-zero exit
         becomes a clear error."""
         output = _Output()
-        beat = asyncio.create_task(_heartbeat_forever(output))
-        try:
+        async with PeriodicHeartbeat(output.progress):
             code = await body(output)
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
         if code != 0:
             error = _failure(what, code, output)
             if _AUTH_RE.search(output.error_text()):
@@ -498,14 +492,6 @@ def _secret_forms(token: str) -> tuple[str, ...]:
     pieces.add(body)
     pieces.update(p for p in body.split(",") if len(p) >= 16)
     return tuple(sorted((p for p in pieces if p), key=len, reverse=True))
-
-
-async def _heartbeat_forever(output: _Output) -> None:
-    timeout = activity.info().heartbeat_timeout
-    every = (timeout / 3 if timeout else _DEFAULT_HEARTBEAT_EVERY).total_seconds()
-    while True:
-        await asyncio.sleep(max(every, 0.05))
-        activity.heartbeat(output.progress())
 
 
 # --------------------------------------------------------------------------- failures

@@ -87,9 +87,9 @@ class RateLimiter:
         on_wait: Callable[[], None] | None = None,
         tick: float = 1.0,
     ) -> None:
-        """Wait until a request may be sent, and take its token. `on_wait` is called every
-        `tick` seconds of the wait: under a saturated budget a request may wait minutes
-        for its turn, and its activity must go on heartbeating meanwhile."""
+        """Wait until a request may be sent, and take its token. `on_wait` is called as a
+        wait begins and every `tick` seconds of it: under a saturated budget a request may
+        wait minutes for its turn, and its activity must go on heartbeating meanwhile."""
         key = self._key() if self._key is not None else None
         rank = (0 if urgent else 1, self._age(key), next(self._seq))
         self._refill()
@@ -246,9 +246,14 @@ class RateLimiter:
 async def _wait_turn(
     future: asyncio.Future[None], on_wait: Callable[[], None] | None, tick: float
 ) -> None:
-    """Wait for `future`, calling `on_wait` every `tick` seconds meanwhile."""
+    """Wait for `future`, calling `on_wait` as the wait begins and every `tick` seconds
+    meanwhile. At the beginning too: a run of waits each shorter than a tick (a deploy's
+    requests behind older work's) would otherwise add up to a long silence, longer than
+    the activity's heartbeat timeout, without one call."""
     if on_wait is None:
         await future
         return
+    if not future.done():
+        on_wait()
     while not (await asyncio.wait((future,), timeout=tick))[0]:
         on_wait()

@@ -428,6 +428,25 @@ async def test_a_request_waiting_for_the_budget_says_so_as_it_waits() -> None:
     assert time.monotonic() - started < 0.25
 
 
+async def test_a_run_of_waits_each_shorter_than_a_tick_is_never_silent() -> None:
+    """Work behind older work waits a little for each request, less than a tick each time.
+    The hook is told as each wait begins, so the activity's heartbeats never stop for
+    longer than one tick, however many such waits follow one another."""
+    limiter = RateLimiter(rate=20, burst=1)
+    await limiter.acquire()
+    calls: list[float] = []
+    started = time.monotonic()
+    for _ in range(10):  # each turn 0.05 s away, a twentieth of the tick
+        await limiter.acquire(on_wait=lambda: calls.append(time.monotonic()), tick=1.0)
+    assert time.monotonic() - started >= 0.4
+    assert len(calls) == 10, calls
+    # A turn free at once is no wait: nothing to tell.
+    idle = RateLimiter(rate=20, burst=5)
+    told: list[None] = []
+    await idle.acquire(on_wait=lambda: told.append(None))
+    assert told == []
+
+
 async def test_fly_requests_waiting_for_the_budget_call_the_wait_hook(
     flysim: Any, fly_token: str, app_name: str
 ) -> None:

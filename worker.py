@@ -149,6 +149,9 @@ async def create_worker(client: Client, settings: Settings) -> AsyncIterator[Wor
             max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
             max_cached_workflows=settings.max_cached_workflows,
             graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+            max_heartbeat_throttle_interval=timedelta(
+                seconds=settings.max_heartbeat_throttle_seconds
+            ),
         )
     finally:
         await notify.aclose()

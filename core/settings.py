@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     # (BENCHMARKS.md): 1000 cached -> 441 MB peak RSS, 250 -> 278 MB but 1.5x the CPU.
     max_cached_workflows: int = 500
     graceful_shutdown_seconds: float = 30.0
+    # The SDK sends an activity's heartbeats at most every min(0.8 x its heartbeat timeout,
+    # this): with the 10 s timeouts, one every 8 s, 2 s before the server would time the
+    # attempt out. Lower it where heartbeats take long to reach the server, at the cost
+    # of more heartbeat calls. 60 s is the SDK's own default.
+    max_heartbeat_throttle_seconds: float = Field(default=60.0, gt=0)
     # Prometheus metrics (Temporal SDK and deploy metrics), e.g. "0.0.0.0:9464"; off if unset.
     metrics_bind_address: str | None = None
     log_level: str = "INFO"

@@ -155,6 +155,10 @@ def worker_settings(
         "fly_api_base_url": sim.base_url,
         "app_url_template": sim.app_url_template,
         "work_dir": str(work_dir),
+        # The fast timings' 2 s heartbeat timeouts would leave a heartbeat 0.4 s to reach
+        # the server (the SDK sends one every 0.8 of the timeout); a loaded test machine
+        # needs more. Production's 10 s timeouts leave 2 s.
+        "max_heartbeat_throttle_seconds": 1.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -252,6 +256,7 @@ def worker_env(
         "TURBODEPLOY_FLY_API_BASE_URL": fly_api_base_url,
         "TURBODEPLOY_APP_URL_TEMPLATE": app_url_template,
         "TURBODEPLOY_GRACEFUL_SHUTDOWN_SECONDS": "3",
+        "TURBODEPLOY_MAX_HEARTBEAT_THROTTLE_SECONDS": "1",  # as worker_settings, and why
         "TURBODEPLOY_WORK_DIR": str(work_dir),
         "TURBODEPLOY_LOG_LEVEL": "DEBUG",
         "PYTHONUNBUFFERED": "1",
